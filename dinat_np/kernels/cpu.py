@@ -1,0 +1,357 @@
+"""CPU backend: Numba kernels for every op of the forward pass, matrix products through NumPy's BLAS.
+
+Layout conventions shared by all backends (see ``dinat_np.kernels``):
+- activations are channels-last, ``(rows, channels)`` or ``(batch, height, width, channels)``;
+- queries, keys and values are ``(batch, height, width, heads, head_dim)``, C-contiguous float32;
+- linear weights are stored transposed, ``(in_features, out_features)``, so a product is ``x @ weight_t``;
+- 3x3 convolution weights are stored as ``(3 * 3 * in_channels, out_channels)`` in (row, column, channel)
+  order, matching the im2col patches below.
+
+Numba's default "workqueue" threading layer aborts the process when two Python threads launch parallel
+kernels at once, so every parallel launch goes through ``_LAUNCH_LOCK``: concurrent model calls interleave
+kernel by kernel instead of crashing, on every platform (no TBB or OpenMP runtime needed).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_LAUNCH_LOCK = threading.RLock()
+
+ACTIVATIONS = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3, "selu": 4}
+
+_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+# ---------------------------------------------------------------------------------------------------
+# Neighborhood geometry (NATTEN's rule)
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def window_starts(length: int, kernel_size: int, dilation: int) -> tuple[np.ndarray, np.ndarray]:
+    """First key position and first relative-position-bias index of each query along one axis.
+
+    Dilated NA is plain NA on each of the ``dilation`` interleaved sub-grids of the axis: in a sub-grid
+    of ``group_length`` positions the window starts at ``clamp(i - kernel_size // 2, 0,
+    group_length - kernel_size)``, so it is shifted inward at the borders instead of being padded. The
+    bias index is the key's offset from the query in sub-grid units, shifted by ``kernel_size - 1``.
+    """
+    window_start = np.empty(length, np.int64)
+    bias_start = np.empty(length, np.int64)
+    for position in range(length):
+        group = position % dilation
+        index_in_group = position // dilation
+        group_length = (length - group + dilation - 1) // dilation
+        start = min(max(index_in_group - kernel_size // 2, 0), group_length - kernel_size)
+        window_start[position] = start * dilation + group
+        bias_start[position] = start - index_in_group + kernel_size - 1
+    return window_start, bias_start
+
+
+# ---------------------------------------------------------------------------------------------------
+# Neighborhood attention
+# ---------------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, store_attn):
+    batch, height, width, heads, head_dim = query.shape
+    row_start, row_bias = window_starts(height, kernel_size, dilation)
+    col_start, col_bias = window_starts(width, kernel_size, dilation)
+    window = kernel_size * kernel_size
+    for task in prange(batch * height * heads):
+        b = task // (height * heads)
+        i = (task // heads) % height
+        h = task % heads
+        logits = np.empty(window, np.float32)
+        accumulator = np.empty(head_dim, np.float32)
+        for j in range(width):
+            q = query[b, i, j, h]
+            best = -np.inf
+            for ki in range(kernel_size):
+                r = row_start[i] + ki * dilation
+                for kj in range(kernel_size):
+                    c = col_start[j] + kj * dilation
+                    kv = key[b, r, c, h]
+                    dot = np.float32(0.0)
+                    for t in range(head_dim):
+                        dot += q[t] * kv[t]
+                    logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
+                    logits[ki * kernel_size + kj] = logit
+                    best = max(best, logit)
+            total = np.float32(0.0)
+            for n in range(window):
+                p = np.exp(logits[n] - best)
+                logits[n] = p
+                total += p
+            inverse = np.float32(1.0) / total
+            accumulator[:] = 0.0
+            for ki in range(kernel_size):
+                r = row_start[i] + ki * dilation
+                for kj in range(kernel_size):
+                    c = col_start[j] + kj * dilation
+                    p = logits[ki * kernel_size + kj] * inverse
+                    if store_attn:
+                        attn[b, h, i, j, ki * kernel_size + kj] = p
+                    vv = value[b, r, c, h]
+                    for t in range(head_dim):
+                        accumulator[t] += p * vv[t]
+            out[b, i, j, h, :] = accumulator
+
+
+@njit(parallel=True, cache=True)
+def _na_qk(query, key, rpb, kernel_size, dilation, logits):
+    batch, height, width, heads, head_dim = query.shape
+    row_start, row_bias = window_starts(height, kernel_size, dilation)
+    col_start, col_bias = window_starts(width, kernel_size, dilation)
+    for task in prange(batch * height * heads):
+        b = task // (height * heads)
+        i = (task // heads) % height
+        h = task % heads
+        for j in range(width):
+            for ki in range(kernel_size):
+                r = row_start[i] + ki * dilation
+                for kj in range(kernel_size):
+                    c = col_start[j] + kj * dilation
+                    dot = 0.0  # float64: the unfused op is the reference-precision path
+                    for t in range(head_dim):
+                        dot += query[b, i, j, h, t] * key[b, r, c, h, t]
+                    logits[b, h, i, j, ki * kernel_size + kj] = dot + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
+
+
+@njit(parallel=True, cache=True)
+def _na_av(attn, value, kernel_size, dilation, out):
+    batch, height, width, heads, head_dim = value.shape
+    row_start, _ = window_starts(height, kernel_size, dilation)
+    col_start, _ = window_starts(width, kernel_size, dilation)
+    for task in prange(batch * height * heads):
+        b = task // (height * heads)
+        i = (task // heads) % height
+        h = task % heads
+        accumulator = np.empty(head_dim, np.float64)
+        for j in range(width):
+            accumulator[:] = 0.0
+            for ki in range(kernel_size):
+                r = row_start[i] + ki * dilation
+                for kj in range(kernel_size):
+                    c = col_start[j] + kj * dilation
+                    p = attn[b, h, i, j, ki * kernel_size + kj]
+                    for t in range(head_dim):
+                        accumulator[t] += p * value[b, r, c, h, t]
+            for t in range(head_dim):
+                out[b, i, j, h, t] = accumulator[t]
+
+
+def neighborhood_attention(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    rpb: np.ndarray,
+    kernel_size: int,
+    dilation: int,
+    scale: float,
+    return_attention: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fused ``softmax(scale * q.k + rpb) @ v`` over each query's dilated window.
+
+    Inputs ``(batch, height, width, heads, head_dim)``; returns the context in the same layout and, when
+    asked, the attention probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
+    """
+    batch, height, width, heads, _ = query.shape
+    out = np.empty(query.shape, np.float32)
+    shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
+    attn = np.empty(shape, np.float32)
+    with _LAUNCH_LOCK:
+        _na_fused(query, key, value, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
+    return out, (attn if return_attention else None)
+
+
+def na_qk(query: np.ndarray, key: np.ndarray, rpb: np.ndarray, kernel_size: int, dilation: int) -> np.ndarray:
+    """Unfused ``q.k + rpb``: ``(batch, heads, height, width, kernel_size**2)`` from channels-last q and k."""
+    batch, height, width, heads, _ = query.shape
+    logits = np.empty((batch, heads, height, width, kernel_size * kernel_size), np.float32)
+    with _LAUNCH_LOCK:
+        _na_qk(query, key, rpb, kernel_size, dilation, logits)
+    return logits
+
+
+def na_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int) -> np.ndarray:
+    """Unfused ``attn @ v`` with ``attn`` in HF layout and ``value`` channels-last; result channels-last."""
+    out = np.empty(value.shape, np.float32)
+    with _LAUNCH_LOCK:
+        _na_av(attn, value, kernel_size, dilation, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation, activations and epilogues
+# ---------------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _layer_norm(x, weight, bias, eps, out):
+    rows, channels = x.shape
+    for row in prange(rows):
+        mean = 0.0
+        for c in range(channels):
+            mean += x[row, c]
+        mean /= channels
+        variance = 0.0
+        for c in range(channels):
+            centred = x[row, c] - mean
+            variance += centred * centred
+        inverse = 1.0 / math.sqrt(variance / channels + eps)
+        for c in range(channels):
+            out[row, c] = (x[row, c] - mean) * inverse * weight[c] + bias[c]
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis of ``x`` (any leading shape)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty(rows.shape, np.float32)
+    with _LAUNCH_LOCK:
+        _layer_norm(rows, weight, bias, eps, out)
+    return out.reshape(x.shape)
+
+
+@njit(inline="always")
+def _activate(x, activation):
+    if activation == 1:
+        return 0.5 * x * (1.0 + math.erf(x * _SQRT_HALF))
+    if activation == 2:
+        return 0.5 * x * (1.0 + math.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    if activation == 3:
+        return max(x, 0.0)
+    if activation == 4:
+        return _SELU_SCALE * (x if x > 0.0 else _SELU_ALPHA * (math.exp(x) - 1.0))
+    return x
+
+
+@njit(parallel=True, cache=True)
+def _bias_activation(y, bias, activation):
+    rows, channels = y.shape
+    for row in prange(rows):
+        for c in range(channels):
+            y[row, c] = _activate(y[row, c] + bias[c], activation)
+
+
+@njit(parallel=True, cache=True)
+def _bias_scale_residual(y, bias, scale, residual):
+    rows, channels = y.shape
+    for row in prange(rows):
+        for c in range(channels):
+            y[row, c] = residual[row, c] + scale[c] * (y[row, c] + bias[c])
+
+
+def linear(
+    x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None = None, activation: str = "identity"
+) -> np.ndarray:
+    """``activation(x @ weight_t + bias)`` over the last axis of ``x``; bias and activation in one pass."""
+    y = x.reshape(-1, x.shape[-1]) @ weight_t
+    if bias is not None or activation != "identity":
+        if bias is None:
+            bias = np.zeros(y.shape[1], np.float32)
+        with _LAUNCH_LOCK:
+            _bias_activation(y, bias, ACTIVATIONS[activation])
+    return y.reshape(x.shape[:-1] + (y.shape[1],))
+
+
+def linear_residual(
+    x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, scale: np.ndarray, residual: np.ndarray
+) -> np.ndarray:
+    """``residual + scale * (x @ weight_t + bias)``: a projection closing a residual branch (layer scale)."""
+    y = x.reshape(-1, x.shape[-1]) @ weight_t
+    with _LAUNCH_LOCK:
+        _bias_scale_residual(y, bias, scale, residual.reshape(y.shape))
+    return y.reshape(residual.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + one BLAS product
+# ---------------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _im2col_3x3_s2(x, cols):
+    batch, height, width, channels = x.shape
+    out_height = (height + 1) // 2
+    out_width = (width + 1) // 2
+    for task in prange(batch * out_height):
+        b = task // out_height
+        oi = task % out_height
+        for oj in range(out_width):
+            row = (b * out_height + oi) * out_width + oj
+            for di in range(3):
+                i = 2 * oi + di - 1
+                for dj in range(3):
+                    j = 2 * oj + dj - 1
+                    base = (di * 3 + dj) * channels
+                    if 0 <= i < height and 0 <= j < width:
+                        for c in range(channels):
+                            cols[row, base + c] = x[b, i, j, c]
+                    else:
+                        for c in range(channels):
+                            cols[row, base + c] = 0.0
+
+
+def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns channels-last."""
+    batch, height, width, channels = x.shape
+    out_height, out_width = (height + 1) // 2, (width + 1) // 2
+    cols = np.empty((batch * out_height * out_width, 9 * channels), np.float32)
+    with _LAUNCH_LOCK:
+        _im2col_3x3_s2(x, cols)
+    y = linear(cols, weight_cols, bias)
+    return y.reshape(batch, out_height, out_width, -1)
+
+
+def set_num_threads(threads: int) -> None:
+    """Number of threads the parallel kernels use."""
+    numba.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data movement: on the CPU the "device" arrays are NumPy arrays
+# ---------------------------------------------------------------------------------------------------
+def upload(array: np.ndarray) -> np.ndarray:
+    """A float32 array the kernels can read (a float32 memory map stays a view, no copy)."""
+    return np.asarray(array, dtype=np.float32)
+
+
+def download(array: np.ndarray) -> np.ndarray:
+    """The host NumPy array of a backend array."""
+    return array
+
+
+def linear_weight(weight: np.ndarray) -> np.ndarray:
+    """``(out, in)`` PyTorch weight -> ``(in, out)``; a transposed view: BLAS reads it without a copy."""
+    return upload(weight).T
+
+
+def conv_weight(weight: np.ndarray) -> np.ndarray:
+    """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` rows in im2col (row, column, channel) order."""
+    out_channels = weight.shape[0]
+    return np.ascontiguousarray(upload(weight).transpose(2, 3, 1, 0).reshape(-1, out_channels))
+
+
+def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Zero-pad ``(batch, h, w, channels)`` at the bottom and right to ``height x width``."""
+    padded = np.zeros((x.shape[0], height, width, x.shape[3]), np.float32)
+    padded[:, : x.shape[1], : x.shape[2]] = x
+    return padded
+
+
+def crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The top-left ``height x width`` of ``(batch, h, w, channels)``, contiguous."""
+    return np.ascontiguousarray(x[:, :height, :width])
+
+
+def mean_pool(x: np.ndarray) -> np.ndarray:
+    """Average of ``(batch, height, width, channels)`` over the spatial axes."""
+    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float32)
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    """Pixel values ``(batch, channels, height, width)`` -> contiguous channels-last float32."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
