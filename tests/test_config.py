@@ -1,0 +1,85 @@
+"""DinatConfig: HF fields and defaults, config.json round trips, NAT configs, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from dinat_np import DinatConfig
+
+from conftest import DATA
+
+HF_FIELDS = [
+    "patch_size", "num_channels", "embed_dim", "depths", "num_heads", "kernel_size", "dilations", "mlp_ratio",
+    "qkv_bias", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "hidden_act",
+    "initializer_range", "layer_norm_eps", "layer_scale_init_value", "out_features", "out_indices",
+    "id2label", "label2id", "num_labels", "problem_type", "stage_names", "hidden_size", "num_layers",
+]
+
+
+def test_defaults_equal_transformers():
+    ours, theirs = DinatConfig(), transformers.DinatConfig()
+    for field in HF_FIELDS:
+        assert getattr(ours, field) == getattr(theirs, field), field
+
+
+def test_reads_and_writes_hf_config_json(tmp_path):
+    folder = DATA / "hf_dinat_layerscale_oddsize"
+    config = DinatConfig.from_pretrained(folder)
+    assert config.layer_scale_init_value == 0.1 and config.dilations == [[2], [1, 3], [1, 2], [1]]
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    original = json.loads((folder / "config.json").read_text())
+    for key, value in original.items():
+        if key not in ("transformers_version", "torch_dtype"):
+            assert written[key] == value, key
+    # transformers itself reads what we write.
+    theirs = transformers.DinatConfig.from_pretrained(tmp_path)
+    for field in HF_FIELDS:
+        assert getattr(theirs, field) == getattr(config, field), field
+    assert DinatConfig.from_pretrained(tmp_path) == config
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nat_config_has_unit_dilations(tmp_path):
+    nat = transformers.NatConfig(embed_dim=32, depths=[1, 2, 1, 1], num_heads=[1, 2, 4, 8], num_labels=3)
+    nat.save_pretrained(tmp_path)
+    config = DinatConfig.from_pretrained(tmp_path)
+    assert config.model_type == "nat" and config.weights_prefix == "nat"
+    assert config.dilations == [[1], [1, 1], [1], [1]] and config.num_labels == 3
+    assert "dilations" not in config.to_dict()
+
+
+def test_backbone_outputs_follow_hf_alignment():
+    assert DinatConfig(out_indices=[1, 3]).out_features == ["stage1", "stage3"]
+    assert DinatConfig(out_features=["stem", "stage4"]).out_indices == [0, 4]
+    with pytest.raises(ValueError, match="out_features"):
+        DinatConfig(out_features=["stage9"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"patch_size": 2}, "patch_size"),
+        ({"embed_dim": 30, "num_heads": [4, 4, 4, 4]}, "num_heads"),
+        ({"dilations": [[1], [1], [1], [1]]}, "dilations"),
+        ({"kernel_size": 6}, "kernel_size"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"depths": [2, 2], "num_heads": [2, 4, 8, 16]}, "num_heads"),
+        ({"hidden_act": "swish"}, "hidden_act"),
+        ({"model_type": "swin"}, "model_type"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DinatConfig(**kwargs)
+
+
+def test_bad_json_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DinatConfig.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        DinatConfig.from_pretrained(tmp_path / "nowhere")

@@ -1,0 +1,75 @@
+"""dinat_np.functional against NATTEN 0.17.5's own CPU kernels (tests/data/na_cases.npz)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dinat_np import functional
+from dinat_np.kernels import cpu
+
+from conftest import DATA
+
+CASES = json.loads((DATA / "manifest.json").read_text())["na_cases"]
+
+
+@pytest.fixture(scope="module")
+def na_cases():
+    return np.load(DATA / "na_cases.npz")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"case{c['case']}-k{c['kernel_size']}-d{c['dilation']}")
+def test_ops_equal_natten(na_cases, case):
+    i, k, d = case["case"], case["kernel_size"], case["dilation"]
+    q, key, v, rpb = (na_cases[f"case{i}_{name}"] for name in ("q", "k", "v", "rpb"))
+    logits = functional.na2d_qk(q, key, k, d, rpb=rpb)
+    np.testing.assert_allclose(logits, na_cases[f"case{i}_logits"], rtol=0, atol=1e-5)
+    out = functional.na2d_av(softmax(na_cases[f"case{i}_logits"]), v, k, d)
+    np.testing.assert_allclose(out, na_cases[f"case{i}_out"], rtol=0, atol=1e-5)
+    # The fused op with scale 1 is the same computation in one pass.
+    fused = functional.na2d(q, key, v, k, d, rpb=rpb, scale=1.0)
+    np.testing.assert_allclose(fused, na_cases[f"case{i}_out"], rtol=0, atol=1e-5)
+
+
+def test_fused_scale_and_no_rpb_match_unfused():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 11, 13, 8)).astype(np.float32) for _ in range(3))
+    logits = functional.na2d_qk(q * 8**-0.5, k, 3, 2)
+    expected = functional.na2d_av(softmax(logits), v, 3, 2)
+    np.testing.assert_allclose(functional.na2d(q, k, v, 3, 2), expected, atol=1e-5)
+
+
+def test_window_rule_keeps_windows_inside_and_centred():
+    # Every window lies inside the axis, on the query's dilation sub-grid, and contains the query.
+    for length, k, d in [(7, 7, 1), (14, 7, 2), (13, 3, 3), (30, 5, 2), (56, 7, 8)]:
+        start, bias = cpu.window_starts(length, k, d)
+        for i in range(length):
+            keys = start[i] + d * np.arange(k)
+            assert keys.min() >= 0 and keys.max() < length
+            assert np.all(keys % d == i % d) and i in keys
+            assert 0 <= bias[i] and bias[i] + k - 1 <= 2 * k - 2
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda q: functional.na2d_qk(q, q, 7, 2), "smaller than kernel_size \\* dilation"),
+        (lambda q: functional.na2d_qk(q, q, 4, 1), "odd integer"),
+        (lambda q: functional.na2d_qk(q, q, 3, 0), "dilation"),
+        (lambda q: functional.na2d_qk(q[0], q[0], 3, 1), "5-D"),
+        (lambda q: functional.na2d_qk(q, q[:, :1], 3, 1), "key has shape"),
+        (lambda q: functional.na2d_qk(q, q, 3, 1, rpb=np.ones((2, 3, 3))), "rpb has shape"),
+        (lambda q: functional.na2d_av(np.ones((1, 2, 9, 10, 8)), q, 3, 1), "attn has shape"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, message):
+    q = np.random.default_rng(1).standard_normal((1, 2, 9, 10, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=message):
+        call(q)
