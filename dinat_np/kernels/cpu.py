@@ -23,6 +23,11 @@ from numba import njit, prange
 
 _LAUNCH_LOCK = threading.RLock()
 
+# Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
+# reciprocals, and NumPy's division semantics instead of Python's ZeroDivisionError branch.
+# NaN and infinity semantics are kept (softmax starts from -inf).
+_FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
+
 ACTIVATIONS = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3, "selu": 4}
 
 _SQRT_HALF = 0.7071067811865476
@@ -58,7 +63,7 @@ def window_starts(length: int, kernel_size: int, dilation: int) -> tuple[np.ndar
 # ---------------------------------------------------------------------------------------------------
 # Neighborhood attention
 # ---------------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, store_attn):
     batch, height, width, heads, head_dim = query.shape
     row_start, row_bias = window_starts(height, kernel_size, dilation)
@@ -104,7 +109,7 @@ def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, s
             out[b, i, j, h, :] = accumulator
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _na_qk(query, key, rpb, kernel_size, dilation, logits):
     batch, height, width, heads, head_dim = query.shape
     row_start, row_bias = window_starts(height, kernel_size, dilation)
@@ -124,7 +129,7 @@ def _na_qk(query, key, rpb, kernel_size, dilation, logits):
                     logits[b, h, i, j, ki * kernel_size + kj] = dot + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _na_av(attn, value, kernel_size, dilation, out):
     batch, height, width, heads, head_dim = value.shape
     row_start, _ = window_starts(height, kernel_size, dilation)
@@ -191,7 +196,7 @@ def na_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int) 
 # ---------------------------------------------------------------------------------------------------
 # Normalisation, activations and epilogues
 # ---------------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _layer_norm(x, weight, bias, eps, out):
     rows, channels = x.shape
     for row in prange(rows):
@@ -217,10 +222,27 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return out.reshape(x.shape)
 
 
-@njit(inline="always")
+# Abramowitz & Stegun 7.1.28: erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| <= 3e-7.
+# Unlike libm's erf it is plain float32 arithmetic, so the exact-GELU epilogue vectorises (about 5x faster).
+_ERF_A = tuple(np.float32(a) for a in (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638))
+
+
+@njit(inline="always", **_FAST)
+def _erf(x):
+    a1, a2, a3, a4, a5, a6 = _ERF_A
+    s = abs(x)
+    p = np.float32(1.0) + s * (a1 + s * (a2 + s * (a3 + s * (a4 + s * (a5 + s * a6)))))
+    p = p * p
+    p = p * p
+    p = p * p
+    p = p * p
+    return math.copysign(np.float32(1.0) - np.float32(1.0) / p, x)
+
+
+@njit(inline="always", **_FAST)
 def _activate(x, activation):
     if activation == 1:
-        return 0.5 * x * (1.0 + math.erf(x * _SQRT_HALF))
+        return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(_SQRT_HALF)))
     if activation == 2:
         return 0.5 * x * (1.0 + math.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
     if activation == 3:
@@ -230,7 +252,7 @@ def _activate(x, activation):
     return x
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _bias_activation(y, bias, activation):
     rows, channels = y.shape
     for row in prange(rows):
@@ -238,7 +260,7 @@ def _bias_activation(y, bias, activation):
             y[row, c] = _activate(y[row, c] + bias[c], activation)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _bias_scale_residual(y, bias, scale, residual):
     rows, channels = y.shape
     for row in prange(rows):
@@ -272,7 +294,7 @@ def linear_residual(
 # ---------------------------------------------------------------------------------------------------
 # 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + one BLAS product
 # ---------------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_FAST)
 def _im2col_3x3_s2(x, cols):
     batch, height, width, channels = x.shape
     out_height = (height + 1) // 2
