@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -105,29 +106,55 @@ def read_safetensors(path: str | os.PathLike, as_float32: bool = True) -> dict[s
     return tensors
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
-    """Write float tensors as ``float32``, ``float16`` or ``bfloat16`` (other dtypes kept), atomically."""
-    encodings = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
-    if dtype not in encodings:
-        raise ValueError(f"dtype must be one of {sorted(encodings)}, got {dtype!r}")
+def stored_in_reduced_precision(name: str, tensor: np.ndarray) -> bool:
+    """Whether ``float16``/``bfloat16`` storage applies to a tensor: weight matrices and kernels only.
+
+    Biases, norms, layer scales and relative position biases (added to the attention logits) stay
+    float32: under 1% of the bytes, but most of float16's error on the logits.
+    """
+    return tensor.dtype.kind == "f" and tensor.ndim >= 2 and not name.endswith((".rpb", "layer_scale_parameters"))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> None:
+    """Write ``tensors`` as safetensors, streamed to a temporary file renamed when complete.
+
+    Float tensors are stored as float32, weight matrices as ``dtype`` ("float32", "float16" or
+    "bfloat16"; see :func:`stored_in_reduced_precision`); other dtypes are kept. The header says
+    ``"format": "pt"`` so that Hugging Face transformers loads the file too.
+    """
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     codes = {v: k for k, v in _DTYPES.items() if k != "BF16"}
-    header: dict[str, dict] = {}
-    blobs: list[bytes] = []
+    header: dict[str, dict] = {"__metadata__": {"format": "pt", "storage": dtype}}
+    arrays: list[np.ndarray] = []
     offset = 0
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
         if array.dtype.kind == "f":
-            code, numpy_type = encodings[dtype]
-            array = float32_to_bfloat16_bits(array) if numpy_type is None else array.astype(numpy_type)
+            array, code = array.astype("<f4", copy=False), "F32"
+            if dtype != "float32" and stored_in_reduced_precision(name, array):
+                if dtype == "float16":
+                    array, code = array.astype("<f2"), "F16"
+                else:
+                    array, code = float32_to_bfloat16_bits(array), "BF16"
         else:
-            code = codes[array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype]
-        blob = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+            array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            code = codes.get(array.dtype)
+            if code is None:
+                raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
+        array = np.ascontiguousarray(array)
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array)
+        offset += array.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # keeps the data 8-byte aligned, as the format advises
-    write_atomic(Path(path), struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs))
+
+    def stream(output) -> None:
+        output.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for array in arrays:
+            output.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+    write_atomic(Path(path), stream)
 
 
 class WeightsMismatchError(ValueError):
