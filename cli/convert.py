@@ -1,0 +1,78 @@
+"""``dinat-convert``: turn a DiNAT / NAT checkpoint into a dinat-np folder (config.json + model.safetensors).
+
+    dinat-convert SRC OUT_DIR [--model NAME | --config config.json] [--dtype float32|float16|bfloat16]
+    dinat-convert --list
+
+SRC is an original SHI-Labs .pth, a Hugging Face pytorch_model.bin or model.safetensors, or a
+Hugging Face folder.  No PyTorch is needed and nothing in the checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+_EPILOG = """\
+examples:
+  dinat-convert dinat_mini_in1k_224.pth ./dinat-mini --model dinat-mini-in1k-224
+  dinat-convert ./hf-download/dinat-mini-in1k-224 ./dinat-mini --dtype float16
+  dinat-convert my_finetune.pth ./mine --config my_config.json
+
+The weights tell the architecture except DiNAT's dilations; give them with --model (a registry
+entry, see --list) or --config (an HF config.json). Nothing is written unless the conversion succeeds.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinat-convert",
+        description="Convert a DiNAT / NAT checkpoint (original .pth, HF .bin / .safetensors / folder) "
+                    "to a dinat-np folder, without PyTorch.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", nargs="?", help="checkpoint file or Hugging Face folder")
+    parser.add_argument("out_dir", nargs="?", help="folder to create (config.json + model.safetensors)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="NAME", help="registry entry giving dilations, labels and a cross-check")
+    which.add_argument("--config", metavar="CONFIG_JSON", help="an HF config.json giving dilations / labels")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="storage dtype of the weights (computation is always float32; default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model files of an existing OUT_DIR")
+    parser.add_argument("--list", action="store_true", help="list the registry's models and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dinat-convert``; returns the exit status (0 on success)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list:
+            from dinat_np.hub import load_registry
+
+            for name, entry in sorted(load_registry().items()):
+                print(f"{name:36s} {entry.get('description', '')}")
+            return 0
+        if not args.src or not args.out_dir:
+            parser.print_usage(sys.stderr)
+            print("dinat-convert: error: SRC and OUT_DIR are required", file=sys.stderr)
+            return 2
+        from dinat_np.convert import convert_checkpoint
+
+        out = convert_checkpoint(args.src, args.out_dir, model=args.model, config=args.config, dtype=args.dtype,
+                                 overwrite=args.overwrite)
+        print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({args.dtype})")
+        return 0
+    except KeyboardInterrupt:
+        print("dinat-convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure is reported as a message, never a traceback
+        message = str(exc) or type(exc).__name__
+        print(f"dinat-convert: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

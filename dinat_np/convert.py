@@ -1,0 +1,621 @@
+"""Convert DiNAT / NAT checkpoints to dinat-np's folder format (HF ``config.json`` + ``model.safetensors``).
+
+Accepted sources, none of which needs PyTorch and none of which can run code:
+
+- an original SHI-Labs classification checkpoint (``.pth``: fused ``qkv``, ``rpb``, ``gamma1``/``gamma2``,
+  ``head``, ...), as published for DiNAT and NAT;
+- a Hugging Face ``pytorch_model.bin`` or ``model.safetensors`` (names ``dinat.*`` / ``nat.*``);
+- a Hugging Face folder holding one of those and its ``config.json``.
+
+The weights tell the architecture (embed_dim, depths, num_heads, kernel_size, mlp_ratio, layer scale,
+number of classes) but not the dilations of DiNAT; those come from a registry entry (``model=``) or a
+``config.json`` (the source folder's, or ``config=``).  ``_NAME_TABLE`` below is the single place
+where original names are mapped to HF names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .configuration import CONFIG_NAME, DinatConfig
+from .state_dict import WEIGHTS_NAME, SafetensorsError, WeightsMismatchError, read_safetensors, write_safetensors
+from .torch_pickle import TorchCheckpointError, is_torch_zip, load_torch_checkpoint
+
+__all__ = [
+    "ConversionError",
+    "DTYPES",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "read_checkpoint",
+    "original_to_hf",
+    "infer_architecture",
+    "load_label_set",
+]
+
+DTYPES = ("float32", "float16", "bfloat16")
+PROVENANCE_NAME = "conversion.json"
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted (unreadable, incomplete, inconsistent, ambiguous)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The name table: original SHI-Labs name (regex) -> HF name template, and how the tensor moves.
+#   copy   the tensor is taken as is
+#   qkv    the fused (3*dim, ...) projection is split into query / key / value, in that order
+#   gamma  gamma1 / gamma2 (dim,) become rows 0 / 1 of layer_scale_parameters (2, dim)
+# "{p}" is the base-model prefix ("dinat" or "nat"); "{0}", "{1}", ... are the regex groups.
+
+_BLOCK = r"levels\.(\d+)\.blocks\.(\d+)\."
+_LAYER = "{p}.encoder.levels.{0}.layers.{1}."
+_NAME_TABLE: tuple[tuple[str, str, str], ...] = (
+    (r"patch_embed\.proj\.([01])\.(weight|bias)", "{p}.embeddings.patch_embeddings.projection.{0}.{1}", "copy"),
+    (r"patch_embed\.norm\.(weight|bias)", "{p}.embeddings.norm.{0}", "copy"),
+    (_BLOCK + r"norm1\.(weight|bias)", _LAYER + "layernorm_before.{2}", "copy"),
+    (_BLOCK + r"attn\.qkv\.(weight|bias)", _LAYER + "attention.self.{{qkv}}.{2}", "qkv"),
+    (_BLOCK + r"attn\.rpb", _LAYER + "attention.self.rpb", "copy"),
+    (_BLOCK + r"attn\.proj\.(weight|bias)", _LAYER + "attention.output.dense.{2}", "copy"),
+    (_BLOCK + r"norm2\.(weight|bias)", _LAYER + "layernorm_after.{2}", "copy"),
+    (_BLOCK + r"mlp\.fc1\.(weight|bias)", _LAYER + "intermediate.dense.{2}", "copy"),
+    (_BLOCK + r"mlp\.fc2\.(weight|bias)", _LAYER + "output.dense.{2}", "copy"),
+    (_BLOCK + r"gamma([12])", _LAYER + "layer_scale_parameters", "gamma"),
+    (r"levels\.(\d+)\.downsample\.reduction\.weight", "{p}.encoder.levels.{0}.downsample.reduction.weight", "copy"),
+    (r"levels\.(\d+)\.downsample\.norm\.(weight|bias)", "{p}.encoder.levels.{0}.downsample.norm.{1}", "copy"),
+    (r"norm\.(weight|bias)", "{p}.layernorm.{0}", "copy"),
+    (r"head\.(weight|bias)", "classifier.{0}", "copy"),
+)
+_COMPILED = tuple((re.compile(pattern + r"\Z"), target, kind) for pattern, target, kind in _NAME_TABLE)
+
+# Markers of the two layouts.
+_ORIGINAL_MARK = re.compile(r"(^|\.)levels\.\d+\.blocks\.\d+\.")
+_HF_MARK = re.compile(r"(^|\.)encoder\.levels\.\d+\.layers\.\d+\.")
+_HF_BODY = ("embeddings.", "encoder.", "layernorm.", "pooler.")
+
+
+def original_to_hf(tensors: Mapping[str, np.ndarray], prefix: str = "dinat") -> dict[str, np.ndarray]:
+    """Rename (and split / stack) original SHI-Labs tensors to Hugging Face names.
+
+    Raises:
+        ConversionError: a name the table does not know, a ``qkv`` whose rows are not a multiple of
+            3, or only one of ``gamma1`` / ``gamma2``.
+    """
+    out: dict[str, np.ndarray] = {}
+    gammas: dict[str, dict[int, np.ndarray]] = {}
+    unknown: list[str] = []
+    for name, tensor in tensors.items():
+        for pattern, target, kind in _COMPILED:
+            match = pattern.match(name)
+            if match is None:
+                continue
+            new = target.format(*match.groups(), p=prefix)
+            if kind == "copy":
+                out[new] = tensor
+            elif kind == "qkv":
+                if tensor.shape[0] % 3:
+                    raise ConversionError(f"{name}: shape {tensor.shape} is not a fused q/k/v projection")
+                for part, chunk in zip(("query", "key", "value"), np.split(tensor, 3, axis=0)):
+                    out[new.replace("{qkv}", part)] = chunk
+            else:  # gamma
+                gammas.setdefault(new, {})[int(match.group(3)) - 1] = tensor
+            break
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} tensor(s) of the original checkpoint have no DiNAT/NAT counterpart: "
+            + ", ".join(sorted(unknown)[:12]) + (" ..." if len(unknown) > 12 else "")
+        )
+    for new, rows in gammas.items():
+        if set(rows) != {0, 1}:
+            raise ConversionError(f"{new}: the checkpoint has only one of gamma1 / gamma2")
+        if rows[0].shape != rows[1].shape or rows[0].ndim != 1:
+            raise ConversionError(f"{new}: gamma1 {rows[0].shape} and gamma2 {rows[1].shape} do not match")
+        out[new] = np.stack([rows[0], rows[1]])
+    return out
+
+
+def _split_hf(tensors: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, np.ndarray]]:
+    """HF tensors without their base prefix; returns (prefix found or None, body)."""
+    prefixes = {name.split(".", 1)[0] for name in tensors if _HF_MARK.search(name)}
+    prefixes.discard("encoder")  # a base model saved on its own has no prefix
+    if len(prefixes) > 1:
+        raise ConversionError(f"the checkpoint mixes base-model prefixes {sorted(prefixes)}")
+    prefix = prefixes.pop() if prefixes else None
+    body: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if prefix is not None and name.startswith(prefix + "."):
+            name = name[len(prefix) + 1:]
+        body[name] = tensor
+    return prefix, body
+
+
+def detect_layout(tensors: Mapping[str, np.ndarray]) -> str:
+    """``"original"`` (SHI-Labs names) or ``"hf"`` (Hugging Face names)."""
+    original = any(_ORIGINAL_MARK.search(n) for n in tensors)
+    hf = any(_HF_MARK.search(n) for n in tensors)
+    if original and not hf:
+        return "original"
+    if hf and not original:
+        return "hf"
+    raise ConversionError(
+        "cannot tell the checkpoint's layout: expected SHI-Labs names (levels.i.blocks.j.attn.qkv.weight, ...) "
+        "or Hugging Face names (dinat.encoder.levels.i.layers.j.attention.self.query.weight, ...); "
+        f"found e.g. {sorted(tensors)[:5]}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture inference
+
+
+def _shape(body: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    if name not in body:
+        raise ConversionError(f"missing tensor {name!r}, needed to infer the architecture")
+    return tuple(body[name].shape)
+
+
+def infer_architecture(body: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """What HF-named tensors (without base prefix) tell about the model.
+
+    Returns a dict with ``embed_dim``, ``num_channels``, ``depths``, ``num_heads``, ``kernel_size``,
+    ``mlp_ratio``, ``qkv_bias``, ``layer_scale`` (bool) and ``num_labels`` (``None`` without a head).
+
+    Raises:
+        ConversionError: a tensor needed for inference is missing or shapes disagree.
+    """
+    w1 = _shape(body, "embeddings.patch_embeddings.projection.1.weight")
+    w0 = _shape(body, "embeddings.patch_embeddings.projection.0.weight")
+    if len(w0) != 4 or len(w1) != 4:
+        raise ConversionError(f"patch embedding weights have shapes {w0} and {w1}, expected 4-D convolutions")
+    embed_dim, num_channels = w1[0], w0[1]
+    layers: dict[int, set[int]] = {}
+    for name in body:
+        match = re.match(r"encoder\.levels\.(\d+)\.layers\.(\d+)\.", name)
+        if match:
+            layers.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    if not layers or sorted(layers) != list(range(len(layers))):
+        raise ConversionError(f"the checkpoint's levels are not numbered 0..n-1: {sorted(layers)}")
+    depths = []
+    for level in range(len(layers)):
+        found = sorted(layers[level])
+        if found != list(range(len(found))):
+            raise ConversionError(f"level {level}: layers are not numbered 0..n-1 ({found})")
+        depths.append(len(found))
+    num_heads, kernels, ratios = [], set(), set()
+    for level, depth in enumerate(depths):
+        dim = embed_dim * 2**level
+        heads_here = set()
+        for layer in range(depth):
+            base = f"encoder.levels.{level}.layers.{layer}."
+            rpb = _shape(body, base + "attention.self.rpb")
+            if len(rpb) != 3 or rpb[1] != rpb[2] or rpb[1] % 2 == 0:
+                raise ConversionError(f"{base}attention.self.rpb has shape {rpb}, expected (heads, 2k-1, 2k-1)")
+            heads_here.add(rpb[0])
+            kernels.add((rpb[1] + 1) // 2)
+            hidden = _shape(body, base + "intermediate.dense.weight")[0]
+            ratios.add(hidden / dim)
+        if len(heads_here) != 1:
+            raise ConversionError(f"level {level}: layers disagree on the number of heads {sorted(heads_here)}")
+        num_heads.append(heads_here.pop())
+    if len(kernels) != 1:
+        raise ConversionError(f"layers disagree on the kernel size: {sorted(kernels)}")
+    # HF sizes the MLP as int(dim * mlp_ratio); the level-0 ratio must reproduce every level.
+    ratio = min(ratios)
+    for level, depth in enumerate(depths):
+        dim = embed_dim * 2**level
+        for layer in range(depth):
+            hidden = body[f"encoder.levels.{level}.layers.{layer}.intermediate.dense.weight"].shape[0]
+            if int(dim * ratio) != hidden:
+                raise ConversionError(f"MLP widths are not one mlp_ratio times the level width (level {level})")
+    head = body.get("classifier.weight")
+    return {
+        "embed_dim": int(embed_dim),
+        "num_channels": int(num_channels),
+        "depths": depths,
+        "num_heads": [int(h) for h in num_heads],
+        "kernel_size": int(kernels.pop()),
+        "mlp_ratio": float(ratio),
+        "qkv_bias": "encoder.levels.0.layers.0.attention.self.query.bias" in body,
+        "layer_scale": "encoder.levels.0.layers.0.layer_scale_parameters" in body,
+        "num_labels": None if head is None else int(head.shape[0]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def _labels_dir() -> Path:
+    return Path(__file__).resolve().parent / "labels"
+
+
+def load_label_set(name: str) -> list[str]:
+    """Class names of a packaged label set (``"imagenet1k"`` or ``"imagenet22k"``), by class index."""
+    path = _labels_dir() / f"{name}.tsv"
+    if not path.is_file():
+        raise ConversionError(f"unknown label set {name!r} (no {path})")
+    labels: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        index, _synset, text = line.split("\t", 2)
+        if int(index) != len(labels):
+            raise ConversionError(f"{path}: line {number + 1} has class index {index}, expected {len(labels)}")
+        labels.append(text)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources
+
+
+@dataclass
+class Checkpoint:
+    """Tensors read from a source, and the ``config.json`` found beside them (if any)."""
+
+    tensors: dict[str, np.ndarray]
+    source: Path
+    config: dict[str, Any] | None = None
+    config_path: Path | None = None
+
+
+_FOLDER_CANDIDATES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(f"config file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
+    """Read tensors (float32 for every floating dtype) from a file or an HF folder.
+
+    Raises:
+        ConversionError: no weights found, or the file is not a valid torch zip / safetensors file.
+    """
+    src = Path(src)
+    config = config_path = None
+    if src.is_dir():
+        weights = next((src / n for n in _FOLDER_CANDIDATES if (src / n).is_file()), None)
+        if weights is None:
+            others = sorted(p.name for p in src.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".safetensors"))
+            if len(others) != 1:
+                raise ConversionError(
+                    f"{src}: no model.safetensors or pytorch_model.bin"
+                    + (f" (and several candidates: {others}; pass one file)" if others else "")
+                )
+            weights = src / others[0]
+        if (src / CONFIG_NAME).is_file():
+            config_path = src / CONFIG_NAME
+            config = _read_config_json(config_path)
+    elif src.is_file():
+        weights = src
+        sibling = src.parent / CONFIG_NAME
+        if src.name in _FOLDER_CANDIDATES and sibling.is_file():
+            config_path, config = sibling, _read_config_json(sibling)
+    else:
+        raise ConversionError(f"{src} does not exist")
+
+    if weights.stat().st_size == 0:
+        raise ConversionError(f"{weights} is empty")
+    try:
+        if is_torch_zip(weights):
+            tensors = load_torch_checkpoint(weights)
+        else:
+            with open(weights, "rb") as fh:
+                head = fh.read(16)
+            if weights.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{"):
+                tensors = dict(read_safetensors(weights, as_float32=True))
+            else:
+                tensors = load_torch_checkpoint(weights)  # explains legacy / plain pickle / garbage
+    except (TorchCheckpointError, SafetensorsError) as exc:
+        raise ConversionError(str(exc)) from None
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype.kind == "f" and tensor.dtype != np.float32:
+            tensor = tensor.astype(np.float32)
+        out[name] = tensor
+    return Checkpoint(out, weights, config, config_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the config
+
+
+_ARCH_FIELDS = ("embed_dim", "num_channels", "depths", "num_heads", "kernel_size", "mlp_ratio", "qkv_bias")
+
+
+def _describe(inferred: Mapping[str, Any]) -> str:
+    parts = [f"{k}={inferred[k]}" for k in _ARCH_FIELDS if k in inferred]
+    parts.append(f"layer_scale={'yes' if inferred.get('layer_scale') else 'no'}")
+    parts.append(f"num_labels={inferred.get('num_labels')}")
+    return ", ".join(parts)
+
+
+def registry_config(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """HF config fields from a registry entry (architecture, model type, labels)."""
+    arch = dict(entry.get("architecture", {}))
+    cfg: dict[str, Any] = {"model_type": entry.get("model_type", "dinat")}
+    for key in ("embed_dim", "depths", "num_heads", "kernel_size", "dilations", "mlp_ratio",
+                "layer_scale_init_value", "drop_path_rate", "num_channels", "qkv_bias"):
+        if key in arch:
+            cfg[key] = arch[key]
+    label_set = entry.get("label_set")
+    if label_set:
+        labels = load_label_set(label_set)
+        cfg["id2label"] = {str(i): text for i, text in enumerate(labels)}
+        cfg["label2id"] = {text: i for i, text in enumerate(labels)}
+    return cfg
+
+
+def _normalise_user_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept original constructor names (num_classes, layer_scale) next to HF ones."""
+    out = dict(cfg)
+    if "num_classes" in out:
+        out.setdefault("num_labels", out.pop("num_classes"))
+    if "layer_scale" in out:
+        value = out.pop("layer_scale")
+        out.setdefault("layer_scale_init_value", 0.0 if value is None else float(value))
+    if "in_chans" in out:
+        out.setdefault("num_channels", out.pop("in_chans"))
+    return out
+
+
+def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, model_type_hint: str | None,
+                 source: str, given_from: str) -> DinatConfig:
+    """Merge what the weights tell with a registry entry / config.json, checking they agree.
+
+    Raises:
+        ConversionError: a disagreement, or dilations unknown for a DiNAT model.
+    """
+    given = _normalise_user_config(given or {})
+    model_type = given.get("model_type") or model_type_hint
+    conflicts = []
+    for key in _ARCH_FIELDS:
+        if key in given and given[key] is not None:
+            ours, theirs = inferred[key], given[key]
+            same = abs(float(ours) - float(theirs)) < 1e-9 if key == "mlp_ratio" else list(np.atleast_1d(ours)) == list(
+                np.atleast_1d(theirs))
+            if not same:
+                conflicts.append(f"{key}: the weights have {ours}, {given_from} says {theirs}")
+    # Whether layer scale is used is decided by the weights (gamma / layer_scale_parameters present).
+    layer_scale = float(given.get("layer_scale_init_value", 0.0) or 0.0)
+    num_labels = inferred["num_labels"]
+    id2label = given.get("id2label")
+    if num_labels is not None and "num_labels" in given and given["num_labels"] not in (None, num_labels):
+        conflicts.append(f"num_labels: the head has {num_labels} outputs, {given_from} says {given['num_labels']}")
+    if num_labels is not None and id2label is not None and len(id2label) != num_labels:
+        conflicts.append(f"labels: the head has {num_labels} outputs, {given_from} names {len(id2label)} classes")
+    if conflicts:
+        raise ConversionError(f"{source} does not match {given_from}:\n  " + "\n  ".join(conflicts))
+
+    if model_type not in (None, "dinat", "nat"):
+        raise ConversionError(f"{given_from}: model_type {model_type!r} is not 'dinat' or 'nat'")
+    dilations = given.get("dilations")
+    if model_type == "nat":
+        if dilations is not None and any(d != 1 for stage in dilations for d in stage):
+            raise ConversionError(f"{given_from}: a NAT model has no dilations, got {dilations}")
+        dilations = None
+    elif dilations is None:
+        raise ConversionError(
+            f"cannot build a config for {source}: the weights give\n  {_describe(inferred)}\n"
+            "but not the dilations of a DiNAT model (they are not stored in the weights), nor whether it is a NAT "
+            "model.\nPass --model NAME (a registry entry; `dinat-convert --list` shows them) or "
+            "--config config.json with \"dilations\" (or \"model_type\": \"nat\")."
+        )
+    else:
+        model_type = "dinat"
+        depths = inferred["depths"]
+        if (not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths)
+                or any(not isinstance(s, (list, tuple)) or len(s) != d for s, d in zip(dilations, depths))):
+            raise ConversionError(f"{given_from}: dilations {dilations} do not match the checkpoint's depths {depths}")
+
+    if inferred["layer_scale"] and layer_scale <= 0:
+        layer_scale = 1e-5  # any positive value enables the parameters; the learned values come from the weights
+    if not inferred["layer_scale"]:
+        layer_scale = 0.0
+    kwargs: dict[str, Any] = {
+        key: value for key, value in given.items()
+        if key not in ("num_labels", "model_type", "architectures", "transformers_version", "_name_or_path",
+                       "torch_dtype", "id2label", "label2id")
+    }
+    kwargs.update({key: inferred[key] for key in _ARCH_FIELDS})
+    kwargs["layer_scale_init_value"] = layer_scale
+    if dilations is not None:
+        kwargs["dilations"] = [list(map(int, stage)) for stage in dilations]
+    else:
+        kwargs.pop("dilations", None)
+    if num_labels is not None:
+        if id2label is not None:
+            kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
+            if given.get("label2id"):
+                kwargs["label2id"] = given["label2id"]
+        else:
+            kwargs["num_labels"] = num_labels
+    try:
+        return DinatConfig(model_type=model_type, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"invalid configuration for {source}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str) -> None:
+    """The tensors must form exactly the model that ``config`` describes: the model classes are the
+    one place that knows every tensor name and shape, so building one is the check."""
+    from .modeling import DinatForImageClassification, DinatModel
+
+    has_head = any(name.startswith("classifier.") for name in tensors)
+    model_class = DinatForImageClassification if has_head else DinatModel
+    try:
+        model_class(config, tensors=tensors, source=source)
+    except WeightsMismatchError as error:
+        lines = [f"the tensors of {source} do not form a complete {config.model_type} model:"]
+        for title, names in (("missing", error.missing), ("unexpected", error.unexpected),
+                             ("wrong shape", error.misshaped)):
+            if names:
+                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+        raise ConversionError("\n".join(lines)) from None
+    bad = [n for n, t in tensors.items() if t.dtype.kind == "f" and not np.isfinite(t).all()]
+    if bad:
+        raise ConversionError(f"{source}: tensors with NaN/inf values: {', '.join(sorted(bad)[:10])}")
+
+
+def convert_state_dict(tensors: Mapping[str, np.ndarray], *, entry: Mapping[str, Any] | None = None,
+                       config: Mapping[str, Any] | None = None, source: str = "checkpoint",
+                       config_from: str = "config.json") -> tuple[dict[str, np.ndarray], DinatConfig]:
+    """Turn a loaded state dict (original or HF names) into HF-named tensors and a checked config.
+
+    Args:
+        tensors: the checkpoint's tensors (float32).
+        entry: a registry entry (architecture, dilations, labels), if known.
+        config: HF ``config.json`` fields (or original constructor names such as ``num_classes``,
+            ``layer_scale``); they override the registry entry.
+        source: the checkpoint's name, for messages.
+        config_from: where ``config`` came from, for messages.
+    """
+    layout = detect_layout(tensors)
+    given: dict[str, Any] = {}
+    given_from = []
+    if entry is not None:
+        given.update(registry_config(entry))
+        given_from.append(f"registry entry {entry.get('name', '?')!r}")
+    if config is not None:
+        overlay = _normalise_user_config(config)
+        for key, value in overlay.items():
+            if key in given and key in ("dilations", "model_type") and given[key] != value:
+                raise ConversionError(
+                    f"{config_from} and registry entry {entry.get('name', '?')!r} disagree on {key}: "
+                    f"{value} vs {given[key]}"
+                )
+            given[key] = value
+        given_from.append(config_from)
+    described = " and ".join(given_from) or "the given configuration"
+
+    if layout == "original":
+        model_type = given.get("model_type") or "dinat"
+        hf = original_to_hf(tensors, prefix=model_type)
+        prefix_hint = None
+        body = {n[len(model_type) + 1:] if n.startswith(model_type + ".") else n: t for n, t in hf.items()}
+    else:
+        prefix_hint, body = _split_hf(tensors)
+        if prefix_hint not in (None, "dinat", "nat"):
+            raise ConversionError(f"{source}: unknown base-model prefix {prefix_hint!r} (expected dinat. or nat.)")
+    inferred = infer_architecture(body)
+    cfg = build_config(inferred, given, prefix_hint, source, described)
+
+    prefix = cfg.weights_prefix
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in body.items():
+        top = name.startswith(_HF_BODY)
+        out[f"{prefix}.{name}" if top else name] = tensor
+    _check_tensors(out, cfg, source)
+    return out, cfg
+
+
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
+                       config: str | os.PathLike | Mapping[str, Any] | None = None, dtype: str = "float32",
+                       overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
+                       registry: Mapping[str, Any] | None = None) -> Path:
+    """Convert a checkpoint to ``out_dir/config.json`` + ``out_dir/model.safetensors``.
+
+    Nothing is written unless the whole conversion succeeds: both files are made in a temporary
+    folder beside ``out_dir`` that is then renamed (or, for an existing ``out_dir`` with
+    ``overwrite``, whose files are moved in).
+
+    Args:
+        src: original ``.pth``, HF ``pytorch_model.bin`` / ``model.safetensors``, or an HF folder.
+        out_dir: the folder to create.
+        model: a registry name; supplies dilations, labels and a cross-check of the architecture.
+        config: a ``config.json`` path or dict (HF fields); overrides the source folder's config.json.
+        dtype: storage of floating tensors: ``float32``, ``float16`` or ``bfloat16``.
+        overwrite: replace ``config.json`` / ``model.safetensors`` of an existing non-empty ``out_dir``.
+        provenance: extra fields for ``conversion.json`` (e.g. download URL and sha256).
+        registry: the registry dict to look ``model`` up in (default: the packaged one).
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ConversionError: on any problem; ``out_dir`` is then left as it was.
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"{out_dir} exists and is not empty (use --overwrite to replace its model files)")
+
+    entry = None
+    if model is not None:
+        from . import hub
+
+        try:
+            entry = hub.registry_entry(model, registry=registry)
+        except LookupError as exc:
+            raise ConversionError(str(exc.args[0] if exc.args else exc)) from None
+        if entry.get("local"):
+            raise ConversionError(f"registry entry {model!r} is a packaged model folder, not a checkpoint to convert")
+
+    ckpt = read_checkpoint(src)
+    given = None
+    given_from = "config.json"
+    if config is not None:
+        if isinstance(config, Mapping):
+            given, given_from = dict(config), "the given config"
+        else:
+            given, given_from = _read_config_json(Path(config)), str(config)
+    elif ckpt.config is not None:
+        given, given_from = ckpt.config, str(ckpt.config_path)
+
+    tensors, cfg = convert_state_dict(ckpt.tensors, entry=entry, config=given, source=str(ckpt.source),
+                                      config_from=given_from)
+    record = {
+        "converted_by": "dinat-np",
+        "source": str(ckpt.source.resolve()),
+        "registry_name": model,
+        "dtype": dtype,
+        "tensors": len(tensors),
+    }
+    if entry is not None:
+        record["preprocessing"] = entry.get("preprocessing")
+    record.update(provenance or {})
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        write_safetensors(stage / WEIGHTS_NAME, tensors, dtype)
+        cfg.save_pretrained(stage)
+        (stage / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            for name in (WEIGHTS_NAME, PROVENANCE_NAME, CONFIG_NAME):
+                os.replace(stage / name, out_dir / name)
+            stage.rmdir()
+        else:
+            if out_dir.is_dir():
+                out_dir.rmdir()
+            os.replace(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out_dir

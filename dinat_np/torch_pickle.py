@@ -1,0 +1,632 @@
+"""Torch-free, code-free reader for checkpoints written by ``torch.save``.
+
+Since PyTorch 1.6, ``torch.save`` writes a zip archive::
+
+    <archive>/data.pkl        the pickled object tree (state dict, wrapper dict, ...)
+    <archive>/data/<key>      raw bytes of each storage, referenced from data.pkl
+    <archive>/byteorder       "little" or "big" (absent in old files: little)
+
+Tensors appear in ``data.pkl`` as calls to ``torch._utils._rebuild_tensor_v2(storage,
+offset, size, stride, ...)`` whose storage is a *persistent id* tuple
+``("storage", torch.FloatStorage, key, location, numel)``.
+
+A pickle can name and call any importable function (``os.system``, ``builtins.eval``, ...),
+so this module never lets the standard unpickler import anything.  Every global a pickle
+names is checked against a small allow-list *before any opcode runs* (a static scan of the
+opcode stream), and again while loading; each allowed name is bound to a harmless function of
+this module that only builds NumPy arrays.  Nothing in a checkpoint can execute code.
+
+bfloat16: NumPy has no bfloat16 type.  By default bf16 tensors are decoded to float32
+(exact: every bf16 value is a float32 value).  ``bfloat16="raw"`` keeps the raw 16-bit patterns
+as :class:`BFloat16Bits` arrays (a ``uint16`` ndarray subclass, so the marker survives in a
+plain dict) for callers that want to re-store them bit-exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import math
+import os
+import pickle
+import pickletools
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = [
+    "TorchCheckpointError",
+    "UnsafeCheckpointError",
+    "load_torch_file",
+    "load_torch_checkpoint",
+    "extract_state_dict",
+    "is_torch_zip",
+    "BFloat16Bits",
+    "bfloat16_bits_to_float32",
+    "scan_pickle_globals",
+    "ALLOWED_GLOBALS",
+]
+
+
+class TorchCheckpointError(ValueError):
+    """The file is not a readable ``torch.save`` zip checkpoint."""
+
+
+class UnsafeCheckpointError(TorchCheckpointError):
+    """The checkpoint's pickle references a global outside the allow-list (it could run code)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+
+# torch storage class name -> (numpy dtype, is_bfloat16)
+_STORAGE_DTYPES: dict[str, tuple[np.dtype, bool]] = {
+    "FloatStorage": (np.dtype(np.float32), False),
+    "DoubleStorage": (np.dtype(np.float64), False),
+    "HalfStorage": (np.dtype(np.float16), False),
+    "BFloat16Storage": (np.dtype(np.uint16), True),
+    "LongStorage": (np.dtype(np.int64), False),
+    "IntStorage": (np.dtype(np.int32), False),
+    "ShortStorage": (np.dtype(np.int16), False),
+    "CharStorage": (np.dtype(np.int8), False),
+    "ByteStorage": (np.dtype(np.uint8), False),
+    "BoolStorage": (np.dtype(np.bool_), False),
+    "ComplexFloatStorage": (np.dtype(np.complex64), False),
+    "ComplexDoubleStorage": (np.dtype(np.complex128), False),
+    # Untyped storages hold bytes; the tensor's dtype then comes from _rebuild_tensor_v3.
+    "UntypedStorage": (np.dtype(np.uint8), False),
+}
+
+# torch dtype object name (pickled as GLOBAL 'torch <name>') -> (numpy dtype, is_bfloat16)
+_TORCH_DTYPES: dict[str, tuple[np.dtype, bool]] = {
+    "float32": (np.dtype(np.float32), False),
+    "float": (np.dtype(np.float32), False),
+    "float64": (np.dtype(np.float64), False),
+    "double": (np.dtype(np.float64), False),
+    "float16": (np.dtype(np.float16), False),
+    "half": (np.dtype(np.float16), False),
+    "bfloat16": (np.dtype(np.uint16), True),
+    "int64": (np.dtype(np.int64), False),
+    "long": (np.dtype(np.int64), False),
+    "int32": (np.dtype(np.int32), False),
+    "int": (np.dtype(np.int32), False),
+    "int16": (np.dtype(np.int16), False),
+    "short": (np.dtype(np.int16), False),
+    "int8": (np.dtype(np.int8), False),
+    "uint8": (np.dtype(np.uint8), False),
+    "uint16": (np.dtype(np.uint16), False),
+    "uint32": (np.dtype(np.uint32), False),
+    "uint64": (np.dtype(np.uint64), False),
+    "bool": (np.dtype(np.bool_), False),
+    "complex64": (np.dtype(np.complex64), False),
+    "complex128": (np.dtype(np.complex128), False),
+}
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Decode raw bfloat16 bit patterns (``uint16``) to float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Harmless stand-ins for the allow-listed globals.  None of them imports or calls anything
+# that the pickle could choose; they only slice NumPy buffers.
+
+
+class _StorageType:
+    """Marker standing in for ``torch.FloatStorage`` & co. (never callable)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dtype, self.is_bf16 = _STORAGE_DTYPES[name]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeCheckpointError(f"the pickle tries to call torch.{self.name}; only tensor data is supported")
+
+    def __repr__(self) -> str:
+        return f"<storage type {self.name}>"
+
+
+class _TorchDType:
+    """Marker standing in for a ``torch.<dtype>`` object."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dtype, self.is_bf16 = _TORCH_DTYPES[name]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeCheckpointError(f"the pickle tries to call torch.{self.name}")
+
+
+class _TensorTypeMarker:
+    """Marker for ``torch.Tensor`` / ``torch.nn.Parameter`` used as a type argument only."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeCheckpointError(f"the pickle tries to construct {self.name} directly; unsupported")
+
+
+class _Storage:
+    """A storage referenced by key; its bytes are read from the archive on first use."""
+
+    def __init__(self, reader: "_ArchiveReader", key: str, stype: _StorageType, numel: int):
+        self.reader = reader
+        self.key = key
+        self.stype = stype
+        self.numel = numel
+        self._array: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = self.reader.read_storage(self.key, self.stype.dtype, self.numel)
+        return self._array
+
+
+class _OrderedDict(collections.OrderedDict):
+    """``collections.OrderedDict`` that also accepts BUILD state (``_metadata`` of state dicts)."""
+
+    def __setstate__(self, state: Any) -> None:
+        # torch stores the module-version metadata as an attribute; keep it, ignore anything else.
+        if isinstance(state, dict) and "_metadata" in state:
+            self._metadata = state["_metadata"]
+
+
+class _Inert:
+    """Stand-in for plain record classes (``argparse.Namespace``) in training checkpoints."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.__dict__.update({k: v for k, v in kwargs.items() if isinstance(k, str)})
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
+
+
+def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TorchCheckpointError(f"malformed tensor record: {what} is {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _view(opts: _LoadOptions, storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None,
+          is_bf16: bool | None = None) -> np.ndarray:
+    """Build the (possibly strided, offset) tensor view of a storage as a NumPy array."""
+    if not isinstance(storage, _Storage):
+        raise TorchCheckpointError(f"malformed tensor record: storage is {type(storage).__name__}")
+    if not isinstance(offset, int) or offset < 0:
+        raise TorchCheckpointError(f"malformed tensor record: storage offset {offset!r}")
+    size_t = _as_int_tuple(size, "size")
+    stride_t = _as_int_tuple(stride, "stride")
+    if len(size_t) != len(stride_t) or any(s < 0 for s in size_t) or any(s < 0 for s in stride_t):
+        raise TorchCheckpointError(f"malformed tensor record: size {size_t} / stride {stride_t}")
+
+    base = storage.array()
+    bf16 = storage.stype.is_bf16
+    if dtype is not None:
+        # _rebuild_tensor_v3: the storage is untyped bytes and the tensor dtype is explicit.
+        nbytes = base.size * base.itemsize
+        if nbytes % dtype.itemsize:
+            raise TorchCheckpointError(f"storage {storage.key}: {nbytes} bytes is not a whole number of {dtype}")
+        base = base.view(np.uint8).view(dtype)
+        bf16 = bool(is_bf16)
+
+    numel = math.prod(size_t)  # Python ints: a crafted size cannot overflow into a small number
+    if numel == 0:
+        out = np.zeros(size_t, dtype=base.dtype)
+    else:
+        last = offset + sum((n - 1) * s for n, s in zip(size_t, stride_t))
+        if last >= base.size:
+            raise TorchCheckpointError(
+                f"tensor view out of bounds: storage {storage.key} has {base.size} elements, "
+                f"view needs index {last} (offset {offset}, size {size_t}, stride {stride_t})"
+            )
+        contiguous = tuple(math.prod(size_t[i + 1:]) for i in range(len(size_t)))
+        if stride_t == contiguous or numel == 1:
+            out = base[offset:offset + numel].reshape(size_t)
+        else:
+            item = base.itemsize
+            out = np.lib.stride_tricks.as_strided(
+                base[offset:], shape=size_t, strides=tuple(s * item for s in stride_t), writeable=False
+            ).copy()
+    if bf16:
+        out = opts.finish_bf16(out)
+    return out
+
+
+class BFloat16Bits(np.ndarray):
+    """``uint16`` array holding raw bfloat16 bit patterns (returned with ``bfloat16="raw"``)."""
+
+
+class _LoadOptions:
+    """Per-load options, bound into the rebuild functions the unpickler hands out."""
+
+    def __init__(self, bf16_raw: bool):
+        self.bf16_raw = bf16_raw
+
+    def finish_bf16(self, bits: np.ndarray) -> np.ndarray:
+        if self.bf16_raw:
+            return np.array(bits, dtype=np.uint16).view(BFloat16Bits)
+        return bfloat16_bits_to_float32(bits)
+
+
+def _rebuild_tensor(opts: _LoadOptions, storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
+    return _view(opts, storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(opts: _LoadOptions, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                       backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
+    return _view(opts, storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(opts: _LoadOptions, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+                       backward_hooks: Any, dtype: Any, metadata: Any = None) -> np.ndarray:
+    if not isinstance(dtype, _TorchDType):
+        raise TorchCheckpointError(f"malformed tensor record: dtype {dtype!r}")
+    return _view(opts, storage, storage_offset, size, stride, dtype=dtype.dtype, is_bf16=dtype.is_bf16)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
+    return data
+
+
+def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> Any:
+    return data
+
+
+# Functions that need the per-load options as first argument.
+_NEEDS_OPTIONS: tuple[Callable[..., Any], ...] = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3)
+_REBUILDERS: tuple[Callable[..., Any], ...] = _NEEDS_OPTIONS + (_rebuild_parameter, _rebuild_parameter_with_state)
+
+
+def _is_rebuilder(func: Any) -> bool:
+    inner = func.func if isinstance(func, functools.partial) else func
+    return any(inner is r for r in _REBUILDERS)
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    # Only our own rebuild functions (already resolved through the allow-list) may be applied.
+    if not _is_rebuilder(func) or not isinstance(new_type, _TensorTypeMarker):
+        raise UnsafeCheckpointError("the pickle applies _rebuild_from_type_v2 to something other than a tensor")
+    if not isinstance(args, tuple):
+        raise TorchCheckpointError("malformed tensor record in _rebuild_from_type_v2")
+    return func(*args)
+
+
+def _torch_size(*args: Any) -> tuple:
+    return tuple(args[0]) if args else ()
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): _OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TensorTypeMarker("torch.Tensor"),
+    ("torch._tensor", "Tensor"): _TensorTypeMarker("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): _TensorTypeMarker("torch.nn.Parameter"),
+    ("torch", "Size"): _torch_size,
+    ("argparse", "Namespace"): _Inert,
+}
+for _name in _STORAGE_DTYPES:
+    _ALLOWED[("torch", _name)] = _StorageType(_name)
+_ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]
+for _name in _TORCH_DTYPES:
+    _ALLOWED[("torch", _name)] = _TorchDType(_name)
+del _name
+
+ALLOWED_GLOBALS: tuple[str, ...] = tuple(sorted(f"{m}.{n}" for m, n in _ALLOWED))
+
+
+def _refuse(module: str, name: str, where: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"refusing to load {where}: its pickle references the global '{module}.{name}', which is not "
+        "one of the tensor-rebuilding functions this reader allows (a checkpoint must never run code). "
+        "Nothing from the file was executed."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Static scan: every global, before anything is unpickled.
+
+_STRING_OPS = {
+    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+    "SHORT_BINSTRING", "BINSTRING", "STRING", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8",
+}
+_MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
+_MEMO_GET = {"BINGET", "LONG_BINGET", "GET"}
+_NO_STACK_CHANGE = {"PROTO", "FRAME", "MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
+_FORBIDDEN_OPS = {"EXT1", "EXT2", "EXT4"}  # copyreg extension registry: indirect globals
+
+
+def scan_pickle_globals(data: bytes, where: str = "the checkpoint") -> list[tuple[str, str]]:
+    """List every global a pickle references, refusing any that is not allow-listed.
+
+    Walks the opcode stream without executing it.  ``STACK_GLOBAL`` takes module and name from
+    the stack; they must be string constants pushed (directly or through the memo) just before,
+    otherwise the name cannot be verified and the pickle is refused.
+
+    Raises:
+        UnsafeCheckpointError: a global outside the allow-list, or an unverifiable global.
+        TorchCheckpointError: the opcode stream is malformed.
+    """
+    found: list[tuple[str, str]] = []
+    memo: dict[int, Any] = {}
+    recent: list[Any] = []  # values of the most recent stack pushes (None = not a string)
+    next_memo = 0
+    not_str = object()
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in _FORBIDDEN_OPS:
+                raise UnsafeCheckpointError(f"refusing to load {where}: its pickle uses the {name} opcode "
+                                            "(globals through the copyreg extension registry)")
+            if name == "GLOBAL" or name == "INST":
+                module, _, qual = str(arg).partition(" ")
+                if (module, qual) not in _ALLOWED:
+                    raise _refuse(module, qual, where)
+                found.append((module, qual))
+                recent.append(not_str)
+            elif name == "STACK_GLOBAL":
+                if len(recent) < 2 or not isinstance(recent[-1], str) or not isinstance(recent[-2], str):
+                    raise UnsafeCheckpointError(
+                        f"refusing to load {where}: its pickle computes a global's name at load time, "
+                        "which cannot be verified before loading"
+                    )
+                module, qual = recent[-2], recent[-1]
+                if (module, qual) not in _ALLOWED:
+                    raise _refuse(module, qual, where)
+                found.append((module, qual))
+                del recent[-2:]
+                recent.append(not_str)
+            elif name in _STRING_OPS:
+                value = arg.decode("latin-1") if isinstance(arg, bytes) else arg
+                recent.append(value)
+            elif name == "MEMOIZE":
+                memo[next_memo] = recent[-1] if recent else not_str
+                next_memo += 1
+            elif name in _MEMO_PUT:
+                memo[int(arg)] = recent[-1] if recent else not_str
+            elif name in _MEMO_GET:
+                recent.append(memo.get(int(arg), not_str))
+            elif name not in _NO_STACK_CHANGE:
+                recent.append(not_str)
+            if len(recent) > 64:
+                del recent[:-8]
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # pickletools raises ValueError etc. on garbage
+        raise TorchCheckpointError(f"{where}: data.pkl is not a valid pickle ({exc})") from None
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Archive access
+
+
+def is_torch_zip(path: str | os.PathLike) -> bool:
+    """True if ``path`` starts like a zip archive (the ``torch.save`` format since 1.6)."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # LONG1 0x1950a86a20f9469cfc6c
+
+
+def _describe_non_zip(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not head:
+        return f"{path} is empty"
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head[:16]:
+        return (f"{path} uses the legacy (pre-1.6) torch.save format, which this reader does not support. "
+                "Re-save it once with PyTorch >= 1.6: torch.save(torch.load(OLD, weights_only=True), NEW)")
+    if head[:1] == b"\x80":
+        return f"{path} is a plain pickle, not a torch.save zip archive (refusing to unpickle it directly)"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return f"{path} looks like a safetensors file, not a torch.save zip archive"
+    return f"{path} is not a torch.save zip archive (unrecognized header {head[:8]!r})"
+
+
+class _ArchiveReader:
+    """Locates ``data.pkl`` and the storages of one torch zip archive."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+            names = self.zip.namelist()
+        except zipfile.BadZipFile as exc:
+            raise TorchCheckpointError(f"{path} is a damaged or truncated zip archive ({exc})") from None
+        pkl = [n for n in names if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+        if len(pkl) != 1:
+            raise TorchCheckpointError(
+                f"{path} is a zip archive but not a torch.save checkpoint (expected one '<name>/data.pkl', "
+                f"found {len(pkl)})"
+            )
+        self.prefix = pkl[0][: -len("data.pkl")]
+        self.names = set(names)
+        self.big_endian = False
+        order_name = self.prefix + "byteorder"
+        if order_name in self.names:
+            order = self._read(order_name).decode("ascii", "replace").strip()
+            if order not in ("little", "big"):
+                raise TorchCheckpointError(f"{path}: unknown byteorder {order!r}")
+            self.big_endian = order == "big"
+        self._storages: dict[str, _Storage] = {}
+
+    def _read(self, name: str) -> bytes:
+        try:
+            return self.zip.read(name)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            raise TorchCheckpointError(f"{self.path}: entry '{name}' is damaged or truncated ({exc})") from None
+        except Exception as exc:  # zlib.error and friends
+            raise TorchCheckpointError(f"{self.path}: entry '{name}' cannot be read ({exc})") from None
+
+    def data_pkl(self) -> bytes:
+        return self._read(self.prefix + "data.pkl")
+
+    def storage(self, key: str, stype: _StorageType, numel: int) -> _Storage:
+        existing = self._storages.get(key)
+        if existing is not None:
+            if existing.stype is not stype:
+                raise TorchCheckpointError(f"{self.path}: storage {key} is used with two different types")
+            return existing
+        st = _Storage(self, key, stype, numel)
+        self._storages[key] = st
+        return st
+
+    def read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+        name = f"{self.prefix}data/{key}"
+        if name not in self.names:
+            raise TorchCheckpointError(f"{self.path}: storage '{key}' referenced by data.pkl is missing "
+                                       "(truncated archive?)")
+        raw = self._read(name)
+        need = numel * dtype.itemsize
+        if len(raw) < need:
+            raise TorchCheckpointError(f"{self.path}: storage '{key}' has {len(raw)} bytes, expected {need}")
+        src_dtype = dtype.newbyteorder(">") if self.big_endian and dtype.itemsize > 1 else dtype
+        arr = np.frombuffer(raw, dtype=src_dtype, count=numel)
+        if src_dtype is not dtype:
+            arr = arr.astype(dtype)
+        return arr
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose only reachable globals are the stand-ins in ``_ALLOWED``."""
+
+    def __init__(self, data: bytes, reader: _ArchiveReader, opts: _LoadOptions):
+        super().__init__(io.BytesIO(data))
+        self.reader = reader
+        self.opts = opts
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+        try:
+            target = _ALLOWED[(module, name)]
+        except KeyError:
+            raise _refuse(module, name, str(self.reader.path)) from None
+        if any(target is f for f in _NEEDS_OPTIONS):
+            return functools.partial(target, self.opts)
+        return target
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise TorchCheckpointError(f"{self.reader.path}: unsupported persistent id {pid!r:.80}")
+        _, stype, key, _location, numel = pid
+        if not isinstance(stype, _StorageType):
+            raise TorchCheckpointError(f"{self.reader.path}: unknown storage type {stype!r:.80}")
+        key = str(key)
+        if not key or "/" in key or "\\" in key or key in (".", ".."):
+            raise TorchCheckpointError(f"{self.reader.path}: bad storage key {key!r}")
+        if not isinstance(numel, int) or numel < 0:
+            raise TorchCheckpointError(f"{self.reader.path}: bad storage size {numel!r}")
+        return self.reader.storage(key, stype, numel)
+
+
+def load_torch_file(path: str | os.PathLike, *, bfloat16: str = "float32") -> Any:
+    """Load the object tree of a ``torch.save`` zip file with tensors as NumPy arrays.
+
+    Args:
+        path: the checkpoint file.
+        bfloat16: ``"float32"`` decodes bf16 tensors to float32 (exact); ``"raw"`` returns their
+            bit patterns as ``uint16`` arrays.
+
+    Returns:
+        What was saved, with every tensor replaced by a NumPy array (float32/float16/float64/
+        int64/... as stored), ``OrderedDict`` for ordered dicts.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global outside the allow-list.
+        TorchCheckpointError: not a torch zip archive (legacy format, truncated, garbage, ...).
+    """
+    if bfloat16 not in ("float32", "raw"):
+        raise ValueError(f"bfloat16 must be 'float32' or 'raw', not {bfloat16!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise TorchCheckpointError(f"{path}: no such file")
+    if not is_torch_zip(path):
+        raise TorchCheckpointError(_describe_non_zip(path))
+    reader = _ArchiveReader(path)
+    data = reader.data_pkl()
+    scan_pickle_globals(data, where=str(path))  # refuses before a single opcode is executed
+    try:
+        obj = _RestrictedUnpickler(data, reader, _LoadOptions(bf16_raw=bfloat16 == "raw")).load()
+    except TorchCheckpointError:
+        raise
+    except Exception as exc:
+        raise TorchCheckpointError(f"{path}: data.pkl cannot be unpickled ({type(exc).__name__}: {exc})") from None
+    finally:
+        reader.zip.close()
+    return obj
+
+
+_WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
+
+
+def extract_state_dict(obj: Any, *, key: str | None = None, where: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Find the state dict inside a loaded checkpoint and strip DataParallel ``module.`` prefixes.
+
+    A checkpoint is either a state dict itself or a dict wrapping one under ``"model"``,
+    ``"state_dict"`` or ``"state_dict_ema"`` (tried in that order unless ``key`` names one).
+    Non-array entries of the state dict are dropped.
+    """
+    if not isinstance(obj, dict):
+        raise TorchCheckpointError(f"{where}: expected a dict of tensors, found {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise TorchCheckpointError(f"{where}: has no entry {key!r} (entries: {sorted(map(str, obj))[:20]})")
+        obj = obj[key]
+    elif not any(isinstance(v, np.ndarray) for v in obj.values()):
+        for k in _WRAPPER_KEYS:
+            if isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+        else:
+            raise TorchCheckpointError(
+                f"{where}: no tensors found at the top level nor under any of {list(_WRAPPER_KEYS)} "
+                f"(entries: {sorted(map(str, obj))[:20]})"
+            )
+    if not isinstance(obj, dict):
+        raise TorchCheckpointError(f"{where}: entry is {type(obj).__name__}, not a state dict")
+    out: dict[str, np.ndarray] = {}
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, np.ndarray):
+            continue
+        while name.startswith("module."):
+            name = name[len("module."):]
+        if name in out:
+            raise TorchCheckpointError(f"{where}: tensor {name!r} appears twice (with and without 'module.')")
+        out[name] = value
+    if not out:
+        raise TorchCheckpointError(f"{where}: contains no tensors")
+    return out
+
+
+def load_torch_checkpoint(path: str | os.PathLike, *, key: str | None = None, bfloat16: str = "float32",
+                          return_bf16_names: bool = False) -> Any:
+    """Read a ``torch.save`` checkpoint into ``{name: np.ndarray}`` without torch and without running code.
+
+    Unwraps ``{"model": ...}``, ``{"state_dict": ...}``, ``{"state_dict_ema": ...}`` and strips
+    ``module.`` prefixes (see :func:`extract_state_dict`).
+
+    Args:
+        path: the ``.pth`` / ``.bin`` file.
+        key: take the state dict from this entry of a wrapper dict.
+        bfloat16: ``"float32"`` (default) decodes bf16 tensors; ``"raw"`` keeps their bits as uint16.
+        return_bf16_names: also return the set of names whose arrays are raw bf16 bits.
+
+    Returns:
+        The state dict, or ``(state_dict, bf16_names)`` when ``return_bf16_names``.
+    """
+    obj = load_torch_file(path, bfloat16=bfloat16)
+    sd = extract_state_dict(obj, key=key, where=str(path))
+    if return_bf16_names:
+        return sd, {k for k, v in sd.items() if isinstance(v, BFloat16Bits)}
+    return sd

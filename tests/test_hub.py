@@ -1,0 +1,237 @@
+"""Registry, download and cache, against a local HTTP server (no test touches a real host)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinat_np import DinatConfig, DinatForImageClassification, hub
+from dinat_np.convert import ConversionError, registry_config
+
+DATA = Path(__file__).parent / "data"
+CHECKPOINT = DATA / "original_dinat_small_cfg" / "checkpoint.pth"
+EXPECTED = DATA / "original_dinat_small_cfg" / "expected.npz"
+CONSTRUCTOR = json.loads((DATA / "manifest.json").read_text())["original"][0]["constructor"]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves files from ``server.files``; ``/cut/NAME`` announces the full length but sends half."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        self.server.requests.append(self.path)
+        cut = self.path.startswith("/cut/")
+        name = self.path.rsplit("/", 1)[-1]
+        blob = self.server.files.get(name)
+        if blob is None:
+            self.send_error(404, "no such file")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(blob)))
+        self.end_headers()
+        self.wfile.write(blob[: len(blob) // 2] if cut else blob)
+        if cut:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.files = {"checkpoint.pth": CHECKPOINT.read_bytes(), "page.pth": b"<html>not a checkpoint</html>" * 10}
+    httpd.requests = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _registry(url: str, sha256: str | None = None) -> dict:
+    entry = {
+        "model_type": "dinat",
+        "description": "tiny test model",
+        "architecture": {k: CONSTRUCTOR[k] for k in ("embed_dim", "depths", "num_heads", "kernel_size",
+                                                     "dilations", "mlp_ratio")},
+        "url": url,
+        "hf_repo": "test-org/tiny-dinat",
+        "label_set": None,
+        "sha256": sha256,
+        "preprocessing": {"resolution": 160, "crop_pct": 0.875, "interpolation": "bicubic",
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    }
+    return {"models": {"tiny-dinat": entry}}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in (hub.ENV_OFFLINE, hub.ENV_BASE_URL, hub.ENV_REGISTRY):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "home"))
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def test_download_convert_and_cache(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = _registry(server.url + "/checkpoint.pth")
+    folder = hub.resolve_model("tiny-dinat", registry=registry)
+    home = tmp_path / "home"
+    assert folder == home / "tiny-dinat"
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert "Downloading tiny-dinat" in capsys.readouterr().err
+
+    digest = hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest()
+    record = json.loads((home / "downloads" / "checkpoint.pth.json").read_text())
+    assert record["sha256"] == digest and record["size"] == CHECKPOINT.stat().st_size
+    assert json.loads((folder / "conversion.json").read_text())["sha256"] == digest
+    assert not list(home.rglob("*.part")) and not list(home.glob(".tiny-dinat*"))
+
+    expected = np.load(EXPECTED)
+    logits = DinatForImageClassification.from_pretrained(folder)(expected["pixel_values"]).logits
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-4)
+
+    # cached: no second request, also when offline
+    assert hub.resolve_model("tiny-dinat", registry=registry) == folder
+    assert len(server.requests) == 1
+    # the HF repo id of an entry resolves to the same folder
+    assert hub.resolve_model("test-org/tiny-dinat", registry=registry) == folder
+
+
+def test_registry_file_from_environment(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(_registry("https://checkpoints.invalid/some/where/checkpoint.pth")))
+    monkeypatch.setenv(hub.ENV_REGISTRY, str(path))
+    monkeypatch.setenv(hub.ENV_BASE_URL, server.url)  # mirror: BASE_URL/<file name>
+    model = DinatForImageClassification.from_pretrained("tiny-dinat")
+    assert model.config.embed_dim == CONSTRUCTOR["embed_dim"]
+    assert server.requests == ["/checkpoint.pth"]
+
+
+def test_cut_transfer_leaves_nothing_complete(server, tmp_path: Path) -> None:
+    registry = _registry(server.url + "/cut/checkpoint.pth")
+    with pytest.raises(hub.DownloadError) as info:
+        hub.resolve_model("tiny-dinat", registry=registry, progress=False)
+    assert "interrupted" in str(info.value) and f"of {CHECKPOINT.stat().st_size} bytes" in str(info.value)
+    assert _leftovers(tmp_path / "home") == ["downloads"]  # no partial file, no model folder
+    # a later complete transfer works
+    server.files["checkpoint.pth"] = CHECKPOINT.read_bytes()
+    registry["models"]["tiny-dinat"]["url"] = server.url + "/checkpoint.pth"
+    assert (hub.resolve_model("tiny-dinat", registry=registry, progress=False) / "model.safetensors").is_file()
+
+
+def test_offline_error(server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(hub.ENV_OFFLINE, "1")
+    url = server.url + "/checkpoint.pth"
+    with pytest.raises(hub.WeightsUnavailableError) as info:
+        hub.resolve_model("tiny-dinat", registry=_registry(url))
+    message = str(info.value)
+    for part in ("'tiny-dinat'", url, "DINAT_NP_OFFLINE", "dinat-convert checkpoint.pth DIR --model tiny-dinat",
+                 "--weights DIR", "connect to the network"):
+        assert part in message, part
+    assert server.requests == []
+    assert _leftovers(tmp_path / "home") == []
+
+
+def test_no_network_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/checkpoint.pth"
+    with pytest.raises(hub.WeightsUnavailableError) as info:
+        hub.resolve_model("tiny-dinat", registry=_registry(url), progress=False)
+    assert "no network connection" in str(info.value) and url in str(info.value)
+    assert not isinstance(info.value, hub.DownloadError)
+    assert not (tmp_path / "home" / "tiny-dinat").exists()
+
+
+def test_http_error_and_wrong_content(server, tmp_path: Path) -> None:
+    with pytest.raises(hub.WeightsUnavailableError, match="HTTP 404"):
+        hub.resolve_model("tiny-dinat", registry=_registry(server.url + "/missing.pth"), progress=False)
+    with pytest.raises(ConversionError, match="does not convert.*deleted"):
+        hub.resolve_model("tiny-dinat", registry=_registry(server.url + "/page.pth"), progress=False)
+    assert not (tmp_path / "home" / "downloads" / "page.pth").exists()
+    assert not (tmp_path / "home" / "tiny-dinat").exists()
+
+
+def test_pinned_sha256_checked(server, tmp_path: Path) -> None:
+    registry = _registry(server.url + "/checkpoint.pth", sha256="0" * 64)
+    with pytest.raises(hub.DownloadError, match="sha256"):
+        hub.resolve_model("tiny-dinat", registry=registry, progress=False)
+    assert _leftovers(tmp_path / "home") == ["downloads"]
+
+
+def test_folders_and_unknown_names(tmp_path: Path) -> None:
+    assert hub.resolve_model(DATA / "hf_dinat_small_cfg") == DATA / "hf_dinat_small_cfg"
+    with pytest.raises(hub.UnknownModelError, match="not in the registry"):
+        hub.resolve_model("no-such-model")
+    with pytest.raises(hub.UnknownModelError, match="dinat-convert"):
+        hub.resolve_model(CHECKPOINT)
+
+
+# ---------------------------------------------------------------------------------------------
+# the packaged registry
+
+PUBLISHED = {
+    "dinat-mini-in1k-224", "dinat-tiny-in1k-224", "dinat-small-in1k-224", "dinat-base-in1k-224",
+    "dinat-large-in22k-in1k-224", "dinat-large-in22k-in1k-384", "dinat-large-11x11-in22k-in1k-384",
+    "dinat-large-in22k-224", "dinat-large-11x11-in22k-224",
+    "nat-mini-in1k-224", "nat-tiny-in1k-224", "nat-small-in1k-224", "nat-base-in1k-224",
+}
+
+
+def test_packaged_registry_entries_are_complete() -> None:
+    models = hub.load_registry()
+    assert PUBLISHED | {"digits-demo"} == set(models)
+    for name in PUBLISHED:
+        entry = hub.registry_entry(name)
+        assert entry["url"].startswith("https://shi-labs.com/projects/") and entry["url"].endswith(".pth")
+        pre = entry["preprocessing"]
+        assert set(pre) == {"resolution", "crop_pct", "interpolation", "mean", "std"}
+        assert pre["resolution"] == (384 if name.endswith("-384") else 224)
+        assert pre["crop_pct"] == (1.0 if name.endswith("-384") else 0.875)
+        cfg = registry_config(entry)
+        labels = cfg.pop("id2label")
+        cfg.pop("label2id")
+        assert len(labels) == (21841 if entry["label_set"] == "imagenet22k" else 1000) == entry["num_labels"]
+        config = DinatConfig(**cfg)  # a valid architecture
+        assert config.model_type == ("nat" if name.startswith("nat-") else "dinat")
+        if config.model_type == "nat":
+            assert all(d == 1 for stage in config.dilations for d in stage)
+        # every stage's window fits the stage at the evaluation resolution, or is padded like NATTEN does
+        assert config.kernel_size in (7, 11)
+    assert hub.registry_entry("shi-labs/dinat-mini-in1k-224")["name"] == "dinat-mini-in1k-224"
+    assert hub.registry_entry("dinat-large-in22k-in1k-384")["architecture"]["dilations"][0] == [1, 13, 1]
+    assert hub.registry_entry("dinat-large-in22k-224")["hf_repo"] is None
+
+
+def test_offline_error_for_a_published_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(hub.ENV_OFFLINE, "1")
+    with pytest.raises(hub.WeightsUnavailableError) as info:
+        hub.resolve_model("dinat-mini-in1k-224")
+    assert "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_mini_in1k_224.pth" in str(info.value)
+    assert "dinat-convert dinat_mini_in1k_224.pth DIR --model dinat-mini-in1k-224" in str(info.value)
+
+
+def test_packaged_digits_demo_entry() -> None:
+    entry = hub.registry_entry("digits-demo")
+    assert entry["local"] == "digits-demo" and "url" not in entry
+    folder = hub._packaged_weights_dir() / "digits-demo"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        assert hub.resolve_model("digits-demo").resolve() == folder.resolve()
+    else:  # the demo model is produced by weights/digits-demo/train.py; until then a clear error
+        with pytest.raises(hub.UnknownModelError, match="missing from this installation"):
+            hub.resolve_model("digits-demo")
