@@ -1,28 +1,45 @@
 """dinat-np: torch-free DiNAT / NAT inference in NumPy and Numba.
 
 ``DinatForImageClassification.from_pretrained(folder_or_name)(pixel_values).logits`` mirrors
-Hugging Face transformers; ``dinat_np.functional`` holds NATTEN-style neighborhood attention ops.
+Hugging Face transformers; ``dinat_np.functional`` holds NATTEN-style neighborhood attention ops;
+``ImageClassifier`` turns image files into labelled predictions.
+
+Names are imported on first use, so that ``import dinat_np`` (and the command-line programs'
+start-up) stays light and thread settings can still be applied before NumPy and Numba load.
 """
 
-from .configuration import DinatConfig
-from .modeling import (
-    BackboneOutput,
-    DinatBackbone,
-    DinatForImageClassification,
-    DinatImageClassifierOutput,
-    DinatModel,
-    DinatModelOutput,
-)
-from .state_dict import WeightsMismatchError
+from __future__ import annotations
 
-__all__ = [
-    "BackboneOutput",
-    "DinatBackbone",
-    "DinatConfig",
-    "DinatForImageClassification",
-    "DinatImageClassifierOutput",
-    "DinatModel",
-    "DinatModelOutput",
-    "WeightsMismatchError",
-]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "DinatConfig": "configuration",
+    "DinatModel": "modeling",
+    "DinatForImageClassification": "modeling",
+    "DinatBackbone": "modeling",
+    "DinatModelOutput": "modeling",
+    "DinatImageClassifierOutput": "modeling",
+    "BackboneOutput": "modeling",
+    "WeightsMismatchError": "state_dict",
+    "ImageClassifier": "classifier",
+    "Prediction": "classifier",
+    "ImageProcessor": "preprocessing",
+    "ImageLoadError": "preprocessing",
+    "load_image": "preprocessing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dinat_np' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,622 @@
+"""Image loading and the evaluation preprocessing of DiNAT / NAT classifiers (Pillow + NumPy only).
+
+Two transforms are reproduced number for number:
+
+* Hugging Face's ``ViTImageProcessor`` (resize to ``height x width``) and ``ConvNextImageProcessor``
+  (resize the shorter side to ``shortest_edge / crop_pct`` and center-crop, or warp to a square when
+  ``shortest_edge >= 384``), driven by a model folder's ``preprocessor_config.json``;
+* timm's ImageNet evaluation transform, which the SHI-Labs checkpoints were evaluated with (resize the
+  shorter side to ``floor(resolution / crop_pct)``, center-crop ``resolution``, ImageNet mean/std),
+  driven by a registry entry's ``"preprocessing"`` block.
+
+Both resize with Pillow on 8-bit RGB, so the same Pillow gives bit-identical resized pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "IMAGENET_STANDARD_MEAN",
+    "IMAGENET_STANDARD_STD",
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "ImageTooLargeError",
+    "ImageProcessor",
+    "load_image",
+    "to_rgb",
+    "resample_from_name",
+]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# What Hugging Face calls IMAGENET_STANDARD: the defaults of ViT/ConvNext processors without a config value.
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+# File name endings that a directory walk treats as images (everything Pillow commonly decodes).
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+        ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".pcx", ".sgi",
+        ".im", ".dds", ".qoi",
+    }
+)
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+# Hugging Face stores `resample` as PIL's integer codes; timm stores names.
+_RESAMPLE_BY_NAME = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "cubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class ImageLoadError(ValueError):
+    """An image could not be opened, decoded or converted; ``reason`` says why in plain words."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}" if source else reason)
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than Pillow's decompression-bomb limit allows."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resample_from_name(value: Union[int, str, Image.Resampling]) -> Image.Resampling:
+    """Map a Hugging Face integer code, a timm/torchvision name or a PIL enum to ``PIL.Image.Resampling``."""
+    if isinstance(value, Image.Resampling):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"invalid resample value {value!r}")
+    if isinstance(value, int):
+        try:
+            return Image.Resampling(value)
+        except ValueError:
+            raise ValueError(
+                f"invalid resample code {value}; expected one of "
+                + ", ".join(f"{m.value} ({m.name.lower()})" for m in Image.Resampling)
+            ) from None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in _RESAMPLE_BY_NAME:
+            return _RESAMPLE_BY_NAME[key]
+        raise ValueError(
+            f"unknown interpolation {value!r}; expected one of {', '.join(sorted(_RESAMPLE_BY_NAME))}"
+        )
+    raise ValueError(f"invalid resample value {value!r}")
+
+
+def _bomb_message(pixels: int | None, detail: str = "") -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    size = f"{pixels:,} pixels, limit {limit:,}" if pixels is not None and limit else detail
+    return (
+        f"image is too large to decode safely ({size}); this guards against decompression bombs. "
+        f"If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None) before loading"
+    )
+
+
+def _sixteen_bit_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Scale 0..65535 to 0..255 with rounding (65535 -> 255, 257*k -> k)."""
+    wide = np.clip(values, 0, 65535).astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return ``image`` as an 8-bit RGB ``PIL.Image``.
+
+    Alpha is dropped without compositing, as ``PIL.Image.convert("RGB")`` does and as Hugging Face's
+    ``load_image`` / ``convert_rgb`` do, so results match models evaluated through transformers.
+    Integer and float images (``I;16*``, ``I``, ``F``) are scaled to 8 bits instead of being clipped at
+    255 the way Pillow's own conversion does (which turns most 16-bit photographs white).
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16"):
+        return Image.fromarray(_sixteen_bit_to_8bit(np.asarray(image)), mode="L").convert("RGB")
+    if mode == "I":
+        values = np.asarray(image)
+        if values.size and values.min() >= 0 and values.max() <= 255:
+            return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
+        # 32-bit integer images in practice carry 16-bit samples (older Pillow opened 16-bit PNGs as "I").
+        return Image.fromarray(_sixteen_bit_to_8bit(values), mode="L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    with warnings.catch_warnings():
+        # Pillow suggests RGBA for palette images with byte transparency; we drop alpha on purpose.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return image.convert("RGB")
+        except ValueError:
+            pass
+        try:
+            # Modes without a direct route (e.g. premultiplied "La") go through RGBA.
+            return image.convert("RGBA").convert("RGB")
+        except ValueError as exc:
+            raise ImageLoadError("", f"unsupported colour mode {mode!r} ({exc})") from None
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray)):
+        return "<bytes>"
+    return getattr(source, "filename", None) or f"<{type(source).__name__}>"
+
+
+def _finish(image: Image.Image, name: str) -> Image.Image:
+    """Decode the current (first) frame, apply EXIF orientation and convert to RGB."""
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except ImageLoadError as exc:
+        raise ImageLoadError(name, exc.reason) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Some formats check the size again when seeking or decoding a frame.
+        raise ImageTooLargeError(name, _bomb_message_from(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
+        raise ImageLoadError(name, _decode_reason(exc)) from None
+
+
+def _decode_reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if "truncated" in text.lower():
+        return f"file is truncated or corrupt ({text})"
+    return f"cannot decode image ({text})"
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Open an image and return it as 8-bit RGB, ready for an :class:`ImageProcessor`.
+
+    ``source`` is a path, raw encoded bytes, a ``PIL.Image`` or a uint8 array (H, W) / (H, W, 3|4).
+    The first frame of animated files is used, EXIF orientation is applied, and every colour mode
+    (grayscale, palette, RGBA/LA, CMYK, 16-bit, float) becomes RGB (see :func:`to_rgb`).
+
+    Raises:
+        ImageLoadError: missing/unreadable file, not an image, truncated or corrupt data, odd mode.
+        ImageTooLargeError: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs).
+    """
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        return _finish(source, name)
+    if isinstance(source, np.ndarray):
+        return _finish(_array_to_image(source), name)
+    if isinstance(source, (bytes, bytearray)):
+        return _open_and_finish(io.BytesIO(bytes(source)), name)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageLoadError(name, "no such file")
+        if path.is_dir():
+            raise ImageLoadError(name, "is a directory, not an image file")
+        try:
+            handle = open(path, "rb")
+        except OSError as exc:
+            raise ImageLoadError(name, f"cannot read file ({exc.strerror or exc})") from None
+        with handle:
+            return _open_and_finish(handle, name)
+    raise TypeError(
+        f"cannot load an image from {type(source).__name__}; pass a path, bytes, a PIL image or a uint8 array"
+    )
+
+
+def _open_and_finish(stream: io.BufferedIOBase, name: str) -> Image.Image:
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse from MAX_IMAGE_PIXELS on.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(stream)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageTooLargeError(name, _bomb_message_from(exc)) from None
+        except UnidentifiedImageError:
+            raise ImageLoadError(name, "not an image file (or a format Pillow cannot read)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageLoadError(name, _decode_reason(exc)) from None
+        with image:
+            result = _finish(image, name)
+            if result is image:
+                # `image` is about to be closed together with its file: hand back a detached copy.
+                result = image.copy()
+            return result
+
+
+def _bomb_message_from(exc: BaseException) -> str:
+    # Pillow's message starts with the pixel count: "Image size (N pixels) exceeds limit of ...".
+    text = str(exc)
+    numbers = [int(tok) for tok in text.replace("(", " ").replace(")", " ").split() if tok.isdigit()]
+    return _bomb_message(numbers[0] if numbers else None, text)
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageLoadError(
+            "<ndarray>", f"arrays must be uint8 with values 0..255, got dtype {array.dtype}"
+        )
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        return Image.fromarray(np.ascontiguousarray(array))
+    raise ImageLoadError("<ndarray>", f"arrays must have shape (H, W) or (H, W, 1|3|4), got {array.shape}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_pair(value: Any, what: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer or (height, width), got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{what} must be an integer or (height, width), got {value!r}")
+    if pair[0] < 1 or pair[1] < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return pair
+
+
+def _as_triple(value: Any, what: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        try:
+            return tuple(float(v) for v in value)  # type: ignore[return-value]
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{what} must be a number or three numbers (one per RGB channel), got {value!r}")
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """Evaluation preprocessing: resize, optional center crop, rescale, normalize -> float32 (B, 3, H, W).
+
+    Build it with :meth:`from_pretrained` (a folder's ``preprocessor_config.json``),
+    :meth:`from_hf_config`, :meth:`from_registry_entry` or :meth:`timm_eval`; calling it on images
+    (paths, bytes, PIL images, uint8 arrays; one or a list) returns the batch of ``pixel_values``.
+
+    Attributes:
+        resize_size: resize to exactly (height, width) (ViT; ConvNext at >= 384), or None.
+        shortest_edge: resize so the shorter side has this length, keeping the aspect ratio, or None.
+        crop_size: center crop (height, width) after resizing, or None.
+        crop_rounding: "floor" places the crop at ``(size - crop) // 2`` (Hugging Face);
+            "round" at ``round((size - crop) / 2)`` with Python's rounding (torchvision / timm).
+        resample: Pillow filter for the resize.
+        rescale_factor: multiply pixel values by this (1/255), or None to skip.
+        image_mean, image_std: per-channel normalisation, or None to skip.
+        name: where the settings came from (for messages and ``repr``).
+    """
+
+    resize_size: tuple[int, int] | None = None
+    shortest_edge: int | None = None
+    crop_size: tuple[int, int] | None = None
+    crop_rounding: str = "floor"
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+    rescale_factor: float | None = 1 / 255
+    image_mean: tuple[float, float, float] | None = IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, float, float] | None = IMAGENET_STANDARD_STD
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resize_size is not None and self.shortest_edge is not None:
+            raise ValueError("give either resize_size or shortest_edge, not both")
+        if self.resize_size is not None:
+            object.__setattr__(self, "resize_size", _as_pair(self.resize_size, "resize_size"))
+        if self.shortest_edge is not None and (
+            not isinstance(self.shortest_edge, int) or isinstance(self.shortest_edge, bool) or self.shortest_edge < 1
+        ):
+            raise ValueError(f"shortest_edge must be a positive integer, got {self.shortest_edge!r}")
+        if self.crop_size is not None:
+            object.__setattr__(self, "crop_size", _as_pair(self.crop_size, "crop_size"))
+        if self.crop_rounding not in ("floor", "round"):
+            raise ValueError(f"crop_rounding must be 'floor' or 'round', got {self.crop_rounding!r}")
+        object.__setattr__(self, "resample", resample_from_name(self.resample))
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ValueError("give both image_mean and image_std, or neither")
+        if self.image_mean is not None:
+            object.__setattr__(self, "image_mean", _as_triple(self.image_mean, "image_mean"))
+            std = _as_triple(self.image_std, "image_std")
+            if any(s == 0 for s in std):
+                raise ValueError(f"image_std must not contain 0, got {std}")
+            object.__setattr__(self, "image_std", std)
+
+    # -- constructors ------------------------------------------------------------------------------------
+
+    @classmethod
+    def timm_eval(
+        cls,
+        resolution: Union[int, Sequence[int]] = 224,
+        crop_pct: float = 0.875,
+        interpolation: Union[str, int] = "bicubic",
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ) -> "ImageProcessor":
+        """timm's ImageNet evaluation transform (what the SHI-Labs checkpoints were scored with).
+
+        Resize the shorter side to ``floor(resolution / crop_pct)`` keeping the aspect ratio, center
+        crop ``resolution`` (torchvision's rounding), scale to [0, 1], normalize with ``mean``/``std``.
+        """
+        height, width = _as_pair(list(resolution) if isinstance(resolution, (list, tuple)) else resolution,
+                                 "resolution")
+        if height != width:
+            raise ValueError(f"only square evaluation resolutions are supported, got {height}x{width}")
+        if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+        scale_size = math.floor(height / crop_pct)
+        return cls(
+            shortest_edge=scale_size,
+            crop_size=(height, width),
+            crop_rounding="round",
+            resample=resample_from_name(interpolation),
+            rescale_factor=1 / 255,
+            image_mean=tuple(mean),  # type: ignore[arg-type]
+            image_std=tuple(std),  # type: ignore[arg-type]
+            name=f"timm eval {height}px crop_pct={crop_pct} {resample_from_name(interpolation).name.lower()}",
+        )
+
+    @classmethod
+    def from_registry_entry(cls, entry: Union[str, Mapping[str, Any]]) -> "ImageProcessor":
+        """The evaluation transform of a registry entry (a dict, or a model name looked up in the registry).
+
+        The entry's ``"preprocessing"`` block has ``resolution``, ``crop_pct``, ``interpolation``, ``mean``
+        and ``std``; missing keys take timm's defaults (224, 0.875, bicubic, ImageNet mean/std).
+        """
+        if isinstance(entry, str):
+            from . import hub  # lazy: the registry is only needed for names
+
+            entry = hub.registry_entry(entry)
+        block = entry.get("preprocessing", entry) if isinstance(entry, Mapping) else None
+        if not isinstance(block, Mapping):
+            raise ValueError(f"registry entry has no 'preprocessing' block: {entry!r}")
+        crop_mode = block.get("crop_mode", "center")
+        if crop_mode != "center":
+            raise ValueError(f"unsupported crop_mode {crop_mode!r} in registry preprocessing (only 'center')")
+        return cls.timm_eval(
+            resolution=block.get("resolution", 224),
+            crop_pct=block.get("crop_pct", 0.875),
+            interpolation=block.get("interpolation", "bicubic"),
+            mean=block.get("mean", IMAGENET_DEFAULT_MEAN),
+            std=block.get("std", IMAGENET_DEFAULT_STD),
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], model_type: str | None = None) -> "ImageProcessor":
+        """Settings of a Hugging Face ``preprocessor_config.json`` (ViT or ConvNext image processor).
+
+        The processor class comes from ``image_processor_type`` (or the older ``feature_extractor_type``);
+        without either, ``model_type`` decides as transformers' AutoImageProcessor does (DiNAT and NAT map
+        to ``ViTImageProcessor``). Missing keys take that class's defaults.
+        """
+        kind = _hf_processor_kind(config, model_type)
+        do_resize = bool(config.get("do_resize", True))
+        resample = config.get("resample", Image.Resampling.BILINEAR)
+        if resample is None:
+            resample = Image.Resampling.BILINEAR
+        do_rescale = bool(config.get("do_rescale", True))
+        rescale_factor = config.get("rescale_factor", 1 / 255)
+        if rescale_factor is None:
+            rescale_factor = 1 / 255
+        do_normalize = bool(config.get("do_normalize", True))
+        mean = config.get("image_mean")
+        std = config.get("image_std")
+        mean = IMAGENET_STANDARD_MEAN if mean is None else mean
+        std = IMAGENET_STANDARD_STD if std is None else std
+        common = dict(
+            resample=resample,
+            rescale_factor=float(rescale_factor) if do_rescale else None,
+            image_mean=mean if do_normalize else None,
+            image_std=std if do_normalize else None,
+        )
+        size = config.get("size")
+        if kind == "vit":
+            height, width = _hf_size_hw(size if size is not None else {"height": 224, "width": 224})
+            return cls(
+                resize_size=(height, width) if do_resize else None,
+                name=f"ViTImageProcessor {height}x{width}",
+                **common,  # type: ignore[arg-type]
+            )
+        # ConvNext
+        shortest = _hf_shortest_edge(size if size is not None else {"shortest_edge": 384})
+        crop_pct = config.get("crop_pct")
+        crop_pct = 224 / 256 if crop_pct is None else float(crop_pct)
+        if crop_pct <= 0:
+            raise ValueError(f"crop_pct must be positive, got {crop_pct}")
+        name = f"ConvNextImageProcessor shortest_edge={shortest} crop_pct={crop_pct:g}"
+        if not do_resize:
+            return cls(name=name, **common)  # type: ignore[arg-type]
+        if shortest >= 384:
+            # transformers warps (no crop) at 384 and above, as ConvNeXt was evaluated at those sizes.
+            return cls(resize_size=(shortest, shortest), name=name, **common)  # type: ignore[arg-type]
+        return cls(
+            shortest_edge=int(shortest / crop_pct),
+            crop_size=(shortest, shortest),
+            crop_rounding="floor",
+            name=name,
+            **common,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, os.PathLike]) -> "ImageProcessor":
+        """Read ``folder/preprocessor_config.json`` (model type from ``folder/config.json`` if needed)."""
+        folder = Path(folder)
+        path = folder / "preprocessor_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        config = _read_json(path)
+        model_type = None
+        config_path = folder / "config.json"
+        if config_path.is_file():
+            try:
+                model_type = _read_json(config_path).get("model_type")
+            except ValueError:
+                model_type = None
+        try:
+            return cls.from_hf_config(config, model_type=model_type)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    # -- the transform -----------------------------------------------------------------------------------
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every output image, or None when it depends on the input."""
+        if self.crop_size is not None:
+            return self.crop_size
+        return self.resize_size
+
+    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop an RGB image; returns uint8 (H, W, 3)."""
+        if self.resize_size is not None:
+            height, width = self.resize_size
+            image = image.resize((width, height), resample=self.resample)
+        elif self.shortest_edge is not None:
+            width, height = image.size
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+            image = image.resize((new_w, new_h), resample=self.resample)
+        pixels = np.asarray(image, dtype=np.uint8)
+        if self.crop_size is not None:
+            pixels = _center_crop(pixels, self.crop_size, self.crop_rounding)
+        return pixels
+
+    def to_pixel_values(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> float32 (3, H, W): rescale then normalize, with transformers' arithmetic."""
+        if self.rescale_factor is not None:
+            # transformers multiplies in float64 and rounds to float32 once.
+            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            values = pixels.astype(np.float32)
+        if self.image_mean is not None:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            values = (values - mean) / std
+        return np.ascontiguousarray(values.transpose(2, 0, 1), dtype=np.float32)
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """One image (anything :func:`load_image` takes) -> float32 (3, H, W)."""
+        return self.to_pixel_values(self.resize_and_crop(load_image(image)))
+
+    def __call__(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """One image or a list of images -> float32 ``pixel_values`` of shape (B, 3, H, W)."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
+            images = [images]
+        arrays = [self.preprocess(image) for image in images]
+        if not arrays:
+            raise ValueError("no images given")
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images of different sizes {sorted(shapes)} cannot be batched; this processor does not resize"
+            )
+        return np.stack(arrays)
+
+
+def _center_crop(pixels: np.ndarray, size: tuple[int, int], rounding: str) -> np.ndarray:
+    """Center-crop (H, W, C); an image smaller than the crop is zero-padded around it (as transformers)."""
+    crop_h, crop_w = size
+    height, width = pixels.shape[:2]
+    if height < crop_h or width < crop_w:
+        # Pad first, centred with the extra row/column at the start (ceil), then crop as usual.
+        new_h, new_w = max(height, crop_h), max(width, crop_w)
+        top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+        padded = np.zeros((new_h, new_w) + pixels.shape[2:], dtype=pixels.dtype)
+        padded[top_pad:top_pad + height, left_pad:left_pad + width] = pixels
+        top = (height - crop_h) // 2 + top_pad if rounding == "floor" else int(round((height - crop_h) / 2)) + top_pad
+        left = (width - crop_w) // 2 + left_pad if rounding == "floor" else int(round((width - crop_w) / 2)) + left_pad
+        top, left = max(top, 0), max(left, 0)
+        return padded[top:top + crop_h, left:left + crop_w]
+    if rounding == "floor":
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    else:
+        top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    return pixels[top:top + crop_h, left:left + crop_w]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _hf_processor_kind(config: Mapping[str, Any], model_type: str | None) -> str:
+    name = config.get("image_processor_type") or config.get("feature_extractor_type")
+    if name:
+        base = str(name).replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast")
+        if base == "ViTImageProcessor":
+            return "vit"
+        if base == "ConvNextImageProcessor":
+            return "convnext"
+        raise ValueError(
+            f"unsupported image processor {name!r}; dinat-np implements ViTImageProcessor and "
+            f"ConvNextImageProcessor"
+        )
+    if model_type in (None, "dinat", "nat"):
+        return "vit"
+    raise ValueError(
+        f"preprocessor config names no image_processor_type and model_type {model_type!r} has no default"
+    )
+
+
+def _hf_size_hw(size: Any) -> tuple[int, int]:
+    if isinstance(size, Mapping):
+        if "height" in size and "width" in size:
+            return _as_pair((size["height"], size["width"]), "size")
+        raise ValueError(f"ViTImageProcessor needs size with 'height' and 'width', got {dict(size)}")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return _as_pair(tuple(size), "size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        return _as_pair(size, "size")
+    raise ValueError(f"invalid size {size!r}")
+
+
+def _hf_shortest_edge(size: Any) -> int:
+    if isinstance(size, Mapping):
+        if "shortest_edge" in size:
+            return _as_pair(size["shortest_edge"], "size['shortest_edge']")[0]
+        raise ValueError(f"ConvNextImageProcessor needs size with 'shortest_edge', got {dict(size)}")
+    if isinstance(size, int) and not isinstance(size, bool):
+        return _as_pair(size, "size")[0]
+    raise ValueError(f"invalid size {size!r} for ConvNextImageProcessor (expected an int or shortest_edge)")

@@ -1,0 +1,64 @@
+"""Helpers for the classifier and CLI tests: a tiny random-weight model folder and test images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_DEMO = REPO / "weights" / "digits-demo"
+TINY_LABELS = {i: f"class {i} ({'abcdefghij'[i]})" for i in range(10)}
+
+
+def digits_demo_available() -> bool:
+    return (DIGITS_DEMO / "config.json").is_file() and (DIGITS_DEMO / "model.safetensors").is_file()
+
+
+def make_tiny_model(folder: Path, *, seed: int = 0, preprocessor: dict | None = None) -> Path:
+    """A small DiNAT classifier with seeded random weights, in Hugging Face layout."""
+    from dinat_np import DinatConfig, DinatForImageClassification
+
+    config = DinatConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
+        kernel_size=3,
+        dilations=[[1], [2], [1], [1]],
+        id2label=dict(TINY_LABELS),
+    )
+    DinatForImageClassification(config, seed=seed).save_pretrained(folder)
+    if preprocessor is None:
+        preprocessor = {
+            "image_processor_type": "ViTImageProcessor",
+            "size": {"height": 32, "width": 32},
+            "resample": 2,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
+    if preprocessor:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+def write_photos(folder: Path, count: int = 3) -> list[Path]:
+    """Small real photographs (scikit-image) as JPEG/PNG files."""
+    import skimage.data
+
+    sources = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.fromarray(sources[i % len(sources)])
+        image.thumbnail((96, 96))
+        path = folder / (f"photo{i}.jpg" if i % 2 == 0 else f"photo{i}.png")
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))

@@ -1,0 +1,199 @@
+"""The ImageClassifier Python API: loading, top-k, probabilities, labels, batches, bad images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classify_helpers import TINY_LABELS, make_tiny_model, random_image, write_photos
+from dinat_np.classifier import ImageClassifier, Prediction, load_label_file
+from dinat_np.preprocessing import ImageLoadError, ImageProcessor
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_folder):
+    return ImageClassifier.from_pretrained(tiny_folder, batch_size=2)
+
+
+def test_predictions_are_ranked_softmax_of_the_logits(classifier, tmp_path):
+    photos = write_photos(tmp_path, 3)
+    results = classifier.predict([str(p) for p in photos], top_k=4)
+    assert len(results) == 3
+    pixels = classifier.processor([str(p) for p in photos])
+    assert pixels.shape == (3, 3, 32, 32)
+    logits = classifier.model(pixels).logits.astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    for row, predictions in zip(probabilities, results):
+        assert [p.rank for p in predictions] == [1, 2, 3, 4]
+        expected_order = np.argsort(-row, kind="stable")[:4]
+        assert [p.index for p in predictions] == list(expected_order)
+        np.testing.assert_allclose([p.score for p in predictions], row[expected_order], rtol=1e-6, atol=1e-7)
+        assert all(p.label == TINY_LABELS[p.index] for p in predictions)
+        assert all(isinstance(p, Prediction) and isinstance(p.score, float) for p in predictions)
+    # Different photographs, different outputs (the model is not constant).
+    assert not np.allclose(probabilities[0], probabilities[1])
+
+
+def test_inputs_of_every_kind_and_batch_sizes_agree(classifier):
+    images = [random_image(seed) for seed in range(5)]
+    one_by_one = classifier.predict(images, top_k=3, batch_size=1)
+    batched = classifier.predict(images, top_k=3, batch_size=4)
+    for a, b in zip(one_by_one, batched):
+        assert [p.index for p in a] == [p.index for p in b]
+        np.testing.assert_allclose([p.score for p in a], [p.score for p in b], rtol=1e-5)
+    single = classifier.predict(np.asarray(images[0]), top_k=3)
+    assert len(single) == 1 and [p.index for p in single[0]] == [p.index for p in batched[0]]
+
+
+def test_top_k_is_clamped_and_validated(classifier):
+    (full,) = classifier.predict(random_image(1), top_k=50)
+    assert len(full) == 10
+    assert sum(p.score for p in full) == pytest.approx(1.0, abs=1e-9)
+    assert sorted({p.index for p in full}) == list(range(10))
+    with pytest.raises(ValueError, match="top_k"):
+        classifier.predict(random_image(1), top_k=0)
+
+
+def test_bad_image_raises_in_predict_and_is_reported_by_iter_predict(classifier, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good = random_image(3)
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        classifier.predict([good, str(bad)])
+    results = list(classifier.iter_predict([good, str(bad), good], top_k=2, batch_size=2))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].predictions is None and "bad.png" in str(results[1].error)
+    assert [p.index for p in results[0].predictions] == [p.index for p in results[2].predictions]
+
+
+def test_iter_predict_reports_progress(classifier):
+    seen = []
+    results = list(
+        classifier.iter_predict([random_image(s) for s in range(5)], top_k=1, batch_size=2, on_progress=seen.append)
+    )
+    assert seen == [2, 2, 1] and len(results) == 5
+
+
+def test_constructor_with_a_model_object_and_folder_name(tiny_folder):
+    from dinat_np import DinatForImageClassification
+
+    model = DinatForImageClassification.from_pretrained(tiny_folder)
+    processor = ImageProcessor(resize_size=(32, 32), image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    direct = ImageClassifier(model, processor=processor)
+    by_name = ImageClassifier(str(tiny_folder))
+    image = random_image(9)
+    a, b = direct.predict(image)[0], by_name.predict(image)[0]
+    assert [p.index for p in a] == [p.index for p in b]
+    np.testing.assert_allclose([p.score for p in a], [p.score for p in b], rtol=1e-6)
+
+
+def test_preprocessing_choice(tmp_path):
+    # No preprocessor_config.json and no registry entry: timm's 224-pixel ImageNet transform.
+    folder = make_tiny_model(tmp_path / "plain", preprocessor={})
+    classifier = ImageClassifier.from_pretrained(folder)
+    assert classifier.processor == ImageProcessor.timm_eval(224, 0.875, "bicubic")
+    convnext = make_tiny_model(
+        tmp_path / "convnext",
+        preprocessor={"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 48},
+                      "crop_pct": 0.75, "resample": 3},
+    )
+    processor = ImageClassifier.from_pretrained(convnext).processor
+    assert processor.shortest_edge == 64 and processor.crop_size == (48, 48)
+
+
+def test_placeholder_labels_fall_back_to_packaged_imagenet():
+    """A converted original checkpoint may carry LABEL_i only: 1000 classes get ImageNet-1k names."""
+    from pathlib import Path
+
+    import dinat_np
+    from dinat_np import DinatConfig
+    from dinat_np.classifier import _labels_from_config
+
+    config = DinatConfig(num_labels=1000)
+    labels = _labels_from_config(config)
+    assert len(labels) == 1000
+    if (Path(dinat_np.__file__).parent / "labels" / "imagenet1k.tsv").is_file():
+        assert labels[281] == "tabby, tabby cat" and labels[0] == "tench, Tinca tinca"
+    else:  # the weights helper copies the label files in; until then the placeholders stay
+        assert labels[281] == "LABEL_281"
+    named = DinatConfig(id2label={0: "cat", 1: "dog"})
+    assert _labels_from_config(named) == ["cat", "dog"]
+
+
+def test_label_file_reader(tmp_path):
+    path = tmp_path / "labels.tsv"
+    path.write_text("1\tn2\ttiger cat\n0\tn1\ttabby, tabby cat\n")
+    assert load_label_file(path) == ["tabby, tabby cat", "tiger cat"]
+    path.write_text("0\tn1\ta\n2\tn2\tb\n")
+    with pytest.raises(ValueError, match="not 0..1"):
+        load_label_file(path)
+
+
+def test_missing_folder_or_unknown_name_is_a_clear_error(tmp_path):
+    with pytest.raises(LookupError, match="not a folder and not in the registry"):
+        ImageClassifier.from_pretrained(str(tmp_path / "nowhere" / "model"))
+    with pytest.raises(LookupError, match="no-such-model"):
+        ImageClassifier.from_pretrained("no-such-model")
+
+
+def test_converted_folder_uses_the_recorded_registry_transform(tmp_path):
+    """dinat-convert records the registry's evaluation transform in conversion.json."""
+    import json
+
+    folder = make_tiny_model(tmp_path / "converted", preprocessor={})
+    block = {"resolution": 384, "crop_pct": 1.0, "interpolation": "bicubic",
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    (folder / "conversion.json").write_text(json.dumps({"converted_by": "dinat-np", "preprocessing": block}))
+    processor = ImageClassifier.from_pretrained(folder).processor
+    assert processor == ImageProcessor.timm_eval(384, 1.0, "bicubic")
+
+
+def test_bundled_demo_by_name():
+    from classify_helpers import digits_demo_available
+
+    if not digits_demo_available():
+        pytest.skip("weights/digits-demo not built yet")
+    classifier = ImageClassifier.from_pretrained("digits-demo")
+    assert len(classifier.labels) == 10
+    assert classifier.processor.output_size is not None
+
+
+def test_end_to_end_equals_transformers_pipeline(tmp_path):
+    """Files -> labels and probabilities equal transformers' image-classification pipeline (HF's
+    DiNAT on the reference neighborhood attention, ViTImageProcessor) on real photographs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from torch_natten import patch_transformers
+
+    config = transformers.DinatConfig(
+        embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], kernel_size=5,
+        dilations=[[2], [1], [1, 2], [1]], id2label={i: f"class {i}" for i in range(7)},
+    )
+    with patch_transformers():
+        torch.manual_seed(0)
+        model = transformers.DinatForImageClassification(config).eval()
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # HF initialises biases/rpb at zero: draw everything
+            for parameter in model.parameters():
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        processor = transformers.ViTImageProcessor(size={"height": 64, "width": 64}, resample=3,
+                                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        folder = tmp_path / "hf"
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        photos = [str(p) for p in write_photos(tmp_path / "photos", 4)]
+        pipe = transformers.pipeline("image-classification", model=model, image_processor=processor,
+                                     framework="pt", device="cpu")
+        expected = pipe(photos, top_k=5)
+
+    ours = ImageClassifier.from_pretrained(folder).predict(photos, top_k=5)
+    for hf_rows, our_rows in zip(expected, ours):
+        assert [row["label"] for row in hf_rows] == [p.label for p in our_rows]
+        np.testing.assert_allclose([p.score for p in our_rows], [row["score"] for row in hf_rows], atol=1e-5)
+    assert max(ours[0][0].score, ours[1][0].score) > 0.3  # confident enough that the ranking means something
