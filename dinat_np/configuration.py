@@ -170,17 +170,9 @@ class DinatConfig:
     def from_pretrained(cls, folder: str | os.PathLike) -> "DinatConfig":
         """Read ``folder/config.json`` (or a path to a JSON file)."""
         path = Path(folder)
-        if path.is_dir():
+        if path.suffix != ".json":
             path = path / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "model configuration"))
 
     def to_dict(self) -> dict[str, Any]:
         """The HF ``config.json`` dict, derived fields included."""
@@ -220,6 +212,20 @@ class DinatConfig:
 
     def __repr__(self) -> str:
         return f"DinatConfig({self.to_json_string()})"
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; FileNotFoundError or ValueError saying which ``what`` is wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def write_atomic(target: Path, data: bytes | Callable[[BinaryIO], None]) -> None:

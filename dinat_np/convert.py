@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .configuration import CONFIG_NAME, DinatConfig
+from .configuration import CONFIG_NAME, DinatConfig, read_json_object
 from .state_dict import WEIGHTS_NAME, SafetensorsError, WeightsMismatchError, read_safetensors, write_safetensors
 from .torch_pickle import TorchCheckpointError, is_torch_zip, load_torch_checkpoint
 
@@ -274,14 +274,9 @@ _FOLDER_CANDIDATES = ("model.safetensors", "pytorch_model.bin")
 
 def _read_config_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"config file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path, "config file")
+    except (OSError, ValueError) as error:
+        raise ConversionError(str(error)) from None
 
 
 def read_checkpoint(src: str | os.PathLike) -> Checkpoint:

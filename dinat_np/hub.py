@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
+from .configuration import read_json_object, write_atomic
+
 __all__ = [
     "UnknownModelError",
     "WeightsUnavailableError",
@@ -102,12 +104,10 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, dict[str, 
         path = os.environ.get(ENV_REGISTRY) or _packaged_weights_dir() / "registry.json"
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"model registry {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"model registry {path} is not valid JSON ({exc})") from None
-    models = data.get("models") if isinstance(data, dict) else None
+        data = read_json_object(path, "model registry")
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from None
+    models = data.get("models")
     if not isinstance(models, dict):
         raise ValueError(f"model registry {path} has no 'models' object")
     return models
@@ -294,15 +294,7 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def _cached_download(url: str, downloads: Path, entry: Mapping[str, Any], target: Path,

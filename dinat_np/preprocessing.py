@@ -15,7 +15,6 @@ Both resize with Pillow on 8-bit RGB, so the same Pillow gives bit-identical res
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import warnings
@@ -25,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .configuration import read_json_object
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
@@ -479,12 +480,12 @@ class ImageProcessor:
         path = folder / "preprocessor_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        config = _read_json(path)
+        config = read_json_object(path, "preprocessor configuration")
         model_type = None
         config_path = folder / "config.json"
         if config_path.is_file():
             try:
-                model_type = _read_json(config_path).get("model_type")
+                model_type = read_json_object(config_path, "model configuration").get("model_type")
             except ValueError:
                 model_type = None
         try:
@@ -568,17 +569,6 @@ def _center_crop(pixels: np.ndarray, size: tuple[int, int], rounding: str) -> np
     else:
         top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
     return pixels[top:top + crop_h, left:left + crop_w]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
 
 
 def _hf_processor_kind(config: Mapping[str, Any], model_type: str | None) -> str:
