@@ -1,0 +1,326 @@
+"""Runs every CUDA-backend op (and a tiny whole model) against the CPU backend; prints JSON max errors.
+
+Meant to run in its own process with ``NUMBA_ENABLE_CUDASIM=1`` (numba.cuda's simulator), started by
+``tests/test_cuda_sim.py``: the variable must be set before numba.cuda is first imported, and the main
+pytest process keeps the real CPU backend. On a machine with a GPU it can also run without the variable:
+then the same checks exercise the real device.
+
+Usage: ``python tests/cuda_sim_checks.py [kernels|model|all|ptx]``. The last line of stdout is one JSON
+object: ``{"check name": max_abs_error, ...}`` (errors as floats; shape mismatches are reported as inf).
+
+``ptx`` needs no GPU and no simulator but the CUDA toolkit's NVVM and NVRTC (``numba-cuda[cu12]``): it
+compiles every kernel of the backend to PTX for two architectures, which type-checks them as the real
+compiler does (the simulator runs them as Python and accepts code that the compiler rejects), and
+reports for each kernel the float64 instructions in it (there should be none outside ``mean_pool``)
+and its static shared memory (at most 48 KiB).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from dinat_np import DinatBackbone, DinatConfig, DinatForImageClassification
+from dinat_np.kernels import cpu, get_backend
+
+gpu: Any = None  # the CUDA backend module, set by main()
+rng = np.random.default_rng(1234)
+results: dict[str, float] = {}
+timings: dict[str, float] = {}
+
+
+def normal(*shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.normal(size=shape) * scale).astype(np.float32)
+
+
+def record(name: str, actual, expected) -> None:
+    actual = gpu.download(actual) if not isinstance(actual, np.ndarray) else actual
+    if actual.shape != expected.shape:
+        results[name] = float("inf")
+        print(f"{name}: shape {actual.shape} != {expected.shape}", file=sys.stderr)
+        return
+    results[name] = float(np.max(np.abs(actual.astype(np.float64) - expected)))
+
+
+def up(array: np.ndarray):
+    return gpu.upload(array)
+
+
+def check_kernels() -> None:
+    # data movement and layouts
+    x = normal(2, 3, 5, 7)
+    record("upload_download", gpu.download(up(x)), x)
+    record("nchw_to_nhwc", gpu.nchw_to_nhwc(x), cpu.nchw_to_nhwc(x))
+    nhwc = normal(2, 5, 3, 6)
+    record("pad_bottom_right", gpu.pad_bottom_right(up(nhwc), 7, 6), cpu.pad_bottom_right(nhwc, 7, 6))
+    record("crop", gpu.crop(up(nhwc), 4, 2), cpu.crop(nhwc, 4, 2))
+    record("mean_pool", gpu.mean_pool(up(nhwc)), cpu.mean_pool(nhwc))
+    wide = normal(3, 2, 3, 70)  # more (image, channel) pairs than the simulator launches threads
+    record("mean_pool_wide", gpu.mean_pool(up(wide)), cpu.mean_pool(wide))
+
+    # LayerNorm: channels not a multiple of the 32 lanes, rows not a multiple of the 8 rows per block
+    for channels in (5, 70):
+        x = normal(3, 5, channels, scale=3.0) + 1.5
+        weight, bias = normal(channels), normal(channels)
+        record(f"layer_norm_c{channels}", gpu.layer_norm(up(x), up(weight), up(bias), 1e-5),
+               cpu.layer_norm(x, weight, bias, 1e-5))
+
+    # The tiled product kernels first: a GPU with CuPy would otherwise route products to cuBLAS.
+    cublas = gpu._external_gemm
+    gpu._external_gemm = None
+
+    # linear with every activation: 70 rows x 20 in x 70 out (partial tiles in every direction)
+    x = normal(2, 5, 7, 20)
+    weight, bias = normal(70, 20, scale=0.3), normal(70)
+    w_gpu, w_cpu = gpu.linear_weight(weight), cpu.linear_weight(weight)
+    for activation in ("identity", "gelu", "gelu_new", "relu", "selu"):
+        b = None if activation == "identity" else bias
+        record(f"linear_{activation}", gpu.linear(up(x), w_gpu, None if b is None else up(b), activation),
+               cpu.linear(x, w_cpu, b, activation))
+    scale, residual = normal(70), normal(2, 5, 7, 70)
+    record("linear_residual", gpu.linear_residual(up(x), w_gpu, up(bias), up(scale), up(residual)),
+           cpu.linear_residual(x, w_cpu, bias, scale, residual))
+
+    # the 64x64 tile kernel (large grids use it) on a product with several k-steps
+    saved = gpu._SMALL_GRID
+    gpu._SMALL_GRID = 0
+    try:
+        x = normal(70, 40)
+        weight, bias = normal(66, 40, scale=0.3), normal(66)
+        record("linear_tile64_gelu", gpu.linear(up(x), gpu.linear_weight(weight), up(bias), "gelu"),
+               cpu.linear(x, cpu.linear_weight(weight), bias, "gelu"))
+    finally:
+        gpu._SMALL_GRID = saved
+
+    # the epilogue kernels that follow an external (cuBLAS) product, with the product done on the host
+    def host_gemm(a, b, out):
+        out.copy_to_device(np.ascontiguousarray(gpu.download(a) @ gpu.download(b)))
+
+    gpu._external_gemm = host_gemm
+    try:
+        x = normal(9, 12)
+        weight, bias, scale, residual = normal(10, 12), normal(10), normal(10), normal(9, 10)
+        record("external_gemm_selu", gpu.linear(up(x), gpu.linear_weight(weight), up(bias), "selu"),
+               cpu.linear(x, cpu.linear_weight(weight), bias, "selu"))
+        record("external_gemm_residual",
+               gpu.linear_residual(up(x), gpu.linear_weight(weight), up(bias), up(scale), up(residual)),
+               cpu.linear_residual(x, cpu.linear_weight(weight), bias, scale, residual))
+    finally:
+        gpu._external_gemm = cublas
+    if cublas is not None:  # CuPy on a real GPU: its product too
+        x = normal(70, 40)
+        weight, bias = normal(66, 40, scale=0.3), normal(66)
+        record("cupy_gemm_gelu", gpu.linear(up(x), gpu.linear_weight(weight), up(bias), "gelu"),
+               cpu.linear(x, cpu.linear_weight(weight), bias, "gelu"))
+
+    # 3x3 stride-2 convolution on odd sizes, with and without bias
+    x = normal(2, 7, 9, 3)
+    weight, bias = normal(5, 3, 3, 3, scale=0.3), normal(5)
+    record("conv3x3_stride2", gpu.conv3x3_stride2(up(x), gpu.conv_weight(weight), up(bias)),
+           cpu.conv3x3_stride2(x, cpu.conv_weight(weight), bias))
+    record("conv3x3_stride2_nobias", gpu.conv3x3_stride2(up(x), gpu.conv_weight(weight), None),
+           cpu.conv3x3_stride2(x, cpu.conv_weight(weight), None))
+
+    # neighborhood attention: (batch, height, width, heads, head_dim, kernel_size, dilation)
+    cases = [
+        (1, 7, 9, 2, 5, 3, 1),  # two query tiles along the width, windows shifted at the borders
+        (2, 9, 8, 1, 6, 3, 2),  # dilation 2: sub-grids of different lengths
+        (1, 11, 11, 1, 4, 5, 1),  # 2x2 tiles, kernel 5
+        (1, 6, 7, 1, 40, 3, 2),  # head_dim above the 32-channel chunk
+        (1, 10, 9, 2, 3, 3, 3),  # dilation 3
+    ]
+    for batch, height, width, heads, head_dim, kernel_size, dilation in cases:
+        name = f"b{batch}_{height}x{width}_h{heads}_d{head_dim}_k{kernel_size}_dil{dilation}"
+        q, k, v = (normal(batch, height, width, heads, head_dim) for _ in range(3))
+        rpb = normal(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
+        scale = head_dim**-0.5
+        expected_out, expected_attn = cpu.neighborhood_attention(q, k, v, rpb, kernel_size, dilation, scale, True)
+        out, attn = gpu.neighborhood_attention(up(q), up(k), up(v), up(rpb), kernel_size, dilation, scale, True)
+        record(f"na_fused_out_{name}", out, expected_out)
+        record(f"na_fused_attn_{name}", attn, expected_attn)
+        logits = cpu.na_qk(q, k, rpb, kernel_size, dilation)
+        record(f"na_qk_{name}", gpu.na_qk(up(q), up(k), up(rpb), kernel_size, dilation), logits)
+        record(f"na_av_{name}", gpu.na_av(up(expected_attn), up(v), kernel_size, dilation),
+               cpu.na_av(expected_attn, v, kernel_size, dilation))
+    # two Python threads using the backend at once (the ops serialise their launches)
+    x = normal(2, 6, 6, 16)
+    norm_weight, norm_bias, weight, bias = normal(16), normal(16), normal(24, 16, scale=0.3), normal(24)
+    expected = cpu.linear(cpu.layer_norm(x, norm_weight, norm_bias, 1e-5), cpu.linear_weight(weight), bias, "gelu")
+    device_weights = [up(norm_weight), up(norm_bias), gpu.linear_weight(weight), up(bias)]
+    errors: list[float] = []
+
+    def work() -> None:
+        try:
+            for _ in range(2):
+                normed = gpu.layer_norm(up(x), device_weights[0], device_weights[1], 1e-5)
+                y = gpu.download(gpu.linear(normed, device_weights[2], device_weights[3], "gelu"))
+                errors.append(float(np.max(np.abs(y - expected))))
+        except Exception as error:  # reported as a failed check, not a crash of the whole run
+            print(f"thread failed: {error!r}", file=sys.stderr)
+            errors.append(float("inf"))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results["two_threads_layer_norm_linear"] = max(errors) if len(errors) == 4 else float("inf")
+
+    # without attention output (the path the model takes by default)
+    q, k, v = (normal(1, 9, 8, 1, 6) for _ in range(3))
+    rpb = normal(1, 5, 5)
+    out, attn = gpu.neighborhood_attention(up(q), up(k), up(v), up(rpb), 3, 2, 0.3, False)
+    record("na_fused_no_attn", out, cpu.neighborhood_attention(q, k, v, rpb, 3, 2, 0.3, False)[0])
+    results["na_fused_no_attn_returns_none"] = 0.0 if attn is None else float("inf")
+
+
+def tiny_config() -> DinatConfig:
+    # 32x32 input: stage maps 8x8, 4x4, 2x2, 1x1 against a 3x3 window -> stages 1-3 are padded
+    # (stage 1 by dilation 2: 3 * 2 = 6 > 4), layer scale on, two labels.
+    return DinatConfig(
+        embed_dim=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], kernel_size=3,
+        dilations=[[2], [1, 2], [1], [1]], mlp_ratio=2.0, layer_scale_init_value=0.5, num_labels=3,
+        out_features=["stem", "stage2", "stage4"],
+    )
+
+
+def random_tensors(config: DinatConfig) -> dict[str, np.ndarray]:
+    """HF-named weights with every tensor random (biases, rpb and norms included), not HF's init."""
+    tensors = DinatForImageClassification(config, seed=0).state_dict()
+    out = {}
+    for name, tensor in tensors.items():
+        if "norm" in name and name.endswith("weight"):
+            out[name] = (1.0 + 0.2 * rng.normal(size=tensor.shape)).astype(np.float32)
+        elif name.endswith("layer_scale_parameters"):
+            out[name] = rng.uniform(0.3, 1.5, size=tensor.shape).astype(np.float32)
+        else:
+            out[name] = (0.3 * rng.normal(size=tensor.shape)).astype(np.float32)
+    return out
+
+
+def check_model() -> None:
+    config = tiny_config()
+    tensors = random_tensors(config)
+    pixels = normal(2, 3, 32, 32)
+    cpu_model = DinatForImageClassification(config, tensors=tensors, source="random")
+    expected = cpu_model(pixels, output_hidden_states=True, output_attentions=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        cpu_model.save_pretrained(folder)
+        gpu_model = DinatForImageClassification.from_pretrained(folder, device="cuda")
+    results["model_device_is_cuda"] = 0.0 if gpu_model.device == "cuda" else float("inf")
+    actual = gpu_model(pixels, output_hidden_states=True, output_attentions=True)
+    record("model_logits", actual.logits, expected.logits)
+    for i, (a, e) in enumerate(zip(actual.hidden_states, expected.hidden_states)):
+        record(f"model_hidden_states_{i}", a, e)
+    for i, (a, e) in enumerate(zip(actual.reshaped_hidden_states, expected.reshaped_hidden_states)):
+        record(f"model_reshaped_hidden_states_{i}", a, e)
+    for i, (a, e) in enumerate(zip(actual.attentions, expected.attentions)):
+        record(f"model_attentions_{i}", a, e)
+    results["model_output_counts"] = 0.0 if (
+        len(actual.hidden_states) == 5 and len(actual.attentions) == 4
+    ) else float("inf")
+
+    # backbone (feature maps go through the extra stage LayerNorms), moved with .to("cuda")
+    backbone_tensors = {n[len("dinat."):]: t for n, t in tensors.items() if n.startswith("dinat.")}
+    for stage in config.out_features:
+        channels = 8 if stage == "stem" else 8 * 2 ** (int(stage[-1]) - 1)
+        backbone_tensors[f"hidden_states_norms.{stage}.weight"] = normal(channels) + 1.0
+        backbone_tensors[f"hidden_states_norms.{stage}.bias"] = normal(channels)
+    cpu_backbone = DinatBackbone(config, tensors=backbone_tensors, source="random")
+    gpu_backbone = cpu_backbone.to("cuda")
+    moved = gpu_backbone.device == "cuda" and cpu_backbone.device == "cpu"
+    results["backbone_to_cuda_device"] = 0.0 if moved else float("inf")
+    image = pixels[1:]
+    for i, (a, e) in enumerate(zip(gpu_backbone(image).feature_maps, cpu_backbone(image).feature_maps)):
+        record(f"backbone_feature_maps_{i}", a, e)
+
+
+def check_ptx() -> None:
+    from numba import cuda, types
+
+    import numba.cuda.dispatcher as dispatcher_module
+    from dinat_np.kernels import cuda as backend
+
+    class _Device:  # PTX only: device functions ask "the current device" for its compute capability
+        compute_capability = (9, 0)
+
+    dispatcher_module.get_current_device = lambda: _Device()
+
+    f32, i32, i64, flag = types.float32, types.int32, types.int64, types.boolean
+
+    def array(ndim: int, dtype=types.float32) -> types.Array:
+        return types.Array(dtype, ndim, "C")
+
+    gemm = (array(2), array(2), array(2), array(1), flag, i64, i64, array(1), array(2))
+    layer_norm = (array(2), array(1), array(1), f32, array(2))
+    na = ((array(5), array(5), array(5), array(3)) + (array(1, i32),) * 4
+          + (i64, i64, i64, f32, array(5), array(5), flag))
+    kernels = {
+        "_smoke_kernel": (backend._smoke_kernel, (array(1),)),
+        "_nchw_to_nhwc_kernel": (backend._nchw_to_nhwc_kernel, (array(4), array(4))),
+        "_pad_kernel": (backend._pad_kernel, (array(4), array(4))),
+        "_crop_kernel": (backend._crop_kernel, (array(4), array(4))),
+        "_mean_pool_kernel": (backend._mean_pool_kernel, (array(3), array(2))),
+        "_epilogue_kernel": (backend._epilogue_kernel, (array(2), array(1), flag, i64, i64, array(1), array(2))),
+        "_im2col_kernel": (backend._im2col_kernel, (array(4), array(2))),
+        "_na_qk_kernel": (backend._na_qk_kernel,
+                          (array(5), array(5), array(3)) + (array(1, i32),) * 4 + (i64, i64, array(5))),
+        "_na_av_kernel": (backend._na_av_kernel,
+                          (array(5), array(5), array(1, i32), array(1, i32), i64, i64, array(5))),
+        "_layer_norm_kernel_32": (backend._layer_norm_kernel(32), layer_norm),
+        "_layer_norm_kernel_8": (backend._layer_norm_kernel(8), layer_norm),
+    }
+    for tile in backend._GEMM_TILES:
+        kernels[f"_gemm_kernel_{tile}"] = (backend._gemm_kernel(tile), gemm)
+    for kernel_size in (3, 5, 7, 9, 11, 13):
+        for tile in sorted({backend._pick_tile(kernel_size, length) for length in (1, 2, 3, 8)}):
+            kernels[f"_na_kernel_k{kernel_size}_t{tile}"] = (backend._na_kernel(kernel_size, tile), na)
+
+    # every kernel the module defines is in the list (factories: by their name prefix)
+    defined = {name for name, value in vars(backend).items() if type(value).__name__ == "CUDADispatcher"
+               and not value.targetoptions.get("device", False)}
+    missing = {name for name in defined if not any(k == name or k.startswith(name + "_") for k in kernels)}
+    results["ptx_every_kernel_listed"] = 0.0 if not missing else float("inf")
+    if missing:
+        print(f"kernels without a PTX check: {sorted(missing)}", file=sys.stderr)
+
+    float64_ops = re.compile(r"\b(?:add|sub|mul|fma|div|sqrt|rcp|max|min|neg|abs)(?:\.[a-z]+)*\.f64\b")
+    for name, (kernel, signature) in kernels.items():
+        for cc in ((7, 5), (9, 0)):
+            ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
+            shared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
+            results[f"ptx_shared_over_48k_{name}_sm{cc[0]}{cc[1]}"] = float(max(0, shared - 48 * 1024))
+            if name != "_mean_pool_kernel":  # its float64 sum is deliberate
+                results[f"ptx_float64_ops_{name}_sm{cc[0]}{cc[1]}"] = float(len(float64_ops.findall(ptx)))
+
+
+def main() -> None:
+    global gpu
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which == "ptx":
+        check_ptx()
+        print(json.dumps(results))
+        return
+    gpu = get_backend("cuda")
+    if which in ("kernels", "all"):
+        start = time.perf_counter()
+        check_kernels()
+        timings["kernels"] = time.perf_counter() - start
+    if which in ("model", "all"):
+        start = time.perf_counter()
+        check_model()
+        timings["model"] = time.perf_counter() - start
+    print(f"simulator={gpu.SIMULATOR} timings={timings}", file=sys.stderr)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
