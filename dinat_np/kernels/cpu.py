@@ -7,12 +7,13 @@ Layout conventions shared by all backends (see ``dinat_np.kernels``):
 - 3x3 convolution weights are stored as ``(3 * 3 * in_channels, out_channels)`` in (row, column, channel)
   order, matching the im2col patches below.
 
-Threading: the kernels run on Numba's "workqueue" layer, whose idle threads sleep. Numba would otherwise
-pick GNU OpenMP where libgomp exists, whose threads spin between parallel regions and then fight
-OpenBLAS's threads for the cores: dinat-mini took 1.1 s instead of 76 ms per image on 2 cores.
-(``NUMBA_THREADING_LAYER`` in the environment still wins.) The workqueue layer aborts the process when
-two Python threads launch parallel kernels at once, so every launch goes through ``_LAUNCH_LOCK``:
-concurrent model calls interleave kernel by kernel instead of crashing.
+Threading: where Numba picks GNU OpenMP for its parallel kernels (libgomp present, no TBB), idle OpenMP
+threads spin between parallel regions by default and fight OpenBLAS's threads for the cores: dinat-mini
+took 1.1 s instead of 75 ms per image on 2 cores. ``OMP_WAIT_POLICY=PASSIVE`` (set here unless the
+environment says otherwise; libgomp reads it when the first parallel kernel starts) makes them sleep.
+Where Numba falls back to its "workqueue" layer, two Python threads launching parallel kernels at once
+abort the process, so every launch goes through ``_LAUNCH_LOCK``: concurrent model calls interleave
+kernel by kernel instead, whatever the layer.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _LAUNCH_LOCK = threading.RLock()
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
@@ -102,38 +102,43 @@ def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, s
         h = task % heads
         logits = np.empty(window, np.float32)
         accumulator = np.empty(head_dim, np.float32)
+        # Plain element indexing throughout: slicing a row out (key[b, r, c, h]) makes an array view,
+        # whose reference counting costs more than the 32-element dot product itself.
         for j in range(width):
-            q = query[b, i, j, h]
-            best = -np.inf
+            best = np.float32(-np.inf)  # a float64 -inf would turn the max and softmax into float64
+            n = 0
             for ki in range(kernel_size):
                 r = row_start[i] + ki * dilation
                 for kj in range(kernel_size):
                     c = col_start[j] + kj * dilation
-                    kv = key[b, r, c, h]
                     dot = np.float32(0.0)
                     for t in range(head_dim):
-                        dot += q[t] * kv[t]
+                        dot += query[b, i, j, h, t] * key[b, r, c, h, t]
                     logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
-                    logits[ki * kernel_size + kj] = logit
+                    logits[n] = logit
                     best = max(best, logit)
+                    n += 1
             total = np.float32(0.0)
             for n in range(window):
                 p = _exp_nonpositive(logits[n] - best)
                 logits[n] = p
                 total += p
             inverse = np.float32(1.0) / total
-            accumulator[:] = 0.0
+            for t in range(head_dim):
+                accumulator[t] = 0.0
+            n = 0
             for ki in range(kernel_size):
                 r = row_start[i] + ki * dilation
                 for kj in range(kernel_size):
                     c = col_start[j] + kj * dilation
-                    p = logits[ki * kernel_size + kj] * inverse
+                    p = logits[n] * inverse
                     if store_attn:
-                        attn[b, h, i, j, ki * kernel_size + kj] = p
-                    vv = value[b, r, c, h]
+                        attn[b, h, i, j, n] = p
                     for t in range(head_dim):
-                        accumulator[t] += p * vv[t]
-            out[b, i, j, h, :] = accumulator
+                        accumulator[t] += p * value[b, r, c, h, t]
+                    n += 1
+            for t in range(head_dim):
+                out[b, i, j, h, t] = accumulator[t]
 
 
 @njit(parallel=True, **_FAST)
