@@ -379,8 +379,9 @@ def download(array: np.ndarray) -> np.ndarray:
 
 
 def linear_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in)`` PyTorch weight -> ``(in, out)``; a transposed view: BLAS reads it without a copy."""
-    return upload(weight).T
+    """``(out, in)`` PyTorch weight -> contiguous ``(in, out)``, copied once at load: BLAS could read the
+    transposed view directly, but the products run 7-10% slower on it (up to 1.4x for small maps)."""
+    return np.ascontiguousarray(upload(weight).T)
 
 
 def conv_weight(weight: np.ndarray) -> np.ndarray:
