@@ -88,7 +88,9 @@ def configure_threads(count: int) -> None:
         _set_loaded_blas_threads(count)
     import numba
 
-    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    from dinat_np.kernels import cpu  # picks Numba's threading layer, which must precede the thread pool
+
+    cpu.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 
 
 def _set_loaded_blas_threads(count: int) -> None:

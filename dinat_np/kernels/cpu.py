@@ -7,13 +7,13 @@ Layout conventions shared by all backends (see ``dinat_np.kernels``):
 - 3x3 convolution weights are stored as ``(3 * 3 * in_channels, out_channels)`` in (row, column, channel)
   order, matching the im2col patches below.
 
-Threading: where Numba picks GNU OpenMP for its parallel kernels (libgomp present, no TBB), idle OpenMP
-threads spin between parallel regions by default and fight OpenBLAS's threads for the cores: dinat-mini
-took 1.1 s instead of 75 ms per image on 2 cores. ``OMP_WAIT_POLICY=PASSIVE`` (set here unless the
-environment says otherwise; libgomp reads it when the first parallel kernel starts) makes them sleep.
-Where Numba falls back to its "workqueue" layer, two Python threads launching parallel kernels at once
-abort the process, so every launch goes through ``_LAUNCH_LOCK``: concurrent model calls interleave
-kernel by kernel instead, whatever the layer.
+Threading: the kernels run on Numba's "workqueue" layer, whose idle threads sleep. Where libgomp exists
+Numba would pick GNU OpenMP, whose idle threads spin between parallel regions (unless
+``OMP_WAIT_POLICY=PASSIVE`` reached libgomp before it loaded, which a library cannot ensure) and fight
+OpenBLAS's threads for the cores: dinat-mini took 1.1 s instead of 75 ms per image on 2 cores.
+``NUMBA_THREADING_LAYER`` in the environment still wins. The workqueue layer aborts the process when
+two Python threads launch parallel kernels at once, so every launch goes through ``_LAUNCH_LOCK``:
+concurrent model calls interleave kernel by kernel instead.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 _LAUNCH_LOCK = threading.RLock()
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
