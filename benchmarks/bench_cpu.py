@@ -1,0 +1,903 @@
+"""CPU benchmark of dinat-np against its BLAS floor and a PyTorch baseline (issue 5). Run by hand, not in CI.
+
+    python benchmarks/bench_cpu.py [--model mini|tiny|small|base] [--threads N] [--repeats 20]
+                                   [--skip-torch] [--skip-startup] [--json results.json]
+
+One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
+
+* batch 1 latency (median of >= 20 timed forwards after warm-up) and batch 8 throughput;
+* the BLAS floor: the model's own matrix products (q/k/v, attention output, MLP in/out, classifier,
+  and the 3x3 stride-2 convolutions as their im2col products), shapes recorded from a real forward,
+  replayed with NumPy on random data; the model's GFLOP;
+* PyTorch eager (transformers' own DiNAT modeling code, the test-suite reference attention of
+  ``tests/torch_natten.py``, the same weights and input, ``torch.set_num_threads`` matching) when
+  torch and transformers are installed; run in a subprocess so its thread pools never compete with ours;
+* a per-op breakdown of the engine, taken by wrapping the functions of ``dinat_np.kernels.cpu`` with
+  timers at run time (the library is not changed), achieved GFLOP/s, peak RSS (this process, and a
+  separate batch-1-only process);
+* start-up: the first forward in a process whose Numba cache is empty (``NUMBA_CACHE_DIR`` = a new
+  temporary folder), and a fresh ``dinat-classify IMAGE`` process with the cache warm;
+* that a new input size or batch size adds no compiled signature to any kernel (no recompilation).
+
+``--threads N`` sets the BLAS thread variables before NumPy is imported, and Numba's thread count.
+Numbers are only comparable on an otherwise idle machine: the load average is printed at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+REPORTED_VARIABLES = (
+    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
+    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+    "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR",
+)
+IMAGE_SIZE = 224
+NUM_LABELS = 1000
+
+_DEEP_DILATIONS = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1, 1, 1, 1, 1]]
+# The SHI-Labs DiNAT classification models (dinat.py of the Neighborhood-Attention-Transformer repository,
+# and the shi-labs/dinat-*-in1k-224 config.json files): only dinat-base uses layer scale.
+MODELS: dict[str, dict[str, Any]] = {
+    "mini": dict(embed_dim=64, depths=[3, 4, 6, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0,
+                 dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1, 1, 1, 1, 1]]),
+    "tiny": dict(embed_dim=64, depths=[3, 4, 18, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0,
+                 dilations=_DEEP_DILATIONS),
+    "small": dict(embed_dim=96, depths=[3, 4, 18, 5], num_heads=[3, 6, 12, 24], mlp_ratio=2.0,
+                  dilations=_DEEP_DILATIONS),
+    "base": dict(embed_dim=128, depths=[3, 4, 18, 5], num_heads=[4, 8, 16, 32], mlp_ratio=2.0,
+                 dilations=_DEEP_DILATIONS, layer_scale_init_value=1e-5),
+}
+
+# Targets of issue 5 on the 2-core development machine.
+TARGET_BATCH1_FLOOR_RATIO = 1.5
+TARGET_BATCH8_FLOOR_RATIO = 1.25
+TARGET_CLASSIFY_WALL_S = 1.5
+TARGET_COLD_COMPILE_S = 25.0
+TARGET_RSS_BATCH1_MIB = 350.0
+
+# Functions of dinat_np.kernels.cpu wrapped with timers for the per-op breakdown. The public ops are what
+# the model calls (through the module, so replacing the module attribute reaches every call); the private
+# kernels are what those ops call by global name.
+PUBLIC_OPS = (
+    "neighborhood_attention", "layer_norm", "linear", "linear_residual", "conv3x3_stride2",
+    "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
+)
+PRIVATE_KERNELS = ("_na_fused", "_layer_norm", "_bias_activation", "_bias_scale_residual", "_im2col_3x3_s2")
+CATEGORIES = ("attention", "layernorm", "products", "epilogues", "convolutions", "rest")
+CATEGORY_LABELS = {
+    "attention": "attention (fused NA kernel)",
+    "layernorm": "layernorm",
+    "products": "products (BLAS in linear*)",
+    "epilogues": "bias/GELU + residual epilogues",
+    "convolutions": "convolutions (im2col+product)",
+    "rest": "rest (layout, pad/crop, pool, Python)",
+}
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so that stdout holds only the report."""
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="mini", help="DiNAT size (default: mini)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Numba and BLAS threads (default: the CPUs this process may use)")
+    parser.add_argument("--threading-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
+                        help="Numba threading layer, set as NUMBA_THREADING_LAYER before Numba loads "
+                             "(default: whatever Numba picks, or the variable as already set)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 forwards (>= 20; default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batch-1 forwards first (default 3)")
+    parser.add_argument("--batch-repeats", type=int, default=5, help="timed batch-8 forwards (default 5)")
+    parser.add_argument("--profile-repeats", type=int, default=5,
+                        help="instrumented forwards for the per-op breakdown (default 5 at batch 1, 2 at batch 8)")
+    parser.add_argument("--torch-repeats", type=int, default=10, help="timed PyTorch batch-1 forwards (default 10)")
+    parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline")
+    parser.add_argument("--skip-startup", action="store_true", help="no cold-compile / dinat-classify runs")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one measurement in a subprocess
+    parser.add_argument("--child-arg", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
+
+
+def apply_threads(threads: int, threading_layer: str) -> None:
+    """Thread counts for OpenBLAS / OpenMP / MKL must be in the environment before NumPy loads them."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    if threading_layer != "default":
+        os.environ["NUMBA_THREADING_LAYER"] = threading_layer
+
+
+# The heavy imports wait until the thread variables are set (main / child entry points).
+np: Any = None
+
+
+def import_numerics(threads: int) -> None:
+    global np
+    import dinat_np  # first, as a user would: its thread settings must precede NumPy and Numba's pool
+    import numba
+    import numpy
+
+    from dinat_np.kernels import cpu
+
+    np = numpy
+    cpu.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, inputs, machine
+# ---------------------------------------------------------------------------------------------------------
+def model_kwargs(name: str) -> dict[str, Any]:
+    return dict(MODELS[name], kernel_size=7, num_labels=NUM_LABELS)
+
+
+def build_model(name: str) -> Any:
+    from dinat_np import DinatConfig, DinatForImageClassification
+
+    return DinatForImageClassification(DinatConfig(**model_kwargs(name)), seed=0)
+
+
+def pixels(batch: int, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, seed: int = 0) -> Any:
+    return np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(np.float32)
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> str:
+    """BLAS library, version and the kernel family OpenBLAS picked at run time (when it can be asked)."""
+    text = "unknown"
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        text = f"{blas.get('name')} {blas.get('version')}"
+    except Exception:
+        pass
+    try:  # threadpoolctl is a dev-only extra here (scikit-learn brings it)
+        import threadpoolctl
+
+        for pool in threadpoolctl.threadpool_info():
+            if pool.get("user_api") == "blas":
+                text += f" (core {pool.get('architecture')}, {pool.get('num_threads')} threads)"
+                break
+    except Exception:
+        pass
+    return text
+
+
+def _proc_status_mib(field: str) -> float:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def rss_now_mib() -> float:
+    return _proc_status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process image.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child started by a
+    big parent would report the parent's peak. Falls back to ru_maxrss where /proc is missing.
+    """
+    peak = _proc_status_mib("VmHWM")
+    if peak == peak:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import numba
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu_model_name(),
+        "cores": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "blas": blas_info(),
+        "threads": threads,
+        "numba_threads_max": numba.config.NUMBA_NUM_THREADS,
+        "numba_threads": numba.get_num_threads(),
+        "env": {name: os.environ.get(name) for name in REPORTED_VARIABLES},
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except Exception:
+        info["torch"] = None
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------------------------------------
+def time_calls(function: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "p90": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))],
+        "n": len(ordered),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-op instrumentation of the CPU backend
+# ---------------------------------------------------------------------------------------------------------
+class OpProfiler:
+    """Replaces functions of ``dinat_np.kernels.cpu`` with timing wrappers while active (a context manager).
+
+    Each call's own time (its time minus that of wrapped functions it called) is booked under
+    ``(outermost wrapped op, function)``, so a product inside a convolution counts as convolution time.
+    While ``recording``, the shape of every matrix product and the work of every attention call are kept.
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.originals = {name: getattr(module, name) for name in PUBLIC_OPS + PRIVATE_KERNELS}
+        self.self_time: dict[tuple[str, str], float] = defaultdict(float)
+        self.calls: Counter = Counter()
+        self.recording = False
+        self.products: list[tuple[int, int, int, str]] = []  # (M, K, N, context)
+        self.attention_flop = 0
+        self._stack: list[list[Any]] = []
+
+    def __enter__(self) -> "OpProfiler":
+        for name, function in self.originals.items():
+            setattr(self.module, name, self._wrap(name, function))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for name, function in self.originals.items():
+            setattr(self.module, name, function)
+
+    def reset(self, recording: bool = False) -> None:
+        self.self_time.clear()
+        self.calls.clear()
+        self.recording = recording
+        self.products = []
+        self.attention_flop = 0
+
+    def _wrap(self, name: str, function: Callable) -> Callable:
+        stack, perf_counter = self._stack, time.perf_counter
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            outer = stack[0][0] if stack else name
+            if self.recording:
+                self._record(name, outer, args)
+            stack.append([name, 0.0])
+            start = perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = perf_counter() - start
+                _, children = stack.pop()
+                self.self_time[(outer, name)] += elapsed - children
+                self.calls[(outer, name)] += 1
+                if stack:
+                    stack[-1][1] += elapsed
+
+        return timed
+
+    def _record(self, name: str, outer: str, args: tuple) -> None:
+        if name in ("linear", "linear_residual"):
+            x, weight_t = args[0], args[1]
+            context = "conv" if outer == "conv3x3_stride2" else "linear"
+            self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], context))
+        elif name == "neighborhood_attention":
+            batch, height, width, heads, head_dim = args[0].shape
+            kernel_size = args[4]
+            # q.k and attn.v: 2 * k^2 * head_dim multiply-adds each, per query and head.
+            self.attention_flop += 4 * batch * height * width * heads * head_dim * kernel_size**2
+
+    def categories(self) -> dict[str, float]:
+        """Seconds per category for what was recorded since the last reset (``rest`` is set by the caller)."""
+        totals = dict.fromkeys(CATEGORIES, 0.0)
+        for (outer, name), seconds in self.self_time.items():
+            if outer == "conv3x3_stride2":
+                totals["convolutions"] += seconds
+            elif name in ("neighborhood_attention", "_na_fused"):
+                totals["attention"] += seconds
+            elif name in ("layer_norm", "_layer_norm"):
+                totals["layernorm"] += seconds
+            elif name in ("linear", "linear_residual"):
+                totals["products"] += seconds
+            elif name in ("_bias_activation", "_bias_scale_residual"):
+                totals["epilogues"] += seconds
+        return totals
+
+
+def profile_forwards(model: Any, profiler: OpProfiler, batch: int, runs: int) -> dict[str, Any]:
+    """Median per-category seconds of ``runs`` instrumented forwards, the per-function table, and the work."""
+    x = pixels(batch)
+    profiler.reset(recording=True)
+    model(x)  # the recorded forward: shapes and FLOPs (also a warm-up of the wrappers)
+    products = list(profiler.products)
+    attention_flop = profiler.attention_flop
+    per_run: list[dict[str, float]] = []
+    functions: dict[str, list[float]] = defaultdict(list)
+    calls: Counter = Counter()
+    for _ in range(runs):
+        profiler.reset()
+        start = time.perf_counter()
+        model(x)
+        total = time.perf_counter() - start
+        categories = profiler.categories()
+        categories["rest"] = total - sum(categories.values())
+        categories["total"] = total
+        per_run.append(categories)
+        for key, seconds in profiler.self_time.items():
+            functions["/".join(dict.fromkeys(key))].append(seconds)
+        calls = Counter(profiler.calls)
+    medians = {key: statistics.median(run[key] for run in per_run) for key in CATEGORIES + ("total",)}
+    table = {
+        name: {"seconds": statistics.median(values), "calls": calls[tuple(name.split("/"))] if "/" in name
+               else calls[(name, name)]}
+        for name, values in functions.items()
+    }
+    return {"categories": medians, "functions": table, "products": products, "attention_flop": attention_flop}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The BLAS floor: the model's matrix products replayed with NumPy
+# ---------------------------------------------------------------------------------------------------------
+def replay_products(products: list[tuple[int, int, int, str]], contiguous_weights: bool, repeats: int,
+                    warmup: int) -> dict[str, float]:
+    """Time the sequence of products of one forward, in order, on random data (one buffer set per shape).
+
+    The weights are laid out as the engine keeps them (``(out, in)`` viewed transposed) unless
+    ``contiguous_weights``, which stores them ``(in, out)`` C-contiguous. Outputs are preallocated: the
+    floor is the arithmetic, not NumPy's allocator.
+    """
+    rng = np.random.default_rng(1)
+    buffers = {}
+    for m, k, n, _ in products:
+        if (m, k, n) not in buffers:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)
+            w = np.ascontiguousarray(w.T) if contiguous_weights else w.T
+            buffers[(m, k, n)] = (a, w, np.empty((m, n), np.float32))
+    sequence = [buffers[(m, k, n)] for m, k, n, _ in products]
+    conv_sequence = [buffers[(m, k, n)] for m, k, n, context in products if context == "conv"]
+
+    def run(items: list) -> None:
+        for a, w, out in items:
+            np.matmul(a, w, out=out)
+
+    total = summary(time_calls(lambda: run(sequence), repeats, warmup))
+    conv = summary(time_calls(lambda: run(conv_sequence), max(3, repeats // 2), 1)) if conv_sequence else None
+    return {"total": total["median"], "total_min": total["min"], "conv": conv["median"] if conv else 0.0}
+
+
+def product_flop(products: list[tuple[int, int, int, str]], context: str | None = None) -> int:
+    return sum(2 * m * k * n for m, k, n, c in products if context is None or c == context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recompilation check
+# ---------------------------------------------------------------------------------------------------------
+def kernel_signatures(module: Any) -> dict[str, int]:
+    from numba.core.dispatcher import Dispatcher
+
+    return {name: len(obj.signatures) for name, obj in vars(module).items() if isinstance(obj, Dispatcher)}
+
+
+def check_recompilation(model: Any, module: Any, before: dict[str, int]) -> dict[str, Any]:
+    """Run new batch sizes and input sizes (padding path and odd sizes included); count new signatures."""
+    cases = [(3, 256, 320), (1, 96, 128), (2, 225, 199)]
+    timings = []
+    for batch, height, width in cases:
+        x = pixels(batch, height, width, seed=7)
+        start = time.perf_counter()
+        model(x)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model(x)
+        second = time.perf_counter() - start
+        timings.append({"input": f"{batch}x3x{height}x{width}", "first_s": first, "second_s": second})
+    after = kernel_signatures(module)
+    added = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    return {"cases": timings, "signatures_before": before, "signatures_after": after, "added": added}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subprocess measurements
+# ---------------------------------------------------------------------------------------------------------
+def run_child(args: argparse.Namespace, mode: str, extra_env: dict[str, str] | None = None,
+              child_arg: str | None = None, timeout: float = 1800) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", args.model,
+               "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--torch-repeats", str(args.torch_repeats)]
+    if child_arg is not None:
+        command += ["--child-arg", child_arg]
+    env = dict(os.environ, **(extra_env or {}))
+    start = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.perf_counter() - start
+    lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        return {"error": f"exit {process.returncode}: {process.stderr.strip()[-1500:]}", "wall_s": wall}
+    result = json.loads(lines[-1])
+    result["wall_s"] = wall
+    return result
+
+
+def child_rss_batch1(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of a process that only builds the model and runs batch 1 (cache warm)."""
+    import dinat_np  # noqa: F401
+
+    after_import = rss_now_mib()
+    model = build_model(args.model)
+    after_build = rss_now_mib()
+    x = pixels(1)
+    for _ in range(3):
+        model(x)
+    return {
+        "after_import_mib": after_import, "after_build_mib": after_build, "after_forward_mib": rss_now_mib(),
+        "peak_mib": peak_rss_mib(), "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child_cold(args: argparse.Namespace) -> dict[str, Any]:
+    """First forward with an empty Numba cache (the parent sets NUMBA_CACHE_DIR to a new folder).
+
+    NumPy and Numba are already imported here (``main``), so ``import_s`` is dinat_np's own import.
+    """
+    start = time.perf_counter()
+    import dinat_np  # noqa: F401
+
+    imported = time.perf_counter()
+    model = build_model(args.model)
+    built = time.perf_counter()
+    x = pixels(1)
+    model(x)
+    first = time.perf_counter()
+    model(x)
+    second = time.perf_counter()
+    from dinat_np.kernels import cpu
+
+    cache_files = sum(1 for _ in Path(os.environ["NUMBA_CACHE_DIR"]).rglob("*.nbc"))
+    return {"import_s": imported - start, "build_s": built - imported, "first_forward_s": first - built,
+            "second_forward_s": second - first, "compile_s": (first - built) - (second - first),
+            "signatures": kernel_signatures(cpu), "cache_files": cache_files}
+
+
+def child_torch(args: argparse.Namespace) -> dict[str, Any]:
+    """PyTorch eager: transformers' DinatForImageClassification with the reference attention of the tests."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from torch_natten import patch_transformers
+
+    patch_transformers()
+    folder = Path(args.child_arg)
+    model = transformers.DinatForImageClassification.from_pretrained(folder).eval()
+    data = np.load(folder / "bench_io.npz")
+    one = torch.from_numpy(data["pixels1"])
+    eight = torch.from_numpy(pixels(8))
+    with torch.inference_mode():
+        logits = model(one).logits.numpy()
+        b1 = summary(time_calls(lambda: model(one), args.torch_repeats, 1))
+        b8 = summary(time_calls(lambda: model(eight), 2, 1))
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "batch1": b1, "batch8": b8,
+        "max_abs_logit_difference": float(np.abs(logits - data["logits1"]).max()),
+        "max_abs_logit": float(np.abs(data["logits1"]).max()),
+    }
+
+
+# The fallback start-up measurement when `dinat-classify` cannot run: what it would do, by hand.
+FALLBACK_CLASSIFY = """
+import sys
+import numpy as np
+from PIL import Image
+from dinat_np import DinatForImageClassification
+model = DinatForImageClassification.from_pretrained(sys.argv[1])
+image = Image.open(sys.argv[2]).convert("RGB").resize((224, 224), Image.BICUBIC)
+x = (np.asarray(image, np.float32) / 255 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array(
+    [0.229, 0.224, 0.225], np.float32)
+logits = model(np.ascontiguousarray(x.transpose(2, 0, 1)[None])).logits[0]
+top = int(np.argmax(logits))
+print(sys.argv[2], top, model.config.id2label[top])
+"""
+
+
+def measure_classify(args: argparse.Namespace, folder: Path, image: Path, runs: int = 3) -> dict[str, Any]:
+    """Wall time of a fresh classification process, cache warm: `dinat-classify`, else a `python -c` stand-in."""
+    executable = Path(sys.executable).with_name("dinat-classify")
+    found = str(executable) if executable.exists() else shutil.which("dinat-classify")
+    attempts = []
+    if found:
+        attempts.append(("dinat-classify", [found, str(image), "--weights", str(folder), "--threads",
+                                            str(args.threads), "--no-progress", "--top-k", "5"]))
+    attempts.append(("python -c (fallback: from_pretrained + PIL preprocessing + forward)",
+                     [sys.executable, "-c", FALLBACK_CLASSIFY, str(folder), str(image)]))
+    problems = []
+    for label, command in attempts:
+        warm = subprocess.run(command, capture_output=True, text=True, timeout=600)  # also fills any cache
+        if warm.returncode != 0 or not warm.stdout.strip():
+            problems.append(f"{label}: exit {warm.returncode}: {warm.stderr.strip()[-600:]}")
+            continue
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            times.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                problems.append(f"{label}: exit {done.returncode} on a timed run")
+        return {"measured": label, "wall": summary(times), "output": warm.stdout.strip().splitlines()[:3],
+                "problems": problems}
+    return {"error": "; ".join(problems)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+def fmt_ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A Markdown table (pastes into the README as is)."""
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def verdict(value: float | None, limit: float) -> str:
+    if value is None or value != value:
+        return "not measured"
+    return "met" if value <= limit else "NOT met"
+
+
+def _machine_section(results: dict[str, Any]) -> list[str]:
+    info, load_start, load_end = results["machine"], results["load_start"], results["load_end"]
+    env = info["env"]
+    rows = [
+        ["command", results["command"]],
+        ["date", info["date"]],
+        ["CPU", f"{info['cpu']} ({info['cores']} cores, {info['usable_cpus']} usable)"],
+        ["threads", f"{info['threads']} (numba {info['numba_threads']}, layer {results['threading_layer']})"],
+        ["python / numpy / numba", f"{info['python']} / {info['numpy']} / {info['numba']}"],
+        ["BLAS", info["blas"]],
+        ["torch", str(info["torch"])],
+        ["env", ", ".join(f"{k}={v}" for k, v in env.items() if v is not None) or "(none set)"],
+        ["OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE",
+         f"{env['OPENBLAS_CORETYPE'] or '(unset)'} / {env['OPENBLAS_L2_SIZE'] or '(unset)'}"],
+        ["load average (1 min) start / end", f"{load_start[0]:.2f} / {load_end[0]:.2f}"],
+    ]
+    out = [f"## dinat-np CPU benchmark: dinat-{results['model']}, 224x224, random weights (seed 0)\n",
+           table(rows, ["machine", ""])]
+    if max(load_start[0], load_end[0]) > 0.5 * (info["usable_cpus"] or 1):
+        out.append("\nWARNING: the machine was busy with other work during this run (load average above); "
+                   "every timing below is only indicative.")
+    return out
+
+
+def _speed_section(results: dict[str, Any]) -> list[str]:
+    gflop, b1, b8, floor = results["gflop"], results["batch1"], results["batch8"], results["floor"]
+    out = ["\n### Work per image (224x224)\n", table([
+        ["matrix products (linear layers)", f"{gflop['linear']:.3f}"],
+        ["convolutions (im2col products)", f"{gflop['conv']:.3f}"],
+        ["neighborhood attention (q.k + attn.v)", f"{gflop['attention']:.3f}"],
+        ["total", f"{gflop['total']:.3f}"],
+    ], ["GFLOP per image", ""])]
+    rows = [
+        ["engine batch 1 latency",
+         f"median {fmt_ms(b1['median'])}, min {fmt_ms(b1['min'])}, p90 {fmt_ms(b1['p90'])} (n={b1['n']})"],
+        ["engine batch 8",
+         f"median {fmt_ms(b8['median'])} per batch = {8 / b8['median']:.2f} images/s, "
+         f"{fmt_ms(b8['median'] / 8)} per image (n={b8['n']})"],
+        ["BLAS floor batch 1 (per forward)",
+         f"{fmt_ms(floor['batch1'])} (weights as the engine keeps them {fmt_ms(floor['batch1_engine_layout'])}, "
+         f"contiguous {fmt_ms(floor['batch1_contiguous'])}; of which convolutions {fmt_ms(floor['batch1_conv'])})"],
+        ["BLAS floor batch 8 (per image)",
+         f"{fmt_ms(floor['batch8'] / 8)} (whole batch {fmt_ms(floor['batch8'])}; engine layout "
+         f"{fmt_ms(floor['batch8_engine_layout'])}, contiguous {fmt_ms(floor['batch8_contiguous'])})"],
+        ["achieved GFLOP/s (model GFLOP / time)",
+         f"batch 1 {gflop['total'] / b1['median']:.1f}, batch 8 {8 * gflop['total'] / b8['median']:.1f}; "
+         f"floor {gflop['products'] / floor['batch1']:.1f} (products only)"],
+        ["ratio engine / floor",
+         f"batch 1 {b1['median'] / floor['batch1']:.2f}x, batch 8 {b8['median'] / floor['batch8']:.2f}x"],
+    ]
+    baseline = results.get("torch") or {}
+    if "batch1" in baseline:
+        t1, t8 = baseline["batch1"], baseline["batch8"]
+        rows += [
+            ["PyTorch eager batch 1",
+             f"median {fmt_ms(t1['median'])}, min {fmt_ms(t1['min'])} (n={t1['n']}; torch {baseline['torch']}, "
+             f"transformers {baseline['transformers']}, {baseline['threads']} threads)"],
+            ["PyTorch eager batch 8", f"median {fmt_ms(t8['median'])} = {8 / t8['median']:.2f} images/s (n={t8['n']})"],
+            ["ratio PyTorch / engine",
+             f"batch 1 {t1['median'] / b1['median']:.2f}x, batch 8 {t8['median'] / b8['median']:.2f}x"],
+            ["same weights and input: max |logits diff|",
+             f"{baseline['max_abs_logit_difference']:.2e} (max |logit| {baseline['max_abs_logit']:.2e})"],
+        ]
+    else:
+        rows.append(["PyTorch eager", str(baseline.get("error") or baseline.get("skipped"))])
+    return out + ["\n### Latency, throughput, floor\n", table(rows, ["measurement", "value"])]
+
+
+def _breakdown_section(results: dict[str, Any]) -> list[str]:
+    gflop, out = results["gflop"], []
+    work = {"attention": gflop["attention"], "products": gflop["linear"], "convolutions": gflop["conv"]}
+    for key, title, scale in (("profile1", "batch 1, per forward", 1), ("profile8", "batch 8, per image", 8)):
+        profile = results[key]
+        categories = profile["categories"]
+        rows = []
+        for category in CATEGORIES:
+            seconds = categories[category] / scale
+            rows.append([
+                CATEGORY_LABELS[category], fmt_ms(seconds), f"{100 * categories[category] / categories['total']:.1f}%",
+                f"{work[category]:.3f}" if category in work else "",
+                f"{work[category] / seconds:.1f}" if category in work and seconds > 0 else "",
+            ])
+        rows.append(["total (instrumented)", fmt_ms(categories["total"] / scale), "100.0%", f"{gflop['total']:.3f}",
+                     f"{gflop['total'] * scale / categories['total']:.1f}"])
+        out.append(f"\n### Per-op breakdown, {title} (median of {profile['runs']} instrumented forwards)\n")
+        out.append(table(rows, ["op", "time", "share", "GFLOP/img", "GFLOP/s"]))
+    functions = sorted(results["profile1"]["functions"].items(), key=lambda item: -item[1]["seconds"])
+    rows = [[name, str(entry["calls"]), fmt_ms(entry["seconds"]),
+             f"{entry['seconds'] / max(entry['calls'], 1) * 1e3:.3f} ms"] for name, entry in functions]
+    out.append("\n### Wrapped functions, batch 1 (own time; outer/inner when nested)\n")
+    out.append(table(rows, ["function", "calls", "time", "per call"]))
+    return out
+
+
+def _startup_section(results: dict[str, Any]) -> list[str]:
+    rss, startup, recompile = results["rss"], results.get("startup", {}), results["recompile"]
+    rows = []
+    if "error" in rss:
+        rows.append(["peak RSS, batch-1-only process", rss["error"]])
+    else:
+        rows.append(["peak RSS, batch-1-only process (VmHWM)",
+                     f"{rss['peak_mib']:.0f} MiB (after import {rss['after_import_mib']:.0f}, after build "
+                     f"{rss['after_build_mib']:.0f}, after forwards {rss['after_forward_mib']:.0f}; getrusage "
+                     f"ru_maxrss {rss['ru_maxrss_mib']:.0f}, carried over from the parent across exec)"])
+    rows.append(["peak RSS, this process (batch 8 + profiling)", f"{results['peak_rss_main_mib']:.0f} MiB"])
+    cold = startup.get("cold")
+    if cold is None or "error" in cold:
+        rows.append(["cold start (empty Numba cache)", "skipped" if cold is None else cold["error"]])
+    else:
+        rows.append(["cold start (empty Numba cache)",
+                     f"compile ~{cold['compile_s']:.1f} s (first forward {cold['first_forward_s']:.1f} s - steady "
+                     f"{cold['second_forward_s']:.2f} s); import dinat_np {cold['import_s']:.2f} s, build "
+                     f"{cold['build_s']:.2f} s, whole process {cold['wall_s']:.1f} s"])
+    classify = startup.get("classify")
+    if classify is None or "error" in classify:
+        rows.append(["fresh classification process, cache warm", "skipped" if classify is None else classify["error"]])
+    else:
+        wall = classify["wall"]
+        rows.append([f"fresh process, cache warm: {classify['measured']}",
+                     f"median {wall['median']:.2f} s wall, min {wall['min']:.2f} s (n={wall['n']})"])
+    rows.append(["new batch / input sizes: first / second call", "; ".join(
+        f"{c['input']} {c['first_s'] * 1e3:.0f} / {c['second_s'] * 1e3:.0f} ms" for c in recompile["cases"])])
+    rows.append(["kernel signatures added by them", json.dumps(recompile["added"]) if recompile["added"] else "none"])
+    added8 = results["batch8_added_signatures"]
+    rows.append(["signatures added by batch 8 after batch 1", json.dumps(added8) if added8 else "none"])
+    return ["\n### Memory, start-up, recompilation\n", table(rows, ["measurement", "value"])]
+
+
+def _targets_section(results: dict[str, Any]) -> list[str]:
+    b1, b8, floor, rss = results["batch1"], results["batch8"], results["floor"], results["rss"]
+    startup = results.get("startup", {})
+    cold, classify = startup.get("cold") or {}, startup.get("classify") or {}
+    classify_wall = classify["wall"]["median"] if "wall" in classify else None
+    measured = classify.get("measured", "dinat-classify")
+    stand_in = "" if measured == "dinat-classify" else " (stand-in, not dinat-classify)"
+    ratio1, ratio8 = b1["median"] / floor["batch1"], b8["median"] / floor["batch8"]
+    recompiles = bool(results["recompile"]["added"] or results["batch8_added_signatures"])
+    rows = [
+        ["batch 1 latency <= 1.5 x floor", f"{ratio1:.2f} x", verdict(ratio1, TARGET_BATCH1_FLOOR_RATIO)],
+        ["batch 8 per image <= 1.25 x floor", f"{ratio8:.2f} x", verdict(ratio8, TARGET_BATCH8_FLOOR_RATIO)],
+        ["warm dinat-classify <= 1.5 s wall", f"{classify_wall:.2f} s{stand_in}" if classify_wall else "n/a",
+         verdict(classify_wall, TARGET_CLASSIFY_WALL_S)],
+        ["cold compile <= 25 s", f"{cold['compile_s']:.1f} s" if "compile_s" in cold else "n/a",
+         verdict(cold.get("compile_s"), TARGET_COLD_COMPILE_S)],
+        ["peak RSS at batch 1 <= 350 MB", f"{rss['peak_mib']:.0f} MiB" if "peak_mib" in rss else "n/a",
+         verdict(rss.get("peak_mib"), TARGET_RSS_BATCH1_MIB)],
+        ["new input/batch size never recompiles", "new signatures" if recompiles else "no new signatures",
+         "NOT met" if recompiles else "met"],
+    ]
+    return ["\n### Targets of issue 5 (2-core development machine)\n", table(rows, ["target", "measured", "verdict"])]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    sections = (_machine_section, _speed_section, _breakdown_section, _startup_section, _targets_section)
+    return "\n".join(line for section in sections for line in section(results))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[Any, Any]:
+    """Everything timed inside this process; returns the batch-1 input and its logits."""
+    import numba
+
+    from dinat_np.kernels import cpu
+
+    log(f"building dinat-{args.model} (random weights, seed 0), {args.threads} thread(s)")
+    model = build_model(args.model)
+    x1, x8 = pixels(1), pixels(8)
+    start = time.perf_counter()
+    logits1 = model(x1).logits
+    log(f"first forward {time.perf_counter() - start:.2f} s (includes loading/compiling kernels)")
+    results["threading_layer"] = numba.threading_layer()
+    results["machine"] = machine_info(args.threads)
+
+    log(f"batch 1: {args.warmup} warm-up + {args.repeats} timed forwards")
+    results["batch1"] = summary(time_calls(lambda: model(x1), args.repeats, args.warmup))
+    signatures_b1 = kernel_signatures(cpu)
+    log(f"batch 8: 1 warm-up + {args.batch_repeats} timed forwards")
+    results["batch8"] = summary(time_calls(lambda: model(x8), args.batch_repeats, 1))
+    signatures_b8 = kernel_signatures(cpu)
+    results["batch8_added_signatures"] = {
+        name: count - signatures_b1.get(name, 0) for name, count in signatures_b8.items()
+        if count != signatures_b1.get(name, 0)
+    }
+
+    log("per-op breakdown (instrumented forwards)")
+    runs8 = max(2, args.profile_repeats // 2)
+    with OpProfiler(cpu) as profiler:
+        profile1 = profile_forwards(model, profiler, 1, args.profile_repeats)
+        profile8 = profile_forwards(model, profiler, 8, runs8)
+    profile1["runs"], profile8["runs"] = args.profile_repeats, runs8
+    results["profile1"], results["profile8"] = profile1, profile8
+    products1 = profile1["products"]
+    gflop = {
+        "linear": product_flop(products1, "linear") / 1e9,
+        "conv": product_flop(products1, "conv") / 1e9,
+        "products": product_flop(products1) / 1e9,
+        "attention": profile1["attention_flop"] / 1e9,
+    }
+    gflop["total"] = gflop["products"] + gflop["attention"]
+    results["gflop"] = gflop
+    results["product_shapes"] = [list(p) for p in products1]
+
+    log("BLAS floor: replaying the model's products with NumPy")
+    layout1 = [replay_products(products1, contiguous, max(20, args.repeats), 2) for contiguous in (False, True)]
+    layout8 = [replay_products(profile8["products"], contiguous, max(5, args.batch_repeats), 1)
+               for contiguous in (False, True)]
+    results["floor"] = {
+        "batch1_engine_layout": layout1[0]["total"], "batch1_contiguous": layout1[1]["total"],
+        "batch1": min(layout1[0]["total"], layout1[1]["total"]),
+        "batch1_conv": min(layout1[0]["conv"], layout1[1]["conv"]),
+        "batch8_engine_layout": layout8[0]["total"], "batch8_contiguous": layout8[1]["total"],
+        "batch8": min(layout8[0]["total"], layout8[1]["total"]),
+    }
+
+    log("recompilation check: new batch and input sizes")
+    results["recompile"] = check_recompilation(model, cpu, signatures_b8)
+    results["peak_rss_main_mib"] = peak_rss_mib()
+    return x1, logits1
+
+
+def measure_outside(args: argparse.Namespace, results: dict[str, Any], x1: Any, logits1: Any) -> None:
+    """Measurements in fresh processes: batch-1 RSS, PyTorch, cold compile, dinat-classify."""
+    log("peak RSS of a batch-1-only process")
+    results["rss"] = run_child(args, "rss1")
+    with tempfile.TemporaryDirectory(prefix="dinat-bench-") as scratch:
+        folder = Path(scratch) / f"dinat-{args.model}"
+        build_model(args.model).save_pretrained(folder)  # seed 0: the weights timed above
+        np.savez(folder / "bench_io.npz", pixels1=x1, logits1=logits1)
+        if args.skip_torch:
+            results["torch"] = {"skipped": "--skip-torch"}
+        else:
+            import importlib.util
+
+            missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+            if missing:
+                results["torch"] = {"skipped": f"not installed: {', '.join(missing)}"}
+            else:
+                log("PyTorch eager baseline (subprocess)")
+                offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+                results["torch"] = run_child(args, "torch", offline, child_arg=str(folder))
+        if args.skip_startup:
+            return
+        startup: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="numba-cold-") as cache:
+            log("cold start: first forward with an empty Numba cache (subprocess)")
+            startup["cold"] = run_child(args, "cold", {"NUMBA_CACHE_DIR": cache})
+        from PIL import Image
+
+        image_path = Path(scratch) / "image.png"
+        noise = np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(image_path)
+        log("fresh classification processes, cache warm")
+        startup["classify"] = measure_classify(args, folder, image_path)
+        results["startup"] = startup
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "model": args.model, "load_start": os.getloadavg(),
+        "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    if args.repeats < 20:
+        log(f"--repeats {args.repeats} < 20: below the issue's protocol (median of >= 20)")
+    x1, logits1 = measure_engine(args, results)
+    measure_outside(args, results, x1, logits1)
+    results["load_end"] = os.getloadavg()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    apply_threads(args.threads, args.threading_layer)
+    import_numerics(args.threads)
+    if args.child:
+        handlers = {"rss1": child_rss_batch1, "cold": child_cold, "torch": child_torch}
+        print(json.dumps(handlers[args.child](args)))
+        return 0
+    results = run_benchmark(args)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
