@@ -73,3 +73,18 @@ def test_bad_arguments_raise_clear_errors(call, message):
     q = np.random.default_rng(1).standard_normal((1, 2, 9, 10, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=message):
         call(q)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "selu"])
+def test_linear_activations_equal_pytorch(activation):
+    torch = pytest.importorskip("torch")
+    from transformers.activations import ACT2FN
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((37, 24)).astype(np.float32) * 3
+    weight = rng.standard_normal((24, 40)).astype(np.float32) * 0.5
+    bias = rng.standard_normal(40).astype(np.float32)
+    # transformers' ACT2FN has no "selu" (its DiNAT would fail on it); PyTorch's own is the reference.
+    function = torch.nn.functional.selu if activation == "selu" else ACT2FN[activation]
+    expected = function(torch.from_numpy(x @ weight + bias)).numpy()
+    np.testing.assert_allclose(cpu.linear(x, weight, bias, activation), expected, rtol=0, atol=1e-5)
