@@ -35,6 +35,18 @@ SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "selu"
 _MODEL_TYPES = {"dinat": "Dinat", "nat": "Nat"}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(item) for item in value)
+
+
 class DinatConfig:
     """Configuration of a DiNAT (``model_type="dinat"``) or NAT (``model_type="nat"``) model.
 
@@ -59,12 +71,17 @@ class DinatConfig:
         for name, default in _DEFAULTS.items():
             setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
         if model_type == "nat" and kwargs.get("dilations") is None:
-            self.dilations = [[1] * depth for depth in self.depths]
+            self.dilations = [[1] * depth for depth in self.depths] if _int_list(self.depths) else []
         # HF derives these; a config.json carries them too, so they must not become "extra" keys.
         for derived in ("hidden_size", "num_layers", "stage_names"):
             kwargs.pop(derived, None)
         self.extra = kwargs
 
+        for field, value in (("id2label", id2label), ("label2id", label2id)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"DinatConfig.{field}: must be a mapping, got {type(value).__name__}")
+        if num_labels is not None and (not _is_int(num_labels) or num_labels < 0):
+            raise ValueError(f"DinatConfig.num_labels: must be an integer >= 0, got {num_labels!r}")
         if id2label is None:
             id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
         self.id2label = {int(k): str(v) for k, v in id2label.items()}
@@ -112,9 +129,9 @@ class DinatConfig:
             fail("num_channels", f"must be a positive integer, got {self.num_channels!r}")
         if not isinstance(self.embed_dim, int) or self.embed_dim < 2 or self.embed_dim % 2:
             fail("embed_dim", f"must be a positive even integer, got {self.embed_dim!r}")
-        if not self.depths or any(not isinstance(d, int) or d < 1 for d in self.depths):
+        if not _int_list(self.depths) or not self.depths or min(self.depths) < 1:
             fail("depths", f"must be a non-empty list of positive integers, got {self.depths!r}")
-        if len(self.num_heads) != len(self.depths):
+        if not _int_list(self.num_heads) or len(self.num_heads) != len(self.depths):
             fail("num_heads", f"needs one entry per stage ({len(self.depths)}), got {self.num_heads!r}")
         for stage, heads in enumerate(self.num_heads):
             dim = self.embed_dim * 2**stage
@@ -122,15 +139,20 @@ class DinatConfig:
                 fail("num_heads", f"stage {stage}: dim {dim} is not divisible by {heads} heads")
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             fail("kernel_size", f"must be an odd integer >= 1, got {self.kernel_size!r}")
-        if len(self.dilations) != len(self.depths) or any(
-            len(stage) != depth for stage, depth in zip(self.dilations, self.depths)
+        if (
+            not isinstance(self.dilations, list)
+            or not all(_int_list(stage) for stage in self.dilations)
+            or [len(stage) for stage in self.dilations] != self.depths
         ):
             fail("dilations", f"must match depths {self.depths}, got {self.dilations!r}")
-        if any(not isinstance(d, int) or d < 1 for stage in self.dilations for d in stage):
+        if any(d < 1 for stage in self.dilations for d in stage):
             fail("dilations", f"every dilation must be an integer >= 1, got {self.dilations!r}")
+        for field in ("mlp_ratio", "layer_norm_eps", "layer_scale_init_value", "initializer_range"):
+            if not _is_real(getattr(self, field)):
+                fail(field, f"must be a number, got {getattr(self, field)!r}")
         if self.mlp_ratio <= 0:
             fail("mlp_ratio", f"must be positive, got {self.mlp_ratio!r}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in SUPPORTED_ACTIVATIONS:
             fail("hidden_act", f"must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}")
         if self.layer_norm_eps <= 0:
             fail("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
@@ -142,6 +164,10 @@ class DinatConfig:
     ) -> tuple[list[str], list[int]]:
         """Backbone outputs: HF's rule (default: last stage; either list determines the other)."""
         names = self.stage_names
+        if out_features is not None and not (isinstance(out_features, list) and all(isinstance(f, str) for f in out_features)):
+            raise ValueError(f"DinatConfig.out_features: must be a list of stage names, got {out_features!r}")
+        if out_indices is not None and not _int_list(out_indices):
+            raise ValueError(f"DinatConfig.out_indices: must be a list of integers, got {out_indices!r}")
         if out_features is None and out_indices is None:
             return [names[-1]], [len(names) - 1]
         if out_features is not None:
@@ -163,8 +189,11 @@ class DinatConfig:
     # ---- (de)serialisation --------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "DinatConfig":
-        """Build a config from the dict of an HF ``config.json``."""
-        return cls(**copy.deepcopy(config))
+        """Build a config from the dict of an HF ``config.json``; ValueError for anything malformed."""
+        try:
+            return cls(**copy.deepcopy(config))
+        except (TypeError, AttributeError) as error:  # a value of an unexpected kind the checks missed
+            raise ValueError(f"invalid model configuration: {error}") from None
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "DinatConfig":
@@ -240,14 +269,32 @@ def write_atomic(target: Path, data: bytes | Callable[[BinaryIO], None]) -> None
                 stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache must stay readable
+        make_shareable(temporary)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+
+def _read_umask() -> int:
+    # /proc gives it without changing it; elsewhere set-and-restore, once, at import (single-threaded).
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+
+
+def make_shareable(path: str | os.PathLike) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (private: 0600/0700) the mode the umask allows,
+    so that a model cache shared between users stays readable."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)

@@ -77,7 +77,8 @@ class _Weights:
         self.missing: list[str] = []
         self.misshaped: list[str] = []
 
-    def raw(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def raw(self, name: str, shape: tuple[int, ...], init: str | float = "normal") -> np.ndarray:
+        """The tensor ``name``; ``init`` says how a fresh model draws it ("normal", or a constant)."""
         self.taken.add(name)
         tensor = self.tensors.get(name)
         if tensor is None:
@@ -88,8 +89,8 @@ class _Weights:
             return tensor
         return np.zeros(shape, np.float32)  # placeholder so that every problem is found in one pass
 
-    def vector(self, name: str, size: int) -> Any:
-        return self.backend.upload(self.raw(name, (size,)))
+    def vector(self, name: str, size: int, init: str | float = 0.0) -> Any:
+        return self.backend.upload(self.raw(name, (size,), init))
 
     def linear(self, name: str, in_features: int, out_features: int) -> Any:
         return self.backend.linear_weight(self.raw(name, (out_features, in_features)))
@@ -107,16 +108,11 @@ class _RandomWeights(_Weights):
         super().__init__({}, "random initialisation", backend)
         self.config, self.rng = config, np.random.default_rng(seed)
 
-    def raw(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        module = name.rsplit(".", 2)[-2] if name.count(".") else ""
-        if name.endswith("layer_scale_parameters"):
-            tensor = np.full(shape, self.config.layer_scale_init_value, np.float32)
-        elif name.endswith((".rpb", ".bias")):
-            tensor = np.zeros(shape, np.float32)
-        elif "norm" in module:
-            tensor = np.ones(shape, np.float32)
-        else:
+    def raw(self, name: str, shape: tuple[int, ...], init: str | float = "normal") -> np.ndarray:
+        if init == "normal":
             tensor = self.rng.normal(0.0, self.config.initializer_range, shape).astype(np.float32)
+        else:
+            tensor = np.full(shape, init, np.float32)
         self.tensors[name] = tensor
         self.taken.add(name)
         return tensor
@@ -127,7 +123,7 @@ class _RandomWeights(_Weights):
 # ---------------------------------------------------------------------------------------------------
 class _LayerNorm:
     def __init__(self, weights: _Weights, name: str, dim: int, eps: float) -> None:
-        self.weight = weights.vector(f"{name}.weight", dim)
+        self.weight = weights.vector(f"{name}.weight", dim, init=1.0)
         self.bias = weights.vector(f"{name}.bias", dim)
         self.eps, self.ops = eps, weights.backend
 
@@ -174,7 +170,7 @@ class NeighborhoodAttention:
             weight = weights.linear(f"{name}.self.{role}.weight", dim, dim)
             bias = weights.vector(f"{name}.self.{role}.bias", dim) if config.qkv_bias else None
             self.projections.append((weight, bias))
-        self.rpb = self.ops.upload(weights.raw(f"{name}.self.rpb", (num_heads, span, span)))
+        self.rpb = self.ops.upload(weights.raw(f"{name}.self.rpb", (num_heads, span, span), init=0.0))
         self.dense = weights.linear(f"{name}.output.dense.weight", dim, dim)
         self.dense_bias = weights.vector(f"{name}.output.dense.bias", dim)
 
@@ -210,7 +206,7 @@ class DinatLayer:
         self.output_bias = weights.vector(f"{name}.output.dense.bias", dim)
         self.activation = config.hidden_act
         if config.layer_scale_init_value > 0:
-            gamma = weights.raw(f"{name}.layer_scale_parameters", (2, dim))
+            gamma = weights.raw(f"{name}.layer_scale_parameters", (2, dim), init=config.layer_scale_init_value)
         else:
             gamma = np.ones((2, dim), np.float32)
         self.layer_scale = [self.ops.upload(np.ascontiguousarray(gamma[i])) for i in range(2)]

@@ -83,3 +83,26 @@ def test_bad_json_is_a_clear_error(tmp_path):
         DinatConfig.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         DinatConfig.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"mlp_ratio": "2"}, "mlp_ratio"),
+        ({"depths": 3}, "depths"),
+        ({"num_heads": 2}, "num_heads"),
+        ({"dilations": [1, 2, 3, 4]}, "dilations"),
+        ({"layer_norm_eps": None}, "layer_norm_eps"),
+        ({"layer_scale_init_value": None}, "layer_scale_init_value"),
+        ({"id2label": ["cat", "dog"]}, "id2label"),
+        ({"num_labels": "3"}, "num_labels"),
+        ({"hidden_act": ["gelu"]}, "hidden_act"),
+        ({"out_features": "stage1"}, "out_features"),
+    ],
+)
+def test_malformed_config_json_values_are_value_errors(tmp_path, change, field):
+    data = json.loads((DATA / "hf_dinat_small_cfg" / "config.json").read_text())
+    data.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=field):
+        DinatConfig.from_pretrained(tmp_path)

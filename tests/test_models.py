@@ -240,3 +240,19 @@ def test_import_does_not_load_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
     assert dinat_np.__version__
+
+
+def test_random_initialisation_follows_hf():
+    config = DinatConfig(embed_dim=8, depths=[1, 1], num_heads=[1, 2], dilations=[[1], [2]], kernel_size=3,
+                         layer_scale_init_value=0.25, out_features=["stem", "stage2"])
+    tensors = DinatBackbone(config, seed=0).state_dict()
+    for name, tensor in tensors.items():
+        if "norm" in name and name.endswith(".weight"):
+            np.testing.assert_array_equal(tensor, 1.0, err_msg=name)
+        elif name.endswith((".bias", ".rpb")):
+            np.testing.assert_array_equal(tensor, 0.0, err_msg=name)
+        elif name.endswith("layer_scale_parameters"):
+            np.testing.assert_array_equal(tensor, 0.25, err_msg=name)
+        else:
+            assert 0.01 < tensor.std() < 0.03, name  # N(0, initializer_range = 0.02)
+    assert "hidden_states_norms.stem.weight" in tensors

@@ -43,6 +43,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from torch_natten import patch_transformers  # noqa: E402
 
+from dinat_np.configuration import make_shareable  # noqa: E402
+
 IMAGE_SIZE = 32
 #: One sample PNG per class listed here (the first held-out image of that class).
 SAMPLE_LABELS = (0, 2, 3, 5, 7, 9)
@@ -117,10 +119,7 @@ def predict(model, pixel_values: np.ndarray, batch_size: int = 256) -> np.ndarra
 
 
 def _atomic_move(src: Path, dst: Path) -> None:
-    # Files made inside mkdtemp() may be private (0600); give them the usual umask mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(src, 0o666 & ~umask)
+    make_shareable(src)  # files made inside mkdtemp() may be private (0600)
     # os.replace is atomic within one file system; src is a temp file in dst's folder.
     os.replace(src, dst)
 
