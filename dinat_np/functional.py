@@ -12,22 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import cpu
+from .kernels import check_window, cpu
 
 __all__ = ["na2d_qk", "na2d_av", "na2d"]
-
-
-def _check_geometry(shape: tuple[int, ...], kernel_size: int, dilation: int) -> None:
-    if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-    if not isinstance(dilation, (int, np.integer)) or dilation < 1:
-        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
-    height, width = shape[2], shape[3]
-    if height < kernel_size * dilation or width < kernel_size * dilation:
-        raise ValueError(
-            f"feature map {height}x{width} is smaller than kernel_size * dilation = "
-            f"{kernel_size} * {dilation} = {kernel_size * dilation}; pad the input first"
-        )
 
 
 def _as_tensor(name: str, array: np.ndarray, like: tuple[int, ...] | None = None) -> np.ndarray:
@@ -65,9 +52,9 @@ def na2d_qk(
     """
     query = _as_tensor("query", query)
     key = _as_tensor("key", key, query.shape)
-    _check_geometry(query.shape, kernel_size, dilation)
+    check_window(query.shape[2], query.shape[3], kernel_size, dilation)
     bias = _bias(rpb, query.shape[1], kernel_size)
-    return cpu.na_qk(_channels_last(query), _channels_last(key), bias, int(kernel_size), int(dilation))
+    return cpu.na_qk(_channels_last(query), _channels_last(key), bias, kernel_size, dilation)
 
 
 def na2d_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int = 1) -> np.ndarray:
@@ -76,7 +63,7 @@ def na2d_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int
     Returns float32 ``(batch, heads, height, width, head_dim)``.
     """
     value = _as_tensor("value", value)
-    _check_geometry(value.shape, kernel_size, dilation)
+    check_window(value.shape[2], value.shape[3], kernel_size, dilation)
     attn = np.asarray(attn)
     expected = value.shape[:4] + (kernel_size * kernel_size,)
     if attn.shape != expected:
@@ -103,7 +90,7 @@ def na2d(
     query = _as_tensor("query", query)
     key = _as_tensor("key", key, query.shape)
     value = _as_tensor("value", value, query.shape)
-    _check_geometry(query.shape, kernel_size, dilation)
+    check_window(query.shape[2], query.shape[3], kernel_size, dilation)
     bias = _bias(rpb, query.shape[1], kernel_size)
     if scale is None:
         scale = query.shape[-1] ** -0.5

@@ -8,9 +8,27 @@ The model only orchestrates these; it never touches backend arrays directly.
 
 from __future__ import annotations
 
+import numbers
 from types import ModuleType
 
 DEVICES = ("cpu", "cuda")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_window(height: int, width: int, kernel_size: int, dilation: int) -> None:
+    """Refuse a neighborhood that does not fit the feature map: the kernels would read outside it."""
+    if not _is_integer(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    if not _is_integer(dilation) or dilation < 1:
+        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+    if height < kernel_size * dilation or width < kernel_size * dilation:
+        raise ValueError(
+            f"feature map {height}x{width} is smaller than kernel_size * dilation = "
+            f"{kernel_size} * {dilation} = {kernel_size * dilation}; pad the input first"
+        )
 
 
 def get_backend(device: str) -> ModuleType:

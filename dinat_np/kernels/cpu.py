@@ -26,6 +26,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import check_window
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _LAUNCH_LOCK = threading.RLock()
@@ -201,6 +203,7 @@ def neighborhood_attention(
     asked, the attention probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
     """
     batch, height, width, heads, _ = query.shape
+    check_window(height, width, kernel_size, dilation)
     out = np.empty(query.shape, np.float32)
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
@@ -212,6 +215,7 @@ def neighborhood_attention(
 def na_qk(query: np.ndarray, key: np.ndarray, rpb: np.ndarray, kernel_size: int, dilation: int) -> np.ndarray:
     """Unfused ``q.k + rpb``: ``(batch, heads, height, width, kernel_size**2)`` from channels-last q and k."""
     batch, height, width, heads, _ = query.shape
+    check_window(height, width, kernel_size, dilation)
     logits = np.empty((batch, heads, height, width, kernel_size * kernel_size), np.float32)
     with _LAUNCH_LOCK:
         _na_qk(query, key, rpb, kernel_size, dilation, logits)
@@ -220,6 +224,7 @@ def na_qk(query: np.ndarray, key: np.ndarray, rpb: np.ndarray, kernel_size: int,
 
 def na_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int) -> np.ndarray:
     """Unfused ``attn @ v`` with ``attn`` in HF layout and ``value`` channels-last; result channels-last."""
+    check_window(value.shape[1], value.shape[2], kernel_size, dilation)
     out = np.empty(value.shape, np.float32)
     with _LAUNCH_LOCK:
         _na_av(attn, value, kernel_size, dilation, out)

@@ -38,7 +38,7 @@ import numba_cuda  # noqa: F401  (the NVIDIA-maintained CUDA target: without it,
 from numba import config, cuda, float32
 from numba.core.errors import NumbaPerformanceWarning
 
-from . import cpu
+from . import check_window, cpu
 from .cpu import ACTIVATIONS
 
 __all__ = [
@@ -756,18 +756,6 @@ def _na_kernel(kernel_size: int, tile: int) -> Any:
     return kernel
 
 
-def _check_geometry(shape: tuple[int, ...], kernel_size: int, dilation: int) -> None:
-    # On the GPU a window outside the map would read out of bounds silently: refuse it up front.
-    height, width = shape[1], shape[2]
-    if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
-        raise ValueError(f"kernel_size must be odd >= 1 and dilation >= 1, got {kernel_size} and {dilation}")
-    if height < kernel_size * dilation or width < kernel_size * dilation:
-        raise ValueError(
-            f"feature map {height}x{width} is smaller than kernel_size * dilation = {kernel_size * dilation}; "
-            "pad it first"
-        )
-
-
 def neighborhood_attention(
     query: Any,
     key: Any,
@@ -784,7 +772,7 @@ def neighborhood_attention(
     asked, the attention probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
     """
     kernel_size, dilation = int(kernel_size), int(dilation)
-    _check_geometry(tuple(query.shape), kernel_size, dilation)
+    check_window(query.shape[1], query.shape[2], kernel_size, dilation)
     with _LOCK:
         batch, height, width, heads, _ = query.shape
         row_start, row_bias = _window_tables(height, kernel_size, dilation)
@@ -852,7 +840,7 @@ def _na_av_kernel(attn, value, row_start, col_start, kernel_size, dilation, out)
 def na_qk(query: Any, key: Any, rpb: Any, kernel_size: int, dilation: int) -> Any:
     """Unfused ``q.k + rpb``: ``(batch, heads, height, width, kernel_size**2)`` from channels-last q and k."""
     kernel_size, dilation = int(kernel_size), int(dilation)
-    _check_geometry(tuple(query.shape), kernel_size, dilation)
+    check_window(query.shape[1], query.shape[2], kernel_size, dilation)
     with _LOCK:
         batch, height, width, heads, _ = query.shape
         row_start, row_bias = _window_tables(height, kernel_size, dilation)
@@ -867,7 +855,7 @@ def na_qk(query: Any, key: Any, rpb: Any, kernel_size: int, dilation: int) -> An
 def na_av(attn: Any, value: Any, kernel_size: int, dilation: int) -> Any:
     """Unfused ``attn @ v`` with ``attn`` in HF layout and ``value`` channels-last; result channels-last."""
     kernel_size, dilation = int(kernel_size), int(dilation)
-    _check_geometry(tuple(value.shape), kernel_size, dilation)
+    check_window(value.shape[1], value.shape[2], kernel_size, dilation)
     with _LOCK:
         height, width = value.shape[1], value.shape[2]
         row_start, _ = _window_tables(height, kernel_size, dilation)
