@@ -39,7 +39,6 @@ __all__ = [
     "DownloadError",
     "load_registry",
     "registry_entry",
-    "list_models",
     "resolve_model",
     "cache_home",
     "download",
@@ -117,11 +116,6 @@ def _as_models(registry: Mapping[str, Any] | str | os.PathLike | None) -> Mappin
     if registry is None or isinstance(registry, (str, os.PathLike)):
         return load_registry(registry)
     return registry.get("models", registry) if isinstance(registry.get("models"), dict) else registry
-
-
-def list_models(registry: Mapping[str, Any] | str | os.PathLike | None = None) -> list[str]:
-    """Names of the registry's models."""
-    return sorted(_as_models(registry))
 
 
 def registry_entry(name: str, registry: Mapping[str, Any] | str | os.PathLike | None = None) -> dict[str, Any]:

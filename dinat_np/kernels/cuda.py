@@ -44,10 +44,9 @@ from .cpu import ACTIVATIONS
 __all__ = [
     "ACTIVATIONS", "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
     "linear_residual", "conv3x3_stride2", "neighborhood_attention", "na_qk", "na_av", "pad_bottom_right",
-    "crop", "mean_pool", "nchw_to_nhwc", "set_num_threads",
+    "crop", "mean_pool", "nchw_to_nhwc",
 ]
 
-NUMBA_CUDA_VERSION: str = numba_cuda.__version__
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
 
 _LOCK = threading.RLock()
@@ -124,12 +123,6 @@ def require_gpu() -> None:
         if not np.array_equal(result, np.arange(4, dtype=np.float32) * 2 + 1):
             raise RuntimeError(f"the GPU returned wrong numbers from a test kernel: {result}")
         _gpu_checked = True
-
-
-def set_num_threads(threads: int) -> None:
-    """Accepted for interface parity with the CPU backend; GPU kernels do not use CPU threads."""
-    if int(threads) < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
 
 
 # ---------------------------------------------------------------------------------------------------
