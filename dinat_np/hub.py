@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
-from .configuration import read_json_object, write_atomic
+from .configuration import make_shareable, read_json_object, write_atomic
 
 __all__ = [
     "UnknownModelError",
@@ -273,6 +273,7 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
         if expected_sha256 and sha != expected_sha256.lower():
             raise DownloadError(name, url, target, f"sha256 {sha} differs from the registry's {expected_sha256}")
         bar.close(done, ok=True)
+        make_shareable(tmp)
         os.replace(tmp, dest)
     except BaseException:
         if bar is not None:

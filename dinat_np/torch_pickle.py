@@ -16,16 +16,16 @@ names is checked against a small allow-list *before any opcode runs* (a static s
 opcode stream), and again while loading; each allowed name is bound to a harmless function of
 this module that only builds NumPy arrays.  Nothing in a checkpoint can execute code.
 
-bfloat16: NumPy has no bfloat16 type.  By default bf16 tensors are decoded to float32
-(exact: every bf16 value is a float32 value).  ``bfloat16="raw"`` keeps the raw 16-bit patterns
-as :class:`BFloat16Bits` arrays (a ``uint16`` ndarray subclass, so the marker survives in a
-plain dict) for callers that want to re-store them bit-exactly.
+The stand-ins are shared by every load, so none of them can be modified by a pickle (no instance
+dict, attribute writes and ``BUILD`` refused): one crafted file cannot change how later files load.
+
+bfloat16: NumPy has no bfloat16 type; bf16 tensors are decoded to float32 (exact: every bf16 value
+is a float32 value).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import io
 import math
 import os
@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .state_dict import bfloat16_bits_to_float32
+
 __all__ = [
     "TorchCheckpointError",
     "UnsafeCheckpointError",
@@ -44,8 +46,6 @@ __all__ = [
     "load_torch_checkpoint",
     "extract_state_dict",
     "is_torch_zip",
-    "BFloat16Bits",
-    "bfloat16_bits_to_float32",
     "scan_pickle_globals",
     "ALLOWED_GLOBALS",
 ]
@@ -106,22 +106,44 @@ _TORCH_DTYPES: dict[str, tuple[np.dtype, bool]] = {
 }
 
 
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Decode raw bfloat16 bit patterns (``uint16``) to float32 (exact)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Harmless stand-ins for the allow-listed globals.  None of them imports or calls anything
 # that the pickle could choose; they only slice NumPy buffers.
 
 
-class _StorageType:
+class _Sealed:
+    """Base of the stand-ins: no instance dict, and neither ``setattr`` nor ``BUILD`` can change one.
+
+    The stand-ins are module-level objects shared by every load.  Were they writable, a pickle could
+    ``BUILD`` new attribute values into one (say ``is_bf16`` of ``torch.FloatStorage``) and silently
+    corrupt every later load in the process.  ``BUILD`` calls ``__setstate__`` when it exists, so
+    defining it here (to refuse) also keeps the pickle off the slot-``setattr`` path.
+    """
+
+    __slots__ = ()
+
+    def _init(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafeCheckpointError(f"the pickle tries to set attribute {name!r} of {self!r}; refused")
+
+    def __delattr__(self, name: str) -> None:
+        raise UnsafeCheckpointError(f"the pickle tries to delete attribute {name!r} of {self!r}; refused")
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError(f"the pickle tries to modify {self!r} (BUILD); refused")
+
+
+class _StorageType(_Sealed):
     """Marker standing in for ``torch.FloatStorage`` & co. (never callable)."""
 
+    __slots__ = ("name", "dtype", "is_bf16")
+
     def __init__(self, name: str):
-        self.name = name
-        self.dtype, self.is_bf16 = _STORAGE_DTYPES[name]
+        dtype, is_bf16 = _STORAGE_DTYPES[name]
+        self._init(name=name, dtype=dtype, is_bf16=is_bf16)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise UnsafeCheckpointError(f"the pickle tries to call torch.{self.name}; only tensor data is supported")
@@ -130,41 +152,77 @@ class _StorageType:
         return f"<storage type {self.name}>"
 
 
-class _TorchDType:
+class _TorchDType(_Sealed):
     """Marker standing in for a ``torch.<dtype>`` object."""
 
+    __slots__ = ("name", "dtype", "is_bf16")
+
     def __init__(self, name: str):
-        self.name = name
-        self.dtype, self.is_bf16 = _TORCH_DTYPES[name]
+        dtype, is_bf16 = _TORCH_DTYPES[name]
+        self._init(name=name, dtype=dtype, is_bf16=is_bf16)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise UnsafeCheckpointError(f"the pickle tries to call torch.{self.name}")
 
+    def __repr__(self) -> str:
+        return f"<torch dtype {self.name}>"
 
-class _TensorTypeMarker:
+
+class _TensorTypeMarker(_Sealed):
     """Marker for ``torch.Tensor`` / ``torch.nn.Parameter`` used as a type argument only."""
 
+    __slots__ = ("name",)
+
     def __init__(self, name: str):
-        self.name = name
+        self._init(name=name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise UnsafeCheckpointError(f"the pickle tries to construct {self.name} directly; unsupported")
 
+    def __repr__(self) -> str:
+        return f"<type {self.name}>"
 
-class _Storage:
+
+class _Function(_Sealed):
+    """An allow-listed function as the pickle sees it.
+
+    A plain function object is writable (``__dict__``, ``__defaults__``, ...); this sealed wrapper
+    is what the unpickler hands out instead, so a ``BUILD`` on it is refused.
+    """
+
+    __slots__ = ("name", "func")
+
+    def __init__(self, name: str, func: Callable[..., Any]):
+        self._init(name=name, func=func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<function {self.name}>"
+
+
+class _Storage(_Sealed):
     """A storage referenced by key; its bytes are read from the archive on first use."""
 
+    __slots__ = ("reader", "key", "stype", "numel", "_array")
+
     def __init__(self, reader: "_ArchiveReader", key: str, stype: _StorageType, numel: int):
-        self.reader = reader
-        self.key = key
-        self.stype = stype
-        self.numel = numel
-        self._array: np.ndarray | None = None
+        self._init(reader=reader, key=key, stype=stype, numel=numel, _array=None)
+
+    def __repr__(self) -> str:
+        return f"<storage {self.key}>"
 
     def array(self) -> np.ndarray:
         if self._array is None:
-            self._array = self.reader.read_storage(self.key, self.stype.dtype, self.numel)
+            object.__setattr__(self, "_array", self.reader.read_storage(self.key, self.stype.dtype, self.numel))
         return self._array
+
+
+# The two allow-listed classes are handed out as the classes themselves.  A BUILD on the class
+# object (rather than on an instance made by this load) cannot change it: BUILD then calls the
+# plain function ``cls.__setstate__(state)``, which fails for the missing argument before doing
+# anything.
 
 
 class _OrderedDict(collections.OrderedDict):
@@ -193,7 +251,7 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _view(opts: _LoadOptions, storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None,
+def _view(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None,
           is_bf16: bool | None = None) -> np.ndarray:
     """Build the (possibly strided, offset) tensor view of a storage as a NumPy array."""
     if not isinstance(storage, _Storage):
@@ -234,40 +292,24 @@ def _view(opts: _LoadOptions, storage: Any, offset: Any, size: Any, stride: Any,
                 base[offset:], shape=size_t, strides=tuple(s * item for s in stride_t), writeable=False
             ).copy()
     if bf16:
-        out = opts.finish_bf16(out)
+        out = bfloat16_bits_to_float32(out)
     return out
 
 
-class BFloat16Bits(np.ndarray):
-    """``uint16`` array holding raw bfloat16 bit patterns (returned with ``bfloat16="raw"``)."""
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
+    return _view(storage, storage_offset, size, stride)
 
 
-class _LoadOptions:
-    """Per-load options, bound into the rebuild functions the unpickler hands out."""
-
-    def __init__(self, bf16_raw: bool):
-        self.bf16_raw = bf16_raw
-
-    def finish_bf16(self, bits: np.ndarray) -> np.ndarray:
-        if self.bf16_raw:
-            return np.array(bits, dtype=np.uint16).view(BFloat16Bits)
-        return bfloat16_bits_to_float32(bits)
-
-
-def _rebuild_tensor(opts: _LoadOptions, storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
-    return _view(opts, storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v2(opts: _LoadOptions, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                        backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
-    return _view(opts, storage, storage_offset, size, stride)
+    return _view(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(opts: _LoadOptions, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
                        backward_hooks: Any, dtype: Any, metadata: Any = None) -> np.ndarray:
     if not isinstance(dtype, _TorchDType):
         raise TorchCheckpointError(f"malformed tensor record: dtype {dtype!r}")
-    return _view(opts, storage, storage_offset, size, stride, dtype=dtype.dtype, is_bf16=dtype.is_bf16)
+    return _view(storage, storage_offset, size, stride, dtype=dtype.dtype, is_bf16=dtype.is_bf16)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
@@ -278,14 +320,12 @@ def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks:
     return data
 
 
-# Functions that need the per-load options as first argument.
-_NEEDS_OPTIONS: tuple[Callable[..., Any], ...] = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3)
-_REBUILDERS: tuple[Callable[..., Any], ...] = _NEEDS_OPTIONS + (_rebuild_parameter, _rebuild_parameter_with_state)
+_REBUILDERS: tuple[Callable[..., Any], ...] = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3,
+                                               _rebuild_parameter, _rebuild_parameter_with_state)
 
 
 def _is_rebuilder(func: Any) -> bool:
-    inner = func.func if isinstance(func, functools.partial) else func
-    return any(inner is r for r in _REBUILDERS)
+    return isinstance(func, _Function) and any(func.func is r for r in _REBUILDERS)
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
@@ -303,18 +343,22 @@ def _torch_size(*args: Any) -> tuple:
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): _OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Tensor"): _TensorTypeMarker("torch.Tensor"),
     ("torch._tensor", "Tensor"): _TensorTypeMarker("torch.Tensor"),
     ("torch.nn.parameter", "Parameter"): _TensorTypeMarker("torch.nn.Parameter"),
-    ("torch", "Size"): _torch_size,
     ("argparse", "Namespace"): _Inert,
 }
+for _module, _func in (
+    ("torch._utils", _rebuild_tensor),
+    ("torch._utils", _rebuild_tensor_v2),
+    ("torch._utils", _rebuild_tensor_v3),
+    ("torch._utils", _rebuild_parameter),
+    ("torch._utils", _rebuild_parameter_with_state),
+    ("torch._tensor", _rebuild_from_type_v2),
+):
+    _ALLOWED[(_module, _func.__name__)] = _Function(f"{_module}.{_func.__name__}", _func)
+_ALLOWED[("torch", "Size")] = _Function("torch.Size", _torch_size)
+del _module, _func
 for _name in _STORAGE_DTYPES:
     _ALLOWED[("torch", _name)] = _StorageType(_name)
 _ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]
