@@ -479,20 +479,39 @@ def _describe_non_zip(path: Path) -> str:
     return f"{path} is not a torch.save zip archive (unrecognized header {head[:8]!r})"
 
 
+_BYTEORDER_MAX = 16  # "little" / "big" plus whitespace
+
+
 class _ArchiveReader:
-    """Locates ``data.pkl`` and the storages of one torch zip archive."""
+    """Locates ``data.pkl`` and the storages of one torch zip archive.
+
+    A context manager: the zip file is closed on leaving the ``with`` block, also on errors.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.zip = zipfile.ZipFile(path)
-            names = self.zip.namelist()
+            self.zip = zipfile.ZipFile(path)  # closes its own file if it raises
         except zipfile.BadZipFile as exc:
             raise TorchCheckpointError(f"{path} is a damaged or truncated zip archive ({exc})") from None
+        try:
+            self._index()
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def __enter__(self) -> "_ArchiveReader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.zip.close()
+
+    def _index(self) -> None:
+        names = self.zip.namelist()
         pkl = [n for n in names if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
         if len(pkl) != 1:
             raise TorchCheckpointError(
-                f"{path} is a zip archive but not a torch.save checkpoint (expected one '<name>/data.pkl', "
+                f"{self.path} is a zip archive but not a torch.save checkpoint (expected one '<name>/data.pkl', "
                 f"found {len(pkl)})"
             )
         self.prefix = pkl[0][: -len("data.pkl")]
@@ -500,22 +519,46 @@ class _ArchiveReader:
         self.big_endian = False
         order_name = self.prefix + "byteorder"
         if order_name in self.names:
-            order = self._read(order_name).decode("ascii", "replace").strip()
+            size = self._entry(order_name).file_size
+            if size > _BYTEORDER_MAX:
+                raise TorchCheckpointError(f"{self.path}: unknown byteorder (a {size}-byte entry)")
+            order = self._read(order_name, size).decode("ascii", "replace").strip()
             if order not in ("little", "big"):
-                raise TorchCheckpointError(f"{path}: unknown byteorder {order!r}")
+                raise TorchCheckpointError(f"{self.path}: unknown byteorder {order!r}")
             self.big_endian = order == "big"
         self._storages: dict[str, _Storage] = {}
 
-    def _read(self, name: str) -> bytes:
+    def _entry(self, name: str) -> zipfile.ZipInfo:
+        """The entry's directory record; only the methods torch.save writes are accepted."""
+        info = self.zip.getinfo(name)
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise TorchCheckpointError(
+                f"{self.path}: entry '{name}' uses zip compression method {info.compress_type}; a torch.save "
+                "checkpoint stores its entries uncompressed (deflate is accepted too)"
+            )
+        return info
+
+    def _read(self, name: str, size: int) -> bytes:
+        """Exactly ``size`` bytes of an entry whose declared size was checked against ``size``.
+
+        Reading a bounded amount (instead of ``ZipFile.read``) means a deflated entry that inflates
+        to more than its directory record claims cannot exhaust memory.
+        """
         try:
-            return self.zip.read(name)
+            with self.zip.open(name) as stream:
+                data = stream.read(size)
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
             raise TorchCheckpointError(f"{self.path}: entry '{name}' is damaged or truncated ({exc})") from None
-        except Exception as exc:  # zlib.error and friends
+        except Exception as exc:  # zlib.error, encrypted entries and friends
             raise TorchCheckpointError(f"{self.path}: entry '{name}' cannot be read ({exc})") from None
+        if len(data) != size:
+            raise TorchCheckpointError(f"{self.path}: entry '{name}' is damaged or truncated "
+                                       f"({len(data)} of {size} bytes)")
+        return data
 
     def data_pkl(self) -> bytes:
-        return self._read(self.prefix + "data.pkl")
+        name = self.prefix + "data.pkl"
+        return self._read(name, self._entry(name).file_size)
 
     def storage(self, key: str, stype: _StorageType, numel: int) -> _Storage:
         existing = self._storages.get(key)
@@ -532,10 +575,14 @@ class _ArchiveReader:
         if name not in self.names:
             raise TorchCheckpointError(f"{self.path}: storage '{key}' referenced by data.pkl is missing "
                                        "(truncated archive?)")
-        raw = self._read(name)
         need = numel * dtype.itemsize
-        if len(raw) < need:
-            raise TorchCheckpointError(f"{self.path}: storage '{key}' has {len(raw)} bytes, expected {need}")
+        size = self._entry(name).file_size
+        # torch.save writes each storage's bytes exactly; any other size means a damaged or crafted
+        # file, refused before a byte is read or inflated.
+        if size != need:
+            raise TorchCheckpointError(f"{self.path}: storage '{key}' has {size} bytes, but data.pkl describes "
+                                       f"{numel} {dtype} elements ({need} bytes)")
+        raw = self._read(name, need)
         src_dtype = dtype.newbyteorder(">") if self.big_endian and dtype.itemsize > 1 else dtype
         arr = np.frombuffer(raw, dtype=src_dtype, count=numel)
         if src_dtype is not dtype:
@@ -546,19 +593,15 @@ class _ArchiveReader:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose only reachable globals are the stand-ins in ``_ALLOWED``."""
 
-    def __init__(self, data: bytes, reader: _ArchiveReader, opts: _LoadOptions):
+    def __init__(self, data: bytes, reader: _ArchiveReader):
         super().__init__(io.BytesIO(data))
         self.reader = reader
-        self.opts = opts
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
         try:
-            target = _ALLOWED[(module, name)]
+            return _ALLOWED[(module, name)]
         except KeyError:
             raise _refuse(module, name, str(self.reader.path)) from None
-        if any(target is f for f in _NEEDS_OPTIONS):
-            return functools.partial(target, self.opts)
-        return target
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -574,41 +617,37 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.reader.storage(key, stype, numel)
 
 
-def load_torch_file(path: str | os.PathLike, *, bfloat16: str = "float32") -> Any:
+def load_torch_file(path: str | os.PathLike) -> Any:
     """Load the object tree of a ``torch.save`` zip file with tensors as NumPy arrays.
 
     Args:
         path: the checkpoint file.
-        bfloat16: ``"float32"`` decodes bf16 tensors to float32 (exact); ``"raw"`` returns their
-            bit patterns as ``uint16`` arrays.
 
     Returns:
         What was saved, with every tensor replaced by a NumPy array (float32/float16/float64/
-        int64/... as stored), ``OrderedDict`` for ordered dicts.
+        int64/... as stored; bfloat16 decoded exactly to float32), ``OrderedDict`` for ordered dicts.
 
     Raises:
-        UnsafeCheckpointError: the pickle names a global outside the allow-list.
+        UnsafeCheckpointError: the pickle names a global outside the allow-list, or tries to
+            modify one of the stand-ins.
         TorchCheckpointError: not a torch zip archive (legacy format, truncated, garbage, ...).
     """
-    if bfloat16 not in ("float32", "raw"):
-        raise ValueError(f"bfloat16 must be 'float32' or 'raw', not {bfloat16!r}")
     path = Path(path)
     if not path.is_file():
         raise TorchCheckpointError(f"{path}: no such file")
     if not is_torch_zip(path):
         raise TorchCheckpointError(_describe_non_zip(path))
-    reader = _ArchiveReader(path)
-    data = reader.data_pkl()
-    scan_pickle_globals(data, where=str(path))  # refuses before a single opcode is executed
-    try:
-        obj = _RestrictedUnpickler(data, reader, _LoadOptions(bf16_raw=bfloat16 == "raw")).load()
-    except TorchCheckpointError:
-        raise
-    except Exception as exc:
-        raise TorchCheckpointError(f"{path}: data.pkl cannot be unpickled ({type(exc).__name__}: {exc})") from None
-    finally:
-        reader.zip.close()
-    return obj
+    with _ArchiveReader(path) as reader:
+        data = reader.data_pkl()
+        scan_pickle_globals(data, where=str(path))  # refuses before a single opcode is executed
+        try:
+            return _RestrictedUnpickler(data, reader).load()
+        except TorchCheckpointError:
+            raise
+        except Exception as exc:
+            raise TorchCheckpointError(
+                f"{path}: data.pkl cannot be unpickled ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
@@ -653,24 +692,18 @@ def extract_state_dict(obj: Any, *, key: str | None = None, where: str = "checkp
     return out
 
 
-def load_torch_checkpoint(path: str | os.PathLike, *, key: str | None = None, bfloat16: str = "float32",
-                          return_bf16_names: bool = False) -> Any:
+def load_torch_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> dict[str, np.ndarray]:
     """Read a ``torch.save`` checkpoint into ``{name: np.ndarray}`` without torch and without running code.
 
     Unwraps ``{"model": ...}``, ``{"state_dict": ...}``, ``{"state_dict_ema": ...}`` and strips
-    ``module.`` prefixes (see :func:`extract_state_dict`).
+    ``module.`` prefixes (see :func:`extract_state_dict`).  bfloat16 tensors come back as float32
+    (exact).
 
     Args:
         path: the ``.pth`` / ``.bin`` file.
         key: take the state dict from this entry of a wrapper dict.
-        bfloat16: ``"float32"`` (default) decodes bf16 tensors; ``"raw"`` keeps their bits as uint16.
-        return_bf16_names: also return the set of names whose arrays are raw bf16 bits.
 
     Returns:
-        The state dict, or ``(state_dict, bf16_names)`` when ``return_bf16_names``.
+        The state dict.
     """
-    obj = load_torch_file(path, bfloat16=bfloat16)
-    sd = extract_state_dict(obj, key=key, where=str(path))
-    if return_bf16_names:
-        return sd, {k for k, v in sd.items() if isinstance(v, BFloat16Bits)}
-    return sd
+    return extract_state_dict(load_torch_file(path), key=key, where=str(path))

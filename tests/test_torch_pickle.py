@@ -28,13 +28,14 @@ DATA = Path(__file__).parent / "data"
 # helpers
 
 
-def _zip_with_pickle(path: Path, pkl: bytes, storages: dict[str, bytes] | None = None, prefix: str = "archive") -> Path:
+def _zip_with_pickle(path: Path, pkl: bytes, storages: dict[str, bytes] | None = None, prefix: str = "archive",
+                     storage_compression: int = zipfile.ZIP_STORED) -> Path:
     """A torch-style zip archive whose data.pkl is ``pkl``."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr(f"{prefix}/data.pkl", pkl)
         z.writestr(f"{prefix}/byteorder", "little")
         for key, blob in (storages or {}).items():
-            z.writestr(f"{prefix}/data/{key}", blob)
+            z.writestr(f"{prefix}/data/{key}", blob, compress_type=storage_compression)
         z.writestr(f"{prefix}/version", "3\n")
     return path
 
@@ -43,6 +44,11 @@ def _global_call_p2(module: str, name: str, arg: str) -> bytes:
     """Protocol-2 pickle calling module.name(arg) through GLOBAL + REDUCE."""
     a = arg.encode()
     return b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X" + len(a).to_bytes(4, "little") + a + b"\x85R."
+
+
+def _text(s: str) -> bytes:
+    """BINUNICODE opcode pushing ``s``."""
+    return b"X" + len(s.encode()).to_bytes(4, "little") + s.encode()
 
 
 def _short(s: str) -> bytes:
@@ -138,7 +144,7 @@ def test_runtime_guard_also_refuses() -> None:
     class _Reader:
         path = Path("x.pth")
 
-    unpickler = tp._RestrictedUnpickler(b".", _Reader(), tp._LoadOptions(bf16_raw=False))
+    unpickler = tp._RestrictedUnpickler(b".", _Reader())
     with pytest.raises(UnsafeCheckpointError, match="builtins.getattr"):
         unpickler.find_class("builtins", "getattr")
     assert unpickler.find_class("collections", "OrderedDict") is tp._OrderedDict
@@ -149,6 +155,60 @@ def test_scan_lists_only_allowed_globals_of_a_real_checkpoint() -> None:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     found = set(tp.scan_pickle_globals(pkl))
     assert found == {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch", "FloatStorage")}
+
+
+def _build_on(target: bytes, state: bytes) -> bytes:
+    """Protocol-2 pickle: push ``target`` (opcodes), then BUILD it with ``state`` (opcodes)."""
+    return b"\x80\x02" + target + state + b"b."
+
+
+_BF16_TRUE = b"}" + _text("is_bf16") + b"\x88s"  # {"is_bf16": True}
+
+
+@pytest.mark.parametrize(
+    "pkl, error",
+    [
+        # BUILD with a dict state: would land in the instance dict of the shared stand-in
+        (_build_on(b"ctorch\nFloatStorage\n", _BF16_TRUE), UnsafeCheckpointError),
+        # BUILD with (None, slotstate): would setattr on it
+        (_build_on(b"ctorch\nFloatStorage\n", b"N" + _BF16_TRUE + b"\x86"), UnsafeCheckpointError),
+        (_build_on(b"ctorch\nbfloat16\n", b"}" + _text("is_bf16") + b"\x89s"), UnsafeCheckpointError),
+        (_build_on(b"ctorch\nTensor\n", b"}" + _text("name") + _text("x") + b"s"), UnsafeCheckpointError),
+        # a shared stand-in handed back by a rebuild function, then BUILT
+        (_build_on(b"ctorch._utils\n_rebuild_parameter\nctorch\nFloatStorage\n\x85R", _BF16_TRUE),
+         UnsafeCheckpointError),
+        # an allow-listed function: defaults / attributes
+        (_build_on(b"ctorch._utils\n_rebuild_tensor_v2\n", b"N}" + _text("__defaults__") + b"\x88\x85s\x86"),
+         UnsafeCheckpointError),
+        (_build_on(b"ctorch\nSize\n", b"}" + _text("x") + b"K\x01s"), UnsafeCheckpointError),
+        # the allow-listed classes themselves
+        (_build_on(b"ccollections\nOrderedDict\n", b"N}" + _text("__setstate__") + b"Ns\x86"), TorchCheckpointError),
+        (_build_on(b"cargparse\nNamespace\n", b"}" + _text("__init__") + b"Ns"), TorchCheckpointError),
+    ],
+)
+def test_pickle_cannot_mutate_shared_stand_ins(tmp_path: Path, pkl: bytes, error: type) -> None:
+    """A crafted pickle must not change how later checkpoints in the same process are read."""
+    real = DATA / "original_dinat_small_cfg" / "checkpoint.pth"
+    first = load_torch_checkpoint(real)
+    classes_before = (dict(vars(tp._OrderedDict)), dict(vars(tp._Inert)))
+
+    path = _zip_with_pickle(tmp_path / "mutate.pth", pkl)
+    tp.scan_pickle_globals(pkl)  # only allow-listed names: the static scan alone does not stop it
+    with pytest.raises(error):
+        load_torch_file(path)
+
+    float_storage = tp._ALLOWED[("torch", "FloatStorage")]
+    assert float_storage.is_bf16 is False and float_storage.dtype == np.float32
+    assert tp._ALLOWED[("torch", "bfloat16")].is_bf16 is True
+    assert not hasattr(float_storage, "__dict__")
+    assert (dict(vars(tp._OrderedDict)), dict(vars(tp._Inert))) == classes_before
+    after = load_torch_checkpoint(real)
+    reference = torch.load(real, weights_only=True)  # what a fresh process reads
+    assert list(after) == list(first) == list(reference)
+    for name, tensor in reference.items():
+        assert after[name].dtype == np.float32, name
+        np.testing.assert_array_equal(after[name], first[name], err_msg=name)
+        np.testing.assert_array_equal(after[name], tensor.numpy(), err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +286,71 @@ def test_missing_storage_entry(tmp_path: Path) -> None:
         load_torch_checkpoint(path)
 
 
+_FOUR_FLOATS = (b"\x80\x02}" + _text("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+                + _text("storage") + b"ctorch\nFloatStorage\n" + _text("0") + _text("cpu") + b"K\x04tQ"
+                + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs.")
+
+
+@pytest.mark.parametrize("nbytes, compression", [(32, zipfile.ZIP_STORED), (8, zipfile.ZIP_STORED),
+                                                 (1 << 22, zipfile.ZIP_DEFLATED)])
+def test_storage_entry_size_must_match(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nbytes: int,
+                                       compression: int) -> None:
+    """data.pkl describes 4 float32 (16 bytes); an entry of another declared size is refused unread."""
+    values = np.random.default_rng(11).standard_normal(4).astype(np.float32).tobytes()
+    ok = _zip_with_pickle(tmp_path / "ok.pth", _FOUR_FLOATS, {"0": values})
+    np.testing.assert_array_equal(load_torch_checkpoint(ok)["w"], np.frombuffer(values, np.float32))
+
+    blob = (values * (nbytes // 16 + 1))[:nbytes]  # the 4 MiB deflated one compresses to a few KiB
+    path = _zip_with_pickle(tmp_path / "size.pth", _FOUR_FLOATS, {"0": blob}, storage_compression=compression)
+    reads: list[str] = []
+    real_read = tp._ArchiveReader._read
+
+    def tracking_read(self, name: str, size: int) -> bytes:
+        reads.append(name)
+        return real_read(self, name, size)
+
+    monkeypatch.setattr(tp._ArchiveReader, "_read", tracking_read)
+    with pytest.raises(TorchCheckpointError, match=rf"storage '0' has {nbytes} bytes.*4 float32 elements \(16 bytes\)"):
+        load_torch_checkpoint(path)
+    assert "archive/data/0" not in reads and "archive/data.pkl" in reads
+
+
+def test_unsupported_zip_compression(tmp_path: Path) -> None:
+    values = np.arange(4, dtype=np.float32).tobytes()
+    path = _zip_with_pickle(tmp_path / "bz2.pth", _FOUR_FLOATS, {"0": values},
+                            storage_compression=zipfile.ZIP_BZIP2)
+    with pytest.raises(TorchCheckpointError, match="'archive/data/0' uses zip compression method 12"):
+        load_torch_checkpoint(path)
+
+
+def test_archive_closed_on_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path out of the reader closes the zip file: not a checkpoint, refused pickle, success."""
+    opened: list[zipfile.ZipFile] = []
+    real_init = zipfile.ZipFile.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", tracking_init)
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("readme.txt", "hello")
+    bad_order = tmp_path / "order.pth"
+    with zipfile.ZipFile(bad_order, "w") as z:
+        z.writestr("a/data.pkl", b"\x80\x02}.")
+        z.writestr("a/byteorder", "middle")
+    evil = _zip_with_pickle(tmp_path / "evil.pth", _global_call_p2("os", "system", "true"))
+    opened.clear()
+    for path, match in ((other, "not a torch.save checkpoint"), (bad_order, "unknown byteorder"),
+                        (evil, "os.system")):
+        with pytest.raises(TorchCheckpointError, match=match):
+            load_torch_file(path)
+    load_torch_checkpoint(DATA / "original_nat_layerscale" / "checkpoint.pth")
+    assert len(opened) == 4
+    assert all(z.fp is None for z in opened), "a zip file was left open"
+
+
 def _tensor_record(offset: int, size: int, stride: int) -> bytes:
     """Pickle opcodes for _rebuild_tensor_v2(storage '0' of 4 floats, offset, (size,), (stride,))."""
 
@@ -298,13 +423,6 @@ def test_dtypes_views_and_shared_storage(tmp_path: Path) -> None:
         assert loaded[name].dtype == ref.dtype, name
         assert loaded[name].shape == ref.shape, name
         np.testing.assert_array_equal(loaded[name], ref, err_msg=name)
-
-    raw, bf16_names = load_torch_checkpoint(path, bfloat16="raw", return_bf16_names=True)
-    assert bf16_names == {"bf16", "bf16_transposed"}
-    for name in bf16_names:
-        bits = tensors[name].contiguous().view(torch.int16).numpy().view(np.uint16)
-        assert raw[name].dtype == np.uint16
-        np.testing.assert_array_equal(raw[name], bits)
 
 
 @pytest.mark.parametrize("wrapper", ["model", "state_dict", "state_dict_ema", None])
