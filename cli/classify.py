@@ -1,14 +1,14 @@
 """``dinat-classify``: classify image files with a DiNAT / NAT model.
 
     dinat-classify IMAGE_OR_DIR... [--model NAME | --weights DIR] [--top-k 5] [--json]
-                   [--batch-size N] [--threads N] [--device cpu|cuda]
+                   [--batch-size N] [--threads N] [--device cpu|cuda] [--no-progress]
 
 Exit status: 0 every image classified, 1 some image could not be read or decoded, 2 usage error
 (bad option, model not available, nothing to classify).
 
-Only argparse and the standard library are imported before the arguments are parsed: ``--threads``
-must reach OpenBLAS/OpenMP/MKL through the environment before NumPy loads them, and ``--help`` stays
-fast.
+Only argparse, the standard library and ``dinat_np.classifier`` (which defers NumPy, Pillow and the
+model code to first use) are imported before the arguments are parsed: ``--threads`` must reach
+OpenBLAS/OpenMP/MKL through the environment before NumPy loads them, and ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import json
 import os
 import sys
 from typing import Any, Sequence, TextIO
+
+from dinat_np.classifier import DEFAULT_BATCH_SIZE  # light: the standard library only, no NumPy
 
 PROG = "dinat-classify"
 DEFAULT_MODEL = "dinat-mini-in1k-224"
@@ -62,12 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
                         help="number of classes to show per image (default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
-                        help="images per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads for Numba kernels and BLAS (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars on stderr (classification, model download)")
     return parser
 
 
@@ -79,48 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_threads(count: int) -> None:
     """Use ``count`` threads for BLAS (OpenBLAS/OpenMP/MKL) and for Numba's parallel kernels.
 
-    The environment variables only take effect if set before NumPy / Numba load their libraries;
-    when NumPy is already loaded, the BLAS library found in the process is told directly.
+    BLAS libraries read their thread count from the environment once, when NumPy loads them: the
+    command sets the variables before anything imports NumPy. If NumPy is already loaded (``main()``
+    called inside a program that imported it), only Numba's thread count and the variables are set;
+    BLAS threads then follow the environment that was in place when NumPy loaded.
     """
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(count)
-    if "numpy" in sys.modules:
-        _set_loaded_blas_threads(count)
     import numba
 
     from dinat_np.kernels import cpu  # picks Numba's threading layer, which must precede the thread pool
 
     cpu.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
-
-
-def _set_loaded_blas_threads(count: int) -> None:
-    """Best effort: call the thread setter of an OpenBLAS / MKL already mapped into this process."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
-            paths = {line.split()[-1] for line in handle if "/" in line}
-    except OSError:
-        return
-    setters = (
-        "scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-        "openblas_set_num_threads", "MKL_Set_Num_Threads",
-    )
-    for path in sorted(paths):
-        base = os.path.basename(path).lower()
-        if "blas" not in base and "mkl" not in base:
-            continue
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in setters:
-            function = getattr(library, symbol, None)
-            if function is not None:
-                function.argtypes = [ctypes.c_int]
-                function.restype = None
-                function(count)
-                break
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,7 +284,9 @@ def _load_classifier(args: argparse.Namespace) -> Any:
     else:
         target = args.model or DEFAULT_MODEL
     try:
-        return ImageClassifier.from_pretrained(target, device=args.device, batch_size=args.batch_size)
+        return ImageClassifier.from_pretrained(
+            target, device=args.device, batch_size=args.batch_size, progress=not args.no_progress
+        )
     except LookupError as error:  # unknown names; str(KeyError) would quote the message
         raise UsageError(_model_message(target, error.args[0] if error.args else error)) from None
     except (OSError, ValueError, RuntimeError, ImportError) as error:

@@ -4,6 +4,9 @@
 model (a registry name through the cache, or a folder), picks its evaluation preprocessing and
 returns, per image, a list of :class:`Prediction`. The ``dinat-classify`` command is a thin shell
 over :meth:`ImageClassifier.iter_predict`.
+
+Importing this module loads only the standard library (NumPy, Pillow and the model code load on first
+use), so ``dinat-classify`` can read :data:`DEFAULT_BATCH_SIZE` before it applies ``--threads``.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from .preprocessing import ImageInput, ImageLoadError, ImageProcessor
+    from .preprocessing import ImageInput, ImageLoadError, ImageProcessor
 
-__all__ = ["ClassificationResult", "ImageClassifier", "Prediction", "bundled_model_folder", "load_label_file"]
+__all__ = ["ClassificationResult", "DEFAULT_BATCH_SIZE", "ImageClassifier", "Prediction"]
 
-_LABEL_FILES = {1000: "imagenet1k.tsv", 21841: "imagenet22k.tsv"}
+# Images per forward pass unless told otherwise (the command line's --batch-size default too).
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -50,82 +54,28 @@ class ClassificationResult:
         return self.error is None
 
 
-def bundled_model_folder(name: str) -> Path | None:
-    """The folder of a model shipped inside the package (e.g. ``digits-demo``), or None."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        return None
-    try:
-        from . import weights as bundled  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    for base in getattr(bundled, "__path__", []):
-        folder = Path(base) / name
-        if (folder / "config.json").is_file():
-            return folder
-    return None
-
-
-def load_label_file(path: Union[str, os.PathLike]) -> list[str]:
-    """Class names from a ``index<TAB>synset<TAB>label`` file (the package's ImageNet lists)."""
-    labels: dict[int, str] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < 2 or not parts[0].strip().isdigit():
-                raise ValueError(f"{path}:{line_number}: expected 'index<TAB>[synset<TAB>]label'")
-            labels[int(parts[0])] = parts[-1]
-    if sorted(labels) != list(range(len(labels))):
-        raise ValueError(f"{path}: class indices are not 0..{len(labels) - 1}")
-    return [labels[i] for i in range(len(labels))]
-
-
-def _packaged_labels(num_labels: int) -> list[str] | None:
-    name = _LABEL_FILES.get(num_labels)
-    if name is None:
-        return None
-    path = Path(__file__).resolve().parent / "labels" / name
-    return load_label_file(path) if path.is_file() else None
-
-
 def _labels_from_config(config: Any) -> list[str]:
     id2label = {int(k): str(v) for k, v in getattr(config, "id2label", {}).items()}
     count = len(id2label)
     labels = [id2label.get(i, f"LABEL_{i}") for i in range(count)]
     if all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
         # Converted original checkpoints may carry only placeholders: use the shipped ImageNet names.
-        return _packaged_labels(count) or labels
+        from .labels import packaged_labels
+
+        return packaged_labels(count) or labels
     return labels
 
 
-def _registry_entry(name: str) -> dict | None:
-    try:
-        from . import hub
-    except ImportError:
+def _registry_entry(name_or_folder: Union[str, os.PathLike], folder: Path) -> dict | None:
+    """The registry entry of a model given by name; None for a folder given as such (or no entry)."""
+    from . import hub
+
+    if folder == Path(name_or_folder).expanduser():  # resolve_model hands folders back unchanged
         return None
     try:
-        return hub.registry_entry(name)
-    except (KeyError, LookupError, ValueError):
+        return hub.registry_entry(os.fspath(name_or_folder))
+    except (LookupError, ValueError):  # unknown name (UnknownModelError is a LookupError), bad registry
         return None
-
-
-def _resolve_folder(name_or_folder: Union[str, os.PathLike]) -> tuple[Path, dict | None]:
-    """A local folder as is; otherwise a registry name (or HF repo id) through the hub and its cache."""
-    path = Path(name_or_folder).expanduser()
-    if path.is_dir():
-        return path, None
-    name = os.fspath(name_or_folder)
-    try:
-        from . import hub
-    except ImportError:  # a trimmed installation without the registry: bundled folders still work
-        bundled = bundled_model_folder(name)
-        if bundled is not None:
-            return bundled, None
-        raise FileNotFoundError(f"{name} is neither a model folder nor a bundled model") from None
-    folder = Path(hub.resolve_model(name))
-    return folder, _registry_entry(name)
 
 
 def _conversion_preprocessing(folder: Path) -> dict | None:
@@ -144,12 +94,16 @@ def _conversion_preprocessing(folder: Path) -> dict | None:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
@@ -175,6 +129,8 @@ class ImageClassifier:
         device: str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
+        from .preprocessing import ImageProcessor
+
         if isinstance(model, (str, os.PathLike)):
             loaded = type(self).from_pretrained(model, device=device, batch_size=batch_size)
             model = loaded.model
@@ -196,17 +152,23 @@ class ImageClassifier:
         name_or_folder: Union[str, os.PathLike],
         device: str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = True,
     ) -> "ImageClassifier":
         """Load a folder, a registry name (cached, else downloaded and converted) or a bundled model.
+
+        ``progress`` shows a download progress bar (and the conversion message) on stderr when the
+        name is not cached yet; False keeps stderr quiet.
 
         Raises:
             dinat_np.hub.UnknownModelError: neither a folder nor a registry name.
             dinat_np.hub.WeightsUnavailableError: not cached and cannot be downloaded (the message
                 names the checkpoint, its URL and the ways out).
         """
+        from . import hub
         from .modeling import DinatForImageClassification
+        from .preprocessing import ImageProcessor
 
-        folder, entry = _resolve_folder(name_or_folder)
+        folder = Path(hub.resolve_model(name_or_folder, progress=progress))
         model = DinatForImageClassification.from_pretrained(folder, device=device)
         # Most specific first: the folder's HF processor config, the transform recorded when the
         # folder was converted, the registry entry of the name, timm's 224-pixel default.
@@ -215,7 +177,7 @@ class ImageClassifier:
             processor = ImageProcessor.from_pretrained(folder)
         elif recorded is not None:
             processor = ImageProcessor.from_registry_entry({"preprocessing": recorded})
-        elif entry is not None and entry.get("preprocessing"):
+        elif (entry := _registry_entry(name_or_folder, folder)) is not None and entry.get("preprocessing"):
             processor = ImageProcessor.from_registry_entry(entry)
         else:
             processor = ImageProcessor.timm_eval()
@@ -225,6 +187,8 @@ class ImageClassifier:
 
     def predict_pixels(self, pixel_values: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
         """Top-k predictions for already preprocessed float32 (B, 3, H, W) pixels."""
+        import numpy as np
+
         _check_positive(top_k, "top_k")
         logits = np.asarray(self.model(pixel_values).logits)
         if logits.ndim != 2:
@@ -276,6 +240,10 @@ class ImageClassifier:
                 on_progress(len(pending))
 
     def _run_batch(self, sources: list[Any], top_k: int) -> list[ClassificationResult]:
+        import numpy as np
+
+        from .preprocessing import ImageLoadError
+
         arrays: list[np.ndarray | None] = []
         errors: list[ImageLoadError | None] = []
         for source in sources:
@@ -311,7 +279,9 @@ class ImageClassifier:
         Raises:
             ImageLoadError: an image cannot be read or decoded (its message names it).
         """
-        if isinstance(images, (str, os.PathLike, bytes, bytearray, np.ndarray)) or _is_pil(images):
+        from .preprocessing import is_single_image
+
+        if is_single_image(images):
             images = [images]
         results = []
         for result in self.iter_predict(images, top_k=top_k, batch_size=batch_size):
@@ -325,12 +295,6 @@ class ImageClassifier:
             f"{type(self).__name__}(classes={len(self.labels)}, processor={self.processor.name!r}, "
             f"batch_size={self.batch_size})"
         )
-
-
-def _is_pil(value: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(value, Image.Image)
 
 
 def _check_positive(value: Any, name: str) -> None:

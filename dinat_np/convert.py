@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .configuration import CONFIG_NAME, DinatConfig, read_json_object
+from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
 from .state_dict import WEIGHTS_NAME, SafetensorsError, WeightsMismatchError, read_safetensors, write_safetensors
 from .torch_pickle import TorchCheckpointError, is_torch_zip, load_torch_checkpoint
 
@@ -232,30 +233,6 @@ def infer_architecture(body: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Labels
-
-
-def _labels_dir() -> Path:
-    return Path(__file__).resolve().parent / "labels"
-
-
-def load_label_set(name: str) -> list[str]:
-    """Class names of a packaged label set (``"imagenet1k"`` or ``"imagenet22k"``), by class index."""
-    path = _labels_dir() / f"{name}.tsv"
-    if not path.is_file():
-        raise ConversionError(f"unknown label set {name!r} (no {path})")
-    labels: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        index, _synset, text = line.split("\t", 2)
-        if int(index) != len(labels):
-            raise ConversionError(f"{path}: line {number + 1} has class index {index}, expected {len(labels)}")
-        labels.append(text)
-    return labels
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading sources
 
 
@@ -354,7 +331,10 @@ def registry_config(entry: Mapping[str, Any]) -> dict[str, Any]:
             cfg[key] = arch[key]
     label_set = entry.get("label_set")
     if label_set:
-        labels = load_label_set(label_set)
+        try:
+            labels = load_label_set(label_set)
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"registry entry {entry.get('name', '?')!r}: {exc}") from None
         cfg["id2label"] = {str(i): text for i, text in enumerate(labels)}
         cfg["label2id"] = {text: i for i, text in enumerate(labels)}
     return cfg

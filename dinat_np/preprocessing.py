@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -36,6 +35,7 @@ __all__ = [
     "ImageLoadError",
     "ImageTooLargeError",
     "ImageProcessor",
+    "is_single_image",
     "load_image",
     "to_rgb",
     "resample_from_name",
@@ -56,7 +56,9 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+# What counts as one image (not a collection of them) where one image or a list is accepted.
+_SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)
 
 # Hugging Face stores `resample` as PIL's integer codes; timm stores names.
 _RESAMPLE_BY_NAME = {
@@ -153,18 +155,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
             values = values * 255.0
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
-    with warnings.catch_warnings():
-        # Pillow suggests RGBA for palette images with byte transparency; we drop alpha on purpose.
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            return image.convert("RGB")
-        except ValueError:
-            pass
-        try:
-            # Modes without a direct route (e.g. premultiplied "La") go through RGBA.
-            return image.convert("RGBA").convert("RGB")
-        except ValueError as exc:
-            raise ImageLoadError("", f"unsupported colour mode {mode!r} ({exc})") from None
+    if mode == "P" and isinstance(image.info.get("transparency"), bytes):
+        # Pillow warns when a direct conversion drops per-entry palette alpha; through RGBA the colours
+        # are the same and nothing warns (silencing it would change process-wide warning filters).
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        pass
+    try:
+        # Modes without a direct route (e.g. premultiplied "La") go through RGBA.
+        return image.convert("RGBA").convert("RGB")
+    except ValueError as exc:
+        raise ImageLoadError("", f"unsupported colour mode {mode!r} ({exc})") from None
+
+
+def is_single_image(value: Any) -> bool:
+    """Whether ``value`` is one image (path, bytes, PIL image or array) rather than a collection of them."""
+    return isinstance(value, _SINGLE_IMAGE_TYPES)
 
 
 def _describe(source: Any) -> str:
@@ -202,13 +210,16 @@ def _decode_reason(exc: BaseException) -> str:
 def load_image(source: ImageInput) -> Image.Image:
     """Open an image and return it as 8-bit RGB, ready for an :class:`ImageProcessor`.
 
-    ``source`` is a path, raw encoded bytes, a ``PIL.Image`` or a uint8 array (H, W) / (H, W, 3|4).
+    ``source`` is a path, raw encoded bytes (``bytes`` or ``bytearray``), a ``PIL.Image`` or a uint8 array
+    (H, W) / (H, W, 3|4).
     The first frame of animated files is used, EXIF orientation is applied, and every colour mode
     (grayscale, palette, RGBA/LA, CMYK, 16-bit, float) becomes RGB (see :func:`to_rgb`).
 
     Raises:
         ImageLoadError: missing/unreadable file, not an image, truncated or corrupt data, odd mode.
-        ImageTooLargeError: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs).
+        ImageTooLargeError: a file with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression
+            bombs). Between that limit and twice it, Pillow itself may also emit a
+            ``DecompressionBombWarning``; warning filters are left alone, as changing them is not thread-safe.
     """
     name = _describe(source)
     if isinstance(source, Image.Image):
@@ -235,23 +246,28 @@ def load_image(source: ImageInput) -> Image.Image:
 
 
 def _open_and_finish(stream: io.BufferedIOBase, name: str) -> Image.Image:
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse from MAX_IMAGE_PIXELS on.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(stream)
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise ImageTooLargeError(name, _bomb_message_from(exc)) from None
-        except UnidentifiedImageError:
-            raise ImageLoadError(name, "not an image file (or a format Pillow cannot read)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageLoadError(name, _decode_reason(exc)) from None
-        with image:
-            result = _finish(image, name)
-            if result is image:
-                # `image` is about to be closed together with its file: hand back a detached copy.
-                result = image.copy()
-            return result
+    try:
+        image = Image.open(stream)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        # Pillow raises beyond twice MAX_IMAGE_PIXELS (and warns, or raises where warnings are errors, above it).
+        raise ImageTooLargeError(name, _bomb_message_from(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(name, _decode_reason(exc)) from None
+    with image:
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse from MAX_IMAGE_PIXELS on,
+        # before anything is decoded. Comparing here needs no (process-wide) warning filter.
+        limit = Image.MAX_IMAGE_PIXELS
+        width, height = image.size
+        pixels = max(1, width) * max(1, height)  # Pillow's own count
+        if limit is not None and pixels > limit:
+            raise ImageTooLargeError(name, _bomb_message(pixels))
+        result = _finish(image, name)
+        if result is image:
+            # `image` is about to be closed together with its file: hand back a detached copy.
+            result = image.copy()
+        return result
 
 
 def _bomb_message_from(exc: BaseException) -> str:
@@ -537,7 +553,7 @@ class ImageProcessor:
 
     def __call__(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
         """One image or a list of images -> float32 ``pixel_values`` of shape (B, 3, H, W)."""
-        if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
+        if is_single_image(images):
             images = [images]
         arrays = [self.preprocess(image) for image in images]
         if not arrays:
@@ -555,20 +571,20 @@ def _center_crop(pixels: np.ndarray, size: tuple[int, int], rounding: str) -> np
     crop_h, crop_w = size
     height, width = pixels.shape[:2]
     if height < crop_h or width < crop_w:
-        # Pad first, centred with the extra row/column at the start (ceil), then crop as usual.
+        # Pad the short sides up to the crop, centred with the extra row/column at the start (ceil), then
+        # crop the result with the same rule: padded sides now match the crop, the others still exceed it.
         new_h, new_w = max(height, crop_h), max(width, crop_w)
         top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
         padded = np.zeros((new_h, new_w) + pixels.shape[2:], dtype=pixels.dtype)
         padded[top_pad:top_pad + height, left_pad:left_pad + width] = pixels
-        top = (height - crop_h) // 2 + top_pad if rounding == "floor" else int(round((height - crop_h) / 2)) + top_pad
-        left = (width - crop_w) // 2 + left_pad if rounding == "floor" else int(round((width - crop_w) / 2)) + left_pad
-        top, left = max(top, 0), max(left, 0)
-        return padded[top:top + crop_h, left:left + crop_w]
-    if rounding == "floor":
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    else:
-        top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+        return _center_crop(padded, size, rounding)
+    top, left = _crop_offset(height - crop_h, rounding), _crop_offset(width - crop_w, rounding)
     return pixels[top:top + crop_h, left:left + crop_w]
+
+
+def _crop_offset(excess: int, rounding: str) -> int:
+    """Where a center crop starts along an axis that is ``excess`` (>= 0) pixels longer than the crop."""
+    return excess // 2 if rounding == "floor" else int(round(excess / 2))
 
 
 def _hf_processor_kind(config: Mapping[str, Any], model_type: str | None) -> str:

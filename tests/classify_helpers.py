@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -62,3 +66,46 @@ def write_photos(folder: Path, count: int = 3) -> list[Path]:
 def random_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def tiny_registry_entry(url: str) -> dict:
+    """A registry entry for the :func:`make_tiny_model` architecture, its checkpoint at ``url``."""
+    return {
+        "model_type": "dinat",
+        "description": "tiny random-weight test model",
+        "architecture": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "kernel_size": 3,
+                         "dilations": [[1], [2], [1], [1]], "mlp_ratio": 3.0},
+        "url": url,
+        "label_set": None,
+        "preprocessing": {"resolution": 32, "crop_pct": 1.0, "interpolation": "bilinear"},
+    }
+
+
+@contextlib.contextmanager
+def serve_files(files: dict[str, bytes]) -> Iterator[str]:
+    """Serve ``files`` (name -> content) over HTTP on 127.0.0.1; yields the base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            blob = files.get(self.path.rsplit("/", 1)[-1])
+            if blob is None:
+                self.send_error(404, "no such file")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

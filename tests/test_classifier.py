@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from classify_helpers import TINY_LABELS, make_tiny_model, random_image, write_photos
-from dinat_np.classifier import ImageClassifier, Prediction, load_label_file
+from dinat_np.classifier import DEFAULT_BATCH_SIZE, ImageClassifier, Prediction
+from dinat_np.labels import label_set_names, load_label_set, packaged_labels, read_label_file
 from dinat_np.preprocessing import ImageLoadError, ImageProcessor
 
 
@@ -49,6 +50,15 @@ def test_inputs_of_every_kind_and_batch_sizes_agree(classifier):
         np.testing.assert_allclose([p.score for p in a], [p.score for p in b], rtol=1e-5)
     single = classifier.predict(np.asarray(images[0]), top_k=3)
     assert len(single) == 1 and [p.index for p in single[0]] == [p.index for p in batched[0]]
+    # Encoded bytes, as bytes or a bytearray, are one image too.
+    import io
+
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="PNG")
+    for encoded in (buffer.getvalue(), bytearray(buffer.getvalue())):
+        (from_bytes,) = classifier.predict(encoded, top_k=3)
+        assert [p.index for p in from_bytes] == [p.index for p in batched[0]]
+        np.testing.assert_allclose([p.score for p in from_bytes], [p.score for p in batched[0]], rtol=1e-5)
 
 
 def test_top_k_is_clamped_and_validated(classifier):
@@ -129,10 +139,91 @@ def test_placeholder_labels_fall_back_to_packaged_imagenet():
 def test_label_file_reader(tmp_path):
     path = tmp_path / "labels.tsv"
     path.write_text("1\tn2\ttiger cat\n0\tn1\ttabby, tabby cat\n")
-    assert load_label_file(path) == ["tabby, tabby cat", "tiger cat"]
+    assert read_label_file(path) == ["tabby, tabby cat", "tiger cat"]
     path.write_text("0\tn1\ta\n2\tn2\tb\n")
     with pytest.raises(ValueError, match="not 0..1"):
-        load_label_file(path)
+        read_label_file(path)
+    # The synset column is optional; blank lines and Windows line ends are fine.
+    path.write_bytes(b"0\tcat\r\n\r\n1\tdog\r\n")
+    assert read_label_file(path) == ["cat", "dog"]
+    for text, message in (
+        ("0\tn1\ta\n0\tn2\tb\n", "labels.tsv:2: class index 0 appears twice"),
+        ("0\tn1\ta\textra\n", "labels.tsv:1: expected 'index<TAB>"),
+        ("zero\tn1\ta\n", "labels.tsv:1: expected"),
+        ("0 a\n", "labels.tsv:1: expected"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_label_file(path)
+
+
+def test_packaged_label_sets():
+    """One reader serves the classifier's fallback names and dinat-convert's registry labels."""
+    from dinat_np.convert import load_label_set as convert_load_label_set
+
+    assert label_set_names() == ["imagenet1k", "imagenet22k"]
+    in1k = load_label_set("imagenet1k")
+    assert len(in1k) == 1000 and in1k[281] == "tabby, tabby cat"
+    assert in1k[999] == "toilet tissue, toilet paper, bathroom tissue"
+    assert convert_load_label_set is load_label_set
+    assert packaged_labels(1000) == in1k
+    in22k = packaged_labels(21841)
+    assert in22k is not None and len(in22k) == 21841 and in22k[0] == "organism, being"
+    assert packaged_labels(999) is None and packaged_labels(10) is None
+    with pytest.raises(ValueError, match="unknown label set 'imagenet2k'.*imagenet1k, imagenet22k"):
+        load_label_set("imagenet2k")
+    with pytest.raises(ValueError, match="unknown label set"):
+        load_label_set("../labels/imagenet1k")
+
+
+def test_from_pretrained_passes_progress_to_the_hub(tiny_folder, monkeypatch):
+    """A name is resolved (downloaded if needed) with the caller's progress choice."""
+    from dinat_np import hub
+
+    calls = []
+    real = hub.resolve_model
+
+    def recording(name, **kwargs):
+        calls.append((name, kwargs.get("progress")))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(hub, "resolve_model", recording)
+    quiet = ImageClassifier.from_pretrained(tiny_folder, progress=False)
+    loud = ImageClassifier.from_pretrained(str(tiny_folder))
+    assert calls == [(tiny_folder, False), (str(tiny_folder), True)]
+    assert quiet.batch_size == loud.batch_size == DEFAULT_BATCH_SIZE == 8
+    image = random_image(4)
+    assert [p.index for p in quiet.predict(image)[0]] == [p.index for p in loud.predict(image)[0]]
+
+
+def test_registry_preprocessing_for_names_only(tmp_path, monkeypatch):
+    """A name's registry entry supplies the transform when its folder records none; a folder given as
+    such never takes a registry transform, even when its path spells a registry name."""
+    import json
+
+    from dinat_np import hub
+
+    folder = make_tiny_model(tmp_path / "cache" / "tiny-net", preprocessor={})
+    registry = tmp_path / "registry.json"
+    block = {"resolution": 160, "crop_pct": 0.9, "interpolation": "bilinear"}
+    registry.write_text(json.dumps({"models": {"tiny-net": {"local": str(folder), "preprocessing": block}}}))
+    monkeypatch.setenv("DINAT_NP_REGISTRY", str(registry))
+    assert hub.resolve_model("tiny-net") == folder  # an absolute "local" path is taken as is
+    by_name = ImageClassifier.from_pretrained("tiny-net")
+    assert by_name.processor == ImageProcessor.timm_eval(160, 0.9, "bilinear")
+    monkeypatch.chdir(folder.parent)  # now "tiny-net" is also a folder, which wins over the name
+    by_folder = ImageClassifier.from_pretrained("tiny-net")
+    assert by_folder.processor == ImageProcessor.timm_eval(224, 0.875, "bicubic")
+
+
+def test_classifier_module_is_light():
+    """dinat-classify reads DEFAULT_BATCH_SIZE before --threads is applied: no NumPy at import."""
+    import subprocess
+    import sys
+
+    code = "import sys, dinat_np.classifier; print(sorted(m for m in ('numpy', 'PIL', 'numba') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 def test_missing_folder_or_unknown_name_is_a_clear_error(tmp_path):

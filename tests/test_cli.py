@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classify_helpers import DIGITS_DEMO, digits_demo_available, make_tiny_model, write_photos
+from classify_helpers import (
+    DIGITS_DEMO,
+    digits_demo_available,
+    make_tiny_model,
+    serve_files,
+    tiny_registry_entry,
+    write_photos,
+)
 
 PROG = [sys.executable, "-m", "dinat_np.cli.classify"]
 
@@ -199,10 +206,12 @@ def test_default_model_offline_names_checkpoint_and_ways_out(tmp_path, photos):
 
 
 def test_threads_option_sets_numba_and_blas(model_args, photos):
-    """--threads reaches numba and the BLAS library that NumPy loaded, and the usual env variables."""
+    """--threads reaches numba, the usual env variables, and (through them) the BLAS library that NumPy
+    loads afterwards: nothing before argument parsing loads NumPy."""
     script = f"""
 import ctypes, json, os, sys
 from dinat_np.cli.classify import main
+numpy_before = "numpy" in sys.modules
 rc = main({[*model_args, "--threads", "1", "--json", str(photos[0])]!r})
 import numba
 blas = None
@@ -218,12 +227,14 @@ for line in open("/proc/self/maps"):
                 break
         break
 env = {{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
-sys.stderr.write(json.dumps({{"rc": rc, "numba": numba.get_num_threads(), "blas": blas, "env": env}}) + "\\n")
+report = {{"rc": rc, "numba": numba.get_num_threads(), "blas": blas, "env": env, "numpy_before": numpy_before}}
+sys.stderr.write(json.dumps(report) + "\\n")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert_no_traceback(result)
     report = json.loads(result.stderr.strip().splitlines()[-1])
     assert report["rc"] == 0
+    assert report["numpy_before"] is False
     assert report["numba"] == 1
     assert report["env"] == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if report["blas"] is not None:  # NumPy's own OpenBLAS (wheels); other BLAS builds are not probed
@@ -248,10 +259,62 @@ def test_main_in_process_returns_exit_codes(capsys):
 
 
 def test_cli_import_is_light():
-    """Parsing arguments must not wait on numba (or torch): thread settings come first."""
-    code = "import sys, dinat_np.cli.classify; print(sorted(m for m in ('numba', 'torch') if m in sys.modules))"
+    """Parsing arguments must not wait on numba (or torch), nor load NumPy: thread settings come first."""
+    code = (
+        "import sys, dinat_np.cli.classify as c; c.build_parser().parse_args(['x.jpg', '--threads', '1']); "
+        "print(sorted(m for m in ('numba', 'numpy', 'PIL', 'torch') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_batch_size_default_is_the_classifier_default():
+    from dinat_np.classifier import DEFAULT_BATCH_SIZE
+    from dinat_np.cli.classify import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["x.jpg"]).batch_size == DEFAULT_BATCH_SIZE == 8
+    assert f"(default: {DEFAULT_BATCH_SIZE})" in parser.format_help()
+
+
+def test_no_progress_also_silences_the_model_download(tmp_path, photos):
+    """A registry model fetched on first use: the download bar and conversion note are on stderr,
+    and --no-progress leaves stderr empty. Served from 127.0.0.1 by the test."""
+    source = make_tiny_model(tmp_path / "source", preprocessor={})
+    with serve_files({"tiny.safetensors": (source / "model.safetensors").read_bytes()}) as url:
+        registry = tmp_path / "registry.json"
+        entry = tiny_registry_entry(url + "/tiny.safetensors")
+        registry.write_text(json.dumps({"models": {"tiny-net": entry}}))
+        runs = {}
+        for flag in ("--no-progress", None):
+            env = {"DINAT_NP_REGISTRY": str(registry), "DINAT_NP_HOME": str(tmp_path / f"cache{len(runs)}")}
+            arguments = ["--model", "tiny-net", "--json", photos[0]] + ([flag] if flag else [])
+            runs[flag] = run_cli(*arguments, env=env)
+    for result in runs.values():
+        assert_no_traceback(result)
+        assert result.returncode == 0, result.stderr
+    assert runs["--no-progress"].stderr == ""
+    assert "Downloading tiny-net" in runs[None].stderr and "Converting" in runs[None].stderr
+    quiet, loud = (json.loads(runs[flag].stdout) for flag in ("--no-progress", None))
+    assert quiet == loud and len(quiet[0]["predictions"]) == 5
+
+
+def test_no_progress_reaches_from_pretrained(monkeypatch, tmp_path, photos, capsys):
+    """In process: the flag is passed on as ImageClassifier.from_pretrained(..., progress=False)."""
+    from dinat_np import hub
+    from dinat_np.cli.classify import main
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    seen = []
+    real = hub.resolve_model
+    monkeypatch.setattr(hub, "resolve_model", lambda name, **kw: seen.append(kw.get("progress")) or real(name, **kw))
+    assert main(["--weights", str(folder), "--json", "--no-progress", str(photos[0]), str(photos[1])]) == 0
+    quiet = capsys.readouterr()
+    assert main(["--weights", str(folder), "--json", str(photos[0]), str(photos[1])]) == 0
+    loud = capsys.readouterr()
+    assert seen == [False, True]
+    assert quiet.err == "" and "classifying" in loud.err and "2/2" in loud.err
+    assert json.loads(quiet.out) == json.loads(loud.out)
 
 
 @pytest.mark.skipif(not digits_demo_available(), reason="weights/digits-demo not built yet")

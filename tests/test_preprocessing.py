@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from dinat_np.preprocessing import (
     ImageLoadError,
     ImageProcessor,
     ImageTooLargeError,
+    is_single_image,
     load_image,
     resample_from_name,
     to_rgb,
@@ -192,6 +194,46 @@ def test_timm_eval_crop_uses_torchvision_rounding():
     assert (first_col_timm, first_col_hf) == (82, 81)
 
 
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+def test_center_crop_of_a_smaller_image_pads_to_the_crop_size(rounding):
+    """A 12x12 image cropped to 13x13 is zero-padded to 13x13 (one extra row and column at the start,
+    as transformers), whatever the rounding; Python's round(-0.5) == 0 once shifted the crop off by one."""
+    from dinat_np.preprocessing import _center_crop
+
+    pixels = np.random.default_rng(11).integers(1, 256, size=(12, 12, 3), dtype=np.uint8)
+    out = _center_crop(pixels, (13, 13), rounding)
+    assert out.shape == (13, 13, 3)
+    np.testing.assert_array_equal(out[1:, 1:], pixels)
+    assert not out[0].any() and not out[:, 0].any()
+    # Through the processor (no resize): the same 13x13 output.
+    processor = ImageProcessor(crop_size=13, crop_rounding=rounding, rescale_factor=None, image_mean=None,
+                               image_std=None)
+    batch = processor(pixels)
+    assert batch.shape == (1, 3, 13, 13)
+    np.testing.assert_array_equal(batch[0].transpose(1, 2, 0), out.astype(np.float32))
+    # Padded along one axis, cropped along the other: that axis keeps its own rule, (20 - 13) / 2 = 3.5.
+    wide = np.random.default_rng(12).integers(1, 256, size=(12, 20, 3), dtype=np.uint8)
+    mixed = _center_crop(wide, (13, 13), rounding)
+    left = 3 if rounding == "floor" else 4
+    assert mixed.shape == (13, 13, 3)
+    np.testing.assert_array_equal(mixed[1:], wide[:, left:left + 13])
+    assert not mixed[0].any()
+    # Larger on both axes: a plain crop; (15 - 13) / 2 = 1 and (18 - 13) / 2 = 2.5.
+    large = np.random.default_rng(13).integers(0, 256, size=(15, 18, 3), dtype=np.uint8)
+    # round(2.5) == 2 (Python rounds halves to even, as torchvision does): both rules start at column 2.
+    np.testing.assert_array_equal(_center_crop(large, (13, 13), rounding), large[1:14, 2:15])
+    odd = np.random.default_rng(14).integers(0, 256, size=(13, 20, 3), dtype=np.uint8)
+    left = 3 if rounding == "floor" else 4  # round(3.5) == 4
+    np.testing.assert_array_equal(_center_crop(odd, (13, 13), rounding), odd[:, left:left + 13])
+    # Every size from much smaller to larger than the crop gives exactly the crop size.
+    for height in range(1, 18):
+        for width in range(1, 18):
+            image = np.ones((height, width, 3), dtype=np.uint8)
+            cropped = _center_crop(image, (9, 10), rounding)
+            assert cropped.shape == (9, 10, 3), (height, width)
+            assert int(cropped[:, :, 0].sum()) == min(height, 9) * min(width, 10)
+
+
 def test_registry_entry_defaults_and_384():
     default = ImageProcessor.from_registry_entry({"preprocessing": {}})
     assert default == ImageProcessor.timm_eval(224, 0.875, "bicubic")
@@ -229,6 +271,19 @@ def test_batch_of_mixed_inputs(photos):
         processor([])
     with pytest.raises(ImageLoadError, match="uint8"):
         processor(np.asarray(photo, dtype=np.float32))
+    # A bytearray is one image, as bytes are.
+    single = processor(bytearray(buffer.getvalue()))
+    assert single.shape == (1, 3, 64, 64)
+    np.testing.assert_array_equal(single[0], batch[0])
+
+
+def test_is_single_image(photos, tmp_path):
+    from pathlib import Path
+
+    for value in ("cat.jpg", Path("cat.jpg"), b"\x89PNG", bytearray(b"\x89PNG"), photos[0], np.zeros((2, 2), np.uint8)):
+        assert is_single_image(value), value
+    for value in (["cat.jpg"], ("cat.jpg",), [photos[0]], iter([b"x"]), None, 3):
+        assert not is_single_image(value), value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +325,15 @@ def test_not_an_image(tmp_path):
         load_image(tmp_path)
 
 
-def test_decompression_bomb_limit(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "pillow_warning",
+    [
+        # Pillow's own warning between the limit and twice it: either way the error is ours.
+        pytest.param("ignore", marks=pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")),
+        pytest.param("error", marks=pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")),
+    ],
+)
+def test_decompression_bomb_limit(tmp_path, monkeypatch, pillow_warning):
     path = tmp_path / "big.png"
     Image.fromarray(_gradient(100, 80)).save(path)  # 8000 pixels
     # Between the limit and twice the limit Pillow only warns: that must already be our error.
@@ -283,6 +346,14 @@ def test_decompression_bomb_limit(tmp_path, monkeypatch):
         load_image(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000)
     assert load_image(path).size == (100, 80)
+    # The check reads the limit at each load and changes no warning filter.
+    filters = list(warnings.filters)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 7999)
+    with pytest.raises(ImageTooLargeError, match=r"8,000 pixels.*limit 7,999"):
+        load_image(path.read_bytes())
+    assert warnings.filters == filters
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert load_image(bytearray(path.read_bytes())).size == (100, 80)
 
 
 def _hf_load(image: Image.Image) -> np.ndarray:
@@ -332,6 +403,11 @@ def test_palette_with_transparency_is_quiet(tmp_path, recwarn):
     loaded = load_image(path)
     assert loaded.mode == "RGB"
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    with warnings.catch_warnings():  # Pillow's direct conversion warns; its colours are the reference
+        warnings.simplefilter("ignore", UserWarning)
+        expected = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(loaded), expected)
+    assert len(np.unique(expected.reshape(-1, 3), axis=0)) > 4  # real colours, not a blank image
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B"])
