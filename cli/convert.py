@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from dinat_np.state_dict import STORAGE_DTYPES
+
 _EPILOG = """\
 examples:
   dinat-convert dinat_mini_in1k_224.pth ./dinat-mini --model dinat-mini-in1k-224
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="NAME", help="registry entry giving dilations, labels and a cross-check")
     which.add_argument("--config", metavar="CONFIG_JSON", help="an HF config.json giving dilations / labels")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
                         help="storage dtype of the weights (computation is always float32; default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace the model files of an existing OUT_DIR")
     parser.add_argument("--list", action="store_true", help="list the registry's models and exit")

@@ -26,9 +26,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .configuration import CONFIG_NAME, DinatConfig, read_json_object
+from .configuration import CONFIG_NAME, DinatConfig, make_shareable, read_json_object
 from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
-from .state_dict import WEIGHTS_NAME, SafetensorsError, WeightsMismatchError, read_safetensors, write_safetensors
+from .state_dict import (
+    STORAGE_DTYPES,
+    WEIGHTS_NAME,
+    SafetensorsError,
+    WeightsMismatchError,
+    read_safetensors,
+    write_safetensors,
+)
 from .torch_pickle import TorchCheckpointError, is_torch_zip, load_torch_checkpoint
 
 __all__ = [
@@ -42,7 +49,7 @@ __all__ = [
     "load_label_set",
 ]
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = STORAGE_DTYPES
 PROVENANCE_NAME = "conversion.json"
 
 
@@ -582,7 +589,12 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         write_safetensors(stage / WEIGHTS_NAME, tensors, dtype)
         cfg.save_pretrained(stage)
         (stage / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        make_shareable(stage)  # mkdtemp makes it 0700; a shared cache must stay readable
         if out_dir.is_dir() and any(out_dir.iterdir()):
+            # Overwriting keeps the folder's other files, so the three are replaced one by one:
+            # config.json goes first and comes back last, so that an interruption leaves a folder
+            # that fails to load rather than new weights under an old config.json.
+            (out_dir / CONFIG_NAME).unlink(missing_ok=True)
             for name in (WEIGHTS_NAME, PROVENANCE_NAME, CONFIG_NAME):
                 os.replace(stage / name, out_dir / name)
             stage.rmdir()

@@ -33,6 +33,7 @@ _DTYPES = {
     "BOOL": np.dtype("?"),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # what write_safetensors stores weight matrices as
 
 
 class SafetensorsError(ValueError):
@@ -122,8 +123,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     "bfloat16"; see :func:`stored_in_reduced_precision`); other dtypes are kept. The header says
     ``"format": "pt"`` so that Hugging Face transformers loads the file too.
     """
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     codes = {v: k for k, v in _DTYPES.items() if k != "BF16"}
     header: dict[str, dict] = {"__metadata__": {"format": "pt", "storage": dtype}}
     arrays: list[np.ndarray] = []

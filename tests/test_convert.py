@@ -369,3 +369,19 @@ def test_cli_main_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "bfloat16" in capsys.readouterr().out
     assert main([str(DATA / "hf_dinat_small_cfg" / "expected.npz"), str(tmp_path / "p")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_converted_folder_is_readable_by_others(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    src = DATA / "hf_dinat_small_cfg" / "model.safetensors"
+    old_mask = os.umask(0o022)
+    try:
+        convert_checkpoint(src, out, config=DATA / "hf_dinat_small_cfg" / "config.json")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
