@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 REPORTED_VARIABLES = (
     "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
     "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
@@ -50,19 +49,9 @@ REPORTED_VARIABLES = (
 IMAGE_SIZE = 224
 NUM_LABELS = 1000
 
-_DEEP_DILATIONS = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1, 1, 1, 1, 1]]
-# The SHI-Labs DiNAT classification models (dinat.py of the Neighborhood-Attention-Transformer repository,
-# and the shi-labs/dinat-*-in1k-224 config.json files): only dinat-base uses layer scale.
-MODELS: dict[str, dict[str, Any]] = {
-    "mini": dict(embed_dim=64, depths=[3, 4, 6, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0,
-                 dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1, 1, 1, 1, 1]]),
-    "tiny": dict(embed_dim=64, depths=[3, 4, 18, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0,
-                 dilations=_DEEP_DILATIONS),
-    "small": dict(embed_dim=96, depths=[3, 4, 18, 5], num_heads=[3, 6, 12, 24], mlp_ratio=2.0,
-                  dilations=_DEEP_DILATIONS),
-    "base": dict(embed_dim=128, depths=[3, 4, 18, 5], num_heads=[4, 8, 16, 32], mlp_ratio=2.0,
-                 dilations=_DEEP_DILATIONS, layer_scale_init_value=1e-5),
-}
+# The architectures come from the registry (weights/registry.json): the published in1k checkpoints.
+MODELS = ("mini", "tiny", "small", "base")
+
 
 # Targets of issue 5 on the 2-core development machine.
 TARGET_BATCH1_FLOOR_RATIO = 1.5
@@ -98,7 +87,7 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="mini", help="DiNAT size (default: mini)")
+    parser.add_argument("--model", choices=MODELS, default="mini", help="DiNAT size (default: mini)")
     parser.add_argument("--threads", type=int, default=None,
                         help="Numba and BLAS threads (default: the CPUs this process may use)")
     parser.add_argument("--threading-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
@@ -123,35 +112,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def apply_threads(threads: int, threading_layer: str) -> None:
-    """Thread counts for OpenBLAS / OpenMP / MKL must be in the environment before NumPy loads them."""
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(threads)
-    if threading_layer != "default":
-        os.environ["NUMBA_THREADING_LAYER"] = threading_layer
-
-
-# The heavy imports wait until the thread variables are set (main / child entry points).
+# NumPy is imported only once the thread settings are in place.
 np: Any = None
 
 
-def import_numerics(threads: int) -> None:
+def setup_threads(threads: int, threading_layer: str) -> None:
+    """The same thread set-up as ``dinat-classify --threads``, before NumPy and Numba's pool load."""
     global np
-    import dinat_np  # first, as a user would: its thread settings must precede NumPy and Numba's pool
-    import numba
+    if threading_layer != "default":
+        os.environ["NUMBA_THREADING_LAYER"] = threading_layer
+    from dinat_np.cli.classify import configure_threads
+
+    configure_threads(threads)
     import numpy
 
-    from dinat_np.kernels import cpu
-
     np = numpy
-    cpu.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model, inputs, machine
 # ---------------------------------------------------------------------------------------------------------
 def model_kwargs(name: str) -> dict[str, Any]:
-    return dict(MODELS[name], kernel_size=7, num_labels=NUM_LABELS)
+    from dinat_np.hub import registry_entry
+
+    architecture = registry_entry(f"dinat-{name}-in1k-224")["architecture"]
+    return dict(architecture, num_labels=NUM_LABELS)
 
 
 def build_model(name: str) -> Any:
@@ -885,8 +870,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    apply_threads(args.threads, args.threading_layer)
-    import_numerics(args.threads)
+    setup_threads(args.threads, args.threading_layer)
     if args.child:
         handlers = {"rss1": child_rss_batch1, "cold": child_cold, "torch": child_torch}
         print(json.dumps(handlers[args.child](args)))
