@@ -69,17 +69,20 @@ class BackboneOutput(ModelOutput):
 # Weight sources: every layer asks for its tensors by HF name and shape, in one place
 # ---------------------------------------------------------------------------------------------------
 class _Weights:
-    """Hands out named tensors to the layers, uploaded to the backend, and records every mismatch."""
+    """Hands out named tensors to the layers in the backend's layout, and records every mismatch.
+
+    It also remembers how to turn each backend array back into the HF tensor, so that the model keeps
+    one copy of its weights (the backend's) and the file it was read from can be unmapped.
+    """
 
     def __init__(self, tensors: Mapping[str, np.ndarray], source: str, backend: Any) -> None:
         self.tensors, self.source, self.backend = tensors, source, backend
-        self.taken: set[str] = set()
+        self.exports: dict[str, tuple[Any, Callable[[Any], np.ndarray]]] = {}
         self.missing: list[str] = []
         self.misshaped: list[str] = []
 
-    def raw(self, name: str, shape: tuple[int, ...], init: str | float = "normal") -> np.ndarray:
+    def _fetch(self, name: str, shape: tuple[int, ...], init: str | float) -> np.ndarray:
         """The tensor ``name``; ``init`` says how a fresh model draws it ("normal", or a constant)."""
-        self.taken.add(name)
         tensor = self.tensors.get(name)
         if tensor is None:
             self.missing.append(name)
@@ -89,14 +92,37 @@ class _Weights:
             return tensor
         return np.zeros(shape, np.float32)  # placeholder so that every problem is found in one pass
 
+    def _hand_out(
+        self, name: str, tensor: np.ndarray, to_backend: Callable[[np.ndarray], Any],
+        from_backend: Callable[[Any], np.ndarray],
+    ) -> Any:
+        array = to_backend(tensor)
+        self.exports[name] = (array, from_backend)
+        return array
+
+    def tensor(self, name: str, shape: tuple[int, ...], init: str | float = "normal") -> Any:
+        ops = self.backend
+        return self._hand_out(name, self._fetch(name, shape, init), ops.upload, ops.download)
+
     def vector(self, name: str, size: int, init: str | float = 0.0) -> Any:
-        return self.backend.upload(self.raw(name, (size,), init))
+        return self.tensor(name, (size,), init)
 
     def linear(self, name: str, in_features: int, out_features: int) -> Any:
-        return self.backend.linear_weight(self.raw(name, (out_features, in_features)))
+        ops = self.backend
+        tensor = self._fetch(name, (out_features, in_features), "normal")
+        return self._hand_out(name, tensor, ops.linear_weight, lambda array: ops.download(array).T)
+
+    def conv3x3(self, name: str, in_channels: int, out_channels: int) -> Any:
+        ops = self.backend
+        tensor = self._fetch(name, (out_channels, in_channels, 3, 3), "normal")
+
+        def to_hf(array: Any) -> np.ndarray:  # the backends' (row, column, in) x out layout, back to OIHW
+            return ops.download(array).reshape(3, 3, in_channels, out_channels).transpose(3, 2, 0, 1)
+
+        return self._hand_out(name, tensor, ops.conv_weight, to_hf)
 
     def check(self, ignored: Callable[[str], bool] = lambda name: False) -> None:
-        unexpected = sorted(n for n in self.tensors if n not in self.taken and not ignored(n))
+        unexpected = sorted(n for n in self.tensors if n not in self.exports and not ignored(n))
         if self.missing or unexpected or self.misshaped:
             raise WeightsMismatchError(self.source, self.missing, unexpected, self.misshaped)
 
@@ -108,14 +134,10 @@ class _RandomWeights(_Weights):
         super().__init__({}, "random initialisation", backend)
         self.config, self.rng = config, np.random.default_rng(seed)
 
-    def raw(self, name: str, shape: tuple[int, ...], init: str | float = "normal") -> np.ndarray:
+    def _fetch(self, name: str, shape: tuple[int, ...], init: str | float) -> np.ndarray:
         if init == "normal":
-            tensor = self.rng.normal(0.0, self.config.initializer_range, shape).astype(np.float32)
-        else:
-            tensor = np.full(shape, init, np.float32)
-        self.tensors[name] = tensor
-        self.taken.add(name)
-        return tensor
+            return self.rng.normal(0.0, self.config.initializer_range, shape).astype(np.float32)
+        return np.full(shape, init, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,7 +156,7 @@ class _LayerNorm:
 class _Conv3x3Stride2:
     def __init__(self, weights: _Weights, name: str, in_channels: int, out_channels: int, bias: bool) -> None:
         self.ops = weights.backend
-        self.weight = self.ops.conv_weight(weights.raw(f"{name}.weight", (out_channels, in_channels, 3, 3)))
+        self.weight = weights.conv3x3(f"{name}.weight", in_channels, out_channels)
         self.bias = weights.vector(f"{name}.bias", out_channels) if bias else None
 
     def __call__(self, x: Any) -> Any:
@@ -170,7 +192,7 @@ class NeighborhoodAttention:
             weight = weights.linear(f"{name}.self.{role}.weight", dim, dim)
             bias = weights.vector(f"{name}.self.{role}.bias", dim) if config.qkv_bias else None
             self.projections.append((weight, bias))
-        self.rpb = self.ops.upload(weights.raw(f"{name}.self.rpb", (num_heads, span, span), init=0.0))
+        self.rpb = weights.tensor(f"{name}.self.rpb", (num_heads, span, span), init=0.0)
         self.dense = weights.linear(f"{name}.output.dense.weight", dim, dim)
         self.dense_bias = weights.vector(f"{name}.output.dense.bias", dim)
 
@@ -206,10 +228,10 @@ class DinatLayer:
         self.output_bias = weights.vector(f"{name}.output.dense.bias", dim)
         self.activation = config.hidden_act
         if config.layer_scale_init_value > 0:
-            gamma = weights.raw(f"{name}.layer_scale_parameters", (2, dim), init=config.layer_scale_init_value)
+            gamma = weights.tensor(f"{name}.layer_scale_parameters", (2, dim), init=config.layer_scale_init_value)
         else:
-            gamma = np.ones((2, dim), np.float32)
-        self.layer_scale = [self.ops.upload(np.ascontiguousarray(gamma[i])) for i in range(2)]
+            gamma = self.ops.upload(np.ones((2, dim), np.float32))
+        self.layer_scale = (gamma[0], gamma[1])
 
     def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any]:
         batch, height, width, _ = x.shape
@@ -308,7 +330,7 @@ class DinatPreTrainedModel:
             weights = _Weights(self._strip_base_prefix(tensors), source, self.ops)
         self._build(weights)
         weights.check(self._ignored_weight)
-        self._tensors = {name: weights.tensors[name] for name in sorted(weights.taken)}
+        self._exports = weights.exports  # the backend's arrays and how to turn them back into HF tensors
 
     # -- what each model is made of
     def _build(self, weights: _Weights) -> None:
@@ -349,7 +371,7 @@ class DinatPreTrainedModel:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The model's tensors by HF name (float32 NumPy arrays, as loaded)."""
-        return {name: np.asarray(tensor) for name, tensor in self._tensors.items()}
+        return {name: np.ascontiguousarray(to_hf(array)) for name, (array, to_hf) in sorted(self._exports.items())}
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str = "float32") -> None:
         """Write ``config.json`` and ``model.safetensors`` (each atomically)."""

@@ -375,8 +375,8 @@ def set_num_threads(threads: int) -> None:
 # Data movement: on the CPU the "device" arrays are NumPy arrays
 # ---------------------------------------------------------------------------------------------------
 def upload(array: np.ndarray) -> np.ndarray:
-    """A float32 array the kernels can read (a float32 memory map stays a view, no copy)."""
-    return np.asarray(array, dtype=np.float32)
+    """A float32 copy the kernels can read; a copy, so that the model holds no view of a mapped file."""
+    return np.array(array, dtype=np.float32)
 
 
 def download(array: np.ndarray) -> np.ndarray:
@@ -387,13 +387,13 @@ def download(array: np.ndarray) -> np.ndarray:
 def linear_weight(weight: np.ndarray) -> np.ndarray:
     """``(out, in)`` PyTorch weight -> contiguous ``(in, out)``, copied once at load: BLAS could read the
     transposed view directly, but the products run 7-10% slower on it (up to 1.4x for small maps)."""
-    return np.ascontiguousarray(upload(weight).T)
+    return np.ascontiguousarray(np.asarray(weight, np.float32).T)
 
 
 def conv_weight(weight: np.ndarray) -> np.ndarray:
     """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` rows in im2col (row, column, channel) order."""
     out_channels = weight.shape[0]
-    return np.ascontiguousarray(upload(weight).transpose(2, 3, 1, 0).reshape(-1, out_channels))
+    return np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 1, 0).reshape(-1, out_channels))
 
 
 def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:
