@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
-import threading
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -79,33 +75,3 @@ def tiny_registry_entry(url: str) -> dict:
         "label_set": None,
         "preprocessing": {"resolution": 32, "crop_pct": 1.0, "interpolation": "bilinear"},
     }
-
-
-@contextlib.contextmanager
-def serve_files(files: dict[str, bytes]) -> Iterator[str]:
-    """Serve ``files`` (name -> content) over HTTP on 127.0.0.1; yields the base URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
-            blob = files.get(self.path.rsplit("/", 1)[-1])
-            if blob is None:
-                self.send_error(404, "no such file")
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            self.wfile.write(blob)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()

@@ -20,10 +20,11 @@ from classify_helpers import (
     DIGITS_DEMO,
     digits_demo_available,
     make_tiny_model,
-    serve_files,
     tiny_registry_entry,
     write_photos,
 )
+
+from conftest import http_file_server  # noqa: E402
 
 PROG = [sys.executable, "-m", "dinat_np.cli.classify"]
 
@@ -281,7 +282,8 @@ def test_no_progress_also_silences_the_model_download(tmp_path, photos):
     """A registry model fetched on first use: the download bar and conversion note are on stderr,
     and --no-progress leaves stderr empty. Served from 127.0.0.1 by the test."""
     source = make_tiny_model(tmp_path / "source", preprocessor={})
-    with serve_files({"tiny.safetensors": (source / "model.safetensors").read_bytes()}) as url:
+    with http_file_server({"tiny.safetensors": (source / "model.safetensors").read_bytes()}) as server:
+        url = server.url
         registry = tmp_path / "registry.json"
         entry = tiny_registry_entry(url + "/tiny.safetensors")
         registry.write_text(json.dumps({"models": {"tiny-net": entry}}))

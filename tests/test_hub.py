@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import json
 import socket
-import threading
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,48 +13,19 @@ import pytest
 from dinat_np import DinatConfig, DinatForImageClassification, hub
 from dinat_np.convert import ConversionError, registry_config
 
+from conftest import http_file_server
+
 DATA = Path(__file__).parent / "data"
 CHECKPOINT = DATA / "original_dinat_small_cfg" / "checkpoint.pth"
 EXPECTED = DATA / "original_dinat_small_cfg" / "expected.npz"
 CONSTRUCTOR = json.loads((DATA / "manifest.json").read_text())["original"][0]["constructor"]
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves files from ``server.files``; ``/cut/NAME`` announces the full length but sends half."""
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        self.server.requests.append(self.path)
-        cut = self.path.startswith("/cut/")
-        name = self.path.rsplit("/", 1)[-1]
-        blob = self.server.files.get(name)
-        if blob is None:
-            self.send_error(404, "no such file")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(blob)))
-        self.end_headers()
-        self.wfile.write(blob[: len(blob) // 2] if cut else blob)
-        if cut:
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture()
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files = {"checkpoint.pth": CHECKPOINT.read_bytes(), "page.pth": b"<html>not a checkpoint</html>" * 10}
-    httpd.requests = []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    files = {"checkpoint.pth": CHECKPOINT.read_bytes(), "page.pth": b"<html>not a checkpoint</html>" * 10}
+    with http_file_server(files) as httpd:
+        yield httpd
 
 
 def _registry(url: str, sha256: str | None = None) -> dict:
