@@ -266,8 +266,7 @@ def check_ptx() -> None:
     kernels = {
         "_smoke_kernel": (backend._smoke_kernel, (array(1),)),
         "_nchw_to_nhwc_kernel": (backend._nchw_to_nhwc_kernel, (array(4), array(4))),
-        "_pad_kernel": (backend._pad_kernel, (array(4), array(4))),
-        "_crop_kernel": (backend._crop_kernel, (array(4), array(4))),
+        "_top_left_kernel": (backend._top_left_kernel, (array(4), array(4))),
         "_mean_pool_kernel": (backend._mean_pool_kernel, (array(3), array(2))),
         "_epilogue_kernel": (backend._epilogue_kernel, (array(2), array(1), flag, i64, i64, array(1), array(2))),
         "_im2col_kernel": (backend._im2col_kernel, (array(4), array(2))),

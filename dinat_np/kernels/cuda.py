@@ -181,18 +181,22 @@ def _blocks(count: int, threads: int = _THREADS) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Layout kernels
 # ---------------------------------------------------------------------------------------------------
+@cuda.jit(device=True)
+def _unravel_nhwc(index, height, width, channels):
+    """Position (b, i, j, c) of a flat index into a channels-last (batch, height, width, channels) array."""
+    c = index % channels
+    rest = index // channels
+    j = rest % width
+    rest //= width
+    return rest // height, rest % height, j, c
+
+
 @cuda.jit
 def _nchw_to_nhwc_kernel(x, out):
-    batch, channels, height, width = x.shape
-    total = batch * channels * height * width
+    batch, height, width, channels = out.shape
     start, stride = cuda.grid(1), cuda.gridsize(1)
-    for index in range(start, total, stride):
-        c = index % channels
-        rest = index // channels
-        j = rest % width
-        rest //= width
-        i = rest % height
-        b = rest // height
+    for index in range(start, batch * height * width * channels, stride):
+        b, i, j, c = _unravel_nhwc(index, height, width, channels)
         out[b, i, j, c] = x[b, c, i, j]
 
 
@@ -207,50 +211,31 @@ def nchw_to_nhwc(x: np.ndarray) -> Any:
 
 
 @cuda.jit
-def _pad_kernel(x, out):
+def _top_left_kernel(x, out):
+    # The top-left corner of x, zero where out reaches beyond it: a crop or a bottom-right pad.
     batch, height, width, channels = out.shape
     in_height, in_width = x.shape[1], x.shape[2]
-    total = batch * height * width * channels
     start, stride = cuda.grid(1), cuda.gridsize(1)
-    for index in range(start, total, stride):
-        c = index % channels
-        rest = index // channels
-        j = rest % width
-        rest //= width
-        i = rest % height
-        b = rest // height
+    for index in range(start, batch * height * width * channels, stride):
+        b, i, j, c = _unravel_nhwc(index, height, width, channels)
         out[b, i, j, c] = x[b, i, j, c] if i < in_height and j < in_width else _ZERO
+
+
+def _top_left(x: Any, height: int, width: int) -> Any:
+    with _LOCK:
+        out = _empty((x.shape[0], height, width, x.shape[3]))
+        _top_left_kernel[_blocks(out.size), _THREADS](x, out)
+        return out
 
 
 def pad_bottom_right(x: Any, height: int, width: int) -> Any:
     """Zero-pad ``(batch, h, w, channels)`` at the bottom and right to ``height x width``."""
-    with _LOCK:
-        out = _empty((x.shape[0], height, width, x.shape[3]))
-        _pad_kernel[_blocks(out.size), _THREADS](x, out)
-        return out
-
-
-@cuda.jit
-def _crop_kernel(x, out):
-    batch, height, width, channels = out.shape
-    total = batch * height * width * channels
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for index in range(start, total, stride):
-        c = index % channels
-        rest = index // channels
-        j = rest % width
-        rest //= width
-        i = rest % height
-        b = rest // height
-        out[b, i, j, c] = x[b, i, j, c]
+    return _top_left(x, height, width)
 
 
 def crop(x: Any, height: int, width: int) -> Any:
     """The top-left ``height x width`` of ``(batch, h, w, channels)``, contiguous."""
-    with _LOCK:
-        out = _empty((x.shape[0], height, width, x.shape[3]))
-        _crop_kernel[_blocks(out.size), _THREADS](x, out)
-        return out
+    return _top_left(x, height, width)
 
 
 @cuda.jit
