@@ -272,6 +272,15 @@ class DinatStage:
         ]
         self.downsample = None if last else DinatDownsampler(weights, f"{name}.downsample", dim)
 
+    def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any, Any]:
+        """The stage's output, its output before downsampling, and its last layer's attention weights."""
+        for layer in self.layers:
+            x, attention = layer(x, output_attentions)
+        before = x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x, before, attention
+
 
 @dataclass
 class _EncoderResult:
@@ -291,11 +300,7 @@ class DinatEncoder:
     def __call__(self, x: Any, output_attentions: bool, keep_states: bool) -> _EncoderResult:
         result = _EncoderResult(x, [x] if keep_states else [], [x] if keep_states else [], [])
         for stage in self.stages:
-            for layer in stage.layers:
-                x, attention = layer(x, output_attentions)
-            before = x
-            if stage.downsample is not None:
-                x = stage.downsample(x)
+            x, before, attention = stage(x, output_attentions)
             if keep_states:
                 result.hidden_states.append(x)
                 result.before_downsampling.append(before)
