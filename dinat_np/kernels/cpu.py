@@ -99,49 +99,58 @@ def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, s
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     window = kernel_size * kernel_size
-    for task in prange(batch * height * heads):
-        b = task // (height * heads)
-        i = (task // heads) % height
-        h = task % heads
-        logits = np.empty(window, np.float32)
-        accumulator = np.empty(head_dim, np.float32)
-        # Plain element indexing throughout: slicing a row out (key[b, r, c, h]) makes an array view,
-        # whose reference counting costs more than the 32-element dot product itself.
+    # One task per query row, all heads inside: the heads of a key position are one contiguous
+    # vector, so each window position is located once and read in one sweep (25% faster than a task
+    # per head). Plain element indexing throughout: slicing a row out (key[b, r, c, h]) makes an array
+    # view, whose reference counting costs more than a 32-element dot product.
+    for task in prange(batch * height):
+        b = task // height
+        i = task % height
+        logits = np.empty((heads, window), np.float32)
+        best = np.empty(heads, np.float32)  # float32: a float64 -inf would make the softmax float64
+        accumulator = np.empty((heads, head_dim), np.float32)
         for j in range(width):
-            best = np.float32(-np.inf)  # a float64 -inf would turn the max and softmax into float64
+            for h in range(heads):
+                best[h] = -np.inf
             n = 0
             for ki in range(kernel_size):
                 r = row_start[i] + ki * dilation
                 for kj in range(kernel_size):
                     c = col_start[j] + kj * dilation
-                    dot = np.float32(0.0)
-                    for t in range(head_dim):
-                        dot += query[b, i, j, h, t] * key[b, r, c, h, t]
-                    logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
-                    logits[n] = logit
-                    best = max(best, logit)
+                    for h in range(heads):
+                        dot = np.float32(0.0)
+                        for t in range(head_dim):
+                            dot += query[b, i, j, h, t] * key[b, r, c, h, t]
+                        logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
+                        logits[h, n] = logit
+                        best[h] = max(best[h], logit)
                     n += 1
-            total = np.float32(0.0)
-            for n in range(window):
-                p = _exp_nonpositive(logits[n] - best)
-                logits[n] = p
-                total += p
-            inverse = np.float32(1.0) / total
-            for t in range(head_dim):
-                accumulator[t] = 0.0
-            n = 0
-            for ki in range(kernel_size):
-                r = row_start[i] + ki * dilation
-                for kj in range(kernel_size):
-                    c = col_start[j] + kj * dilation
-                    p = logits[n] * inverse
+            for h in range(heads):
+                total = np.float32(0.0)
+                for n in range(window):
+                    p = _exp_nonpositive(logits[h, n] - best[h])
+                    logits[h, n] = p
+                    total += p
+                inverse = np.float32(1.0) / total
+                for n in range(window):
+                    logits[h, n] *= inverse
                     if store_attn:
-                        attn[b, h, i, j, n] = p
-                    for t in range(head_dim):
-                        accumulator[t] += p * value[b, r, c, h, t]
+                        attn[b, h, i, j, n] = logits[h, n]
+                for t in range(head_dim):
+                    accumulator[h, t] = 0.0
+            n = 0
+            for ki in range(kernel_size):
+                r = row_start[i] + ki * dilation
+                for kj in range(kernel_size):
+                    c = col_start[j] + kj * dilation
+                    for h in range(heads):
+                        p = logits[h, n]
+                        for t in range(head_dim):
+                            accumulator[h, t] += p * value[b, r, c, h, t]
                     n += 1
-            for t in range(head_dim):
-                out[b, i, j, h, t] = accumulator[t]
+            for h in range(heads):
+                for t in range(head_dim):
+                    out[b, i, j, h, t] = accumulator[h, t]
 
 
 @njit(parallel=True, **_FAST)
