@@ -322,8 +322,8 @@ class OpProfiler:
             context = "conv" if outer == "conv3x3_stride2" else "linear"
             self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], context))
         elif name == "neighborhood_attention":
-            batch, height, width, heads, head_dim = args[0].shape
-            kernel_size = args[4]
+            batch, height, width, _, heads, head_dim = args[0].shape
+            kernel_size = args[2]
             # q.k and attn.v: 2 * k^2 * head_dim multiply-adds each, per query and head.
             self.attention_flop += 4 * batch * height * width * heads * head_dim * kernel_size**2
 

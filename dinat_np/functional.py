@@ -94,8 +94,6 @@ def na2d(
     bias = _bias(rpb, query.shape[1], kernel_size)
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    out, _ = cpu.neighborhood_attention(
-        _channels_last(query), _channels_last(key), _channels_last(value), bias, int(kernel_size), int(dilation),
-        float(scale),
-    )
+    qkv = np.stack([_channels_last(query), _channels_last(key), _channels_last(value)], axis=3)
+    out, _ = cpu.neighborhood_attention(qkv, bias, int(kernel_size), int(dilation), float(scale))
     return out.transpose(0, 3, 1, 2, 4)

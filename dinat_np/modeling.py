@@ -112,6 +112,22 @@ class _Weights:
         tensor = self._fetch(name, (out_features, in_features), "normal")
         return self._hand_out(name, tensor, ops.linear_weight, lambda array: ops.download(array).T)
 
+    def linears_side_by_side(self, names: list[str], in_features: int, out_features: int) -> Any:
+        """Linear layers that read the same input, as one ``(in, len(names) * out)`` weight: one product."""
+        ops = self.backend
+        array = ops.linear_weight(np.concatenate([self._fetch(n, (out_features, in_features), "normal") for n in names]))
+        for k, name in enumerate(names):
+            self.exports[name] = (array, lambda a, k=k: ops.download(a).T[k * out_features : (k + 1) * out_features])
+        return array
+
+    def vectors_side_by_side(self, names: list[str], size: int) -> Any:
+        """Bias vectors of :meth:`linears_side_by_side`, concatenated in the same order."""
+        ops = self.backend
+        array = ops.upload(np.concatenate([self._fetch(name, (size,), 0.0) for name in names]))
+        for k, name in enumerate(names):
+            self.exports[name] = (array, lambda a, k=k: ops.download(a)[k * size : (k + 1) * size])
+        return array
+
     def conv3x3(self, name: str, in_channels: int, out_channels: int) -> Any:
         ops = self.backend
         tensor = self._fetch(name, (out_channels, in_channels, 3, 3), "normal")
@@ -187,11 +203,10 @@ class NeighborhoodAttention:
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.kernel_size, self.dilation = config.kernel_size, dilation
         span = 2 * config.kernel_size - 1
-        self.projections = []
-        for role in ("query", "key", "value"):
-            weight = weights.linear(f"{name}.self.{role}.weight", dim, dim)
-            bias = weights.vector(f"{name}.self.{role}.bias", dim) if config.qkv_bias else None
-            self.projections.append((weight, bias))
+        # Queries, keys and values come from one product of the input: three weights side by side.
+        roles = [f"{name}.self.{role}" for role in ("query", "key", "value")]
+        self.qkv = weights.linears_side_by_side([f"{role}.weight" for role in roles], dim, dim)
+        self.qkv_bias = weights.vectors_side_by_side([f"{role}.bias" for role in roles], dim) if config.qkv_bias else None
         self.rpb = weights.tensor(f"{name}.self.rpb", (num_heads, span, span), init=0.0)
         self.dense = weights.linear(f"{name}.output.dense.weight", dim, dim)
         self.dense_bias = weights.vector(f"{name}.output.dense.bias", dim)
@@ -199,12 +214,9 @@ class NeighborhoodAttention:
     def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any]:
         """Context ``(batch, height, width, dim)`` before the output projection, and the attention weights."""
         batch, height, width, _ = x.shape
-        query, key, value = (
-            self.ops.linear(x, weight, bias).reshape(batch, height, width, self.num_heads, self.head_dim)
-            for weight, bias in self.projections
-        )
+        qkv = self.ops.linear(x, self.qkv, self.qkv_bias).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
         context, attention = self.ops.neighborhood_attention(
-            query, key, value, self.rpb, self.kernel_size, self.dilation, self.head_dim**-0.5, output_attentions
+            qkv, self.rpb, self.kernel_size, self.dilation, self.head_dim**-0.5, output_attentions
         )
         return context.reshape(batch, height, width, -1), attention
 

@@ -141,8 +141,9 @@ def check_kernels() -> None:
         q, k, v = (normal(batch, height, width, heads, head_dim) for _ in range(3))
         rpb = normal(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
         scale = head_dim**-0.5
-        expected_out, expected_attn = cpu.neighborhood_attention(q, k, v, rpb, kernel_size, dilation, scale, True)
-        out, attn = gpu.neighborhood_attention(up(q), up(k), up(v), up(rpb), kernel_size, dilation, scale, True)
+        qkv = np.stack([q, k, v], axis=3)
+        expected_out, expected_attn = cpu.neighborhood_attention(qkv, rpb, kernel_size, dilation, scale, True)
+        out, attn = gpu.neighborhood_attention(up(qkv), up(rpb), kernel_size, dilation, scale, True)
         record(f"na_fused_out_{name}", out, expected_out)
         record(f"na_fused_attn_{name}", attn, expected_attn)
         logits = cpu.na_qk(q, k, rpb, kernel_size, dilation)
@@ -176,8 +177,9 @@ def check_kernels() -> None:
     # without attention output (the path the model takes by default)
     q, k, v = (normal(1, 9, 8, 1, 6) for _ in range(3))
     rpb = normal(1, 5, 5)
-    out, attn = gpu.neighborhood_attention(up(q), up(k), up(v), up(rpb), 3, 2, 0.3, False)
-    record("na_fused_no_attn", out, cpu.neighborhood_attention(q, k, v, rpb, 3, 2, 0.3, False)[0])
+    qkv = np.stack([q, k, v], axis=3)
+    out, attn = gpu.neighborhood_attention(up(qkv), up(rpb), 3, 2, 0.3, False)
+    record("na_fused_no_attn", out, cpu.neighborhood_attention(qkv, rpb, 3, 2, 0.3, False)[0])
     results["na_fused_no_attn_returns_none"] = 0.0 if attn is None else float("inf")
 
 

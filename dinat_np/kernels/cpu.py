@@ -94,8 +94,8 @@ def _exp_nonpositive(x):
     return p * _POW2[int(n) + 127]
 
 @njit(parallel=True, **_FAST)
-def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, store_attn):
-    batch, height, width, heads, head_dim = query.shape
+def _na_fused(qkv, rpb, kernel_size, dilation, scale, out, attn, store_attn):
+    batch, height, width, _, heads, head_dim = qkv.shape
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     window = kernel_size * kernel_size
@@ -120,7 +120,7 @@ def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, s
                     for h in range(heads):
                         dot = np.float32(0.0)
                         for t in range(head_dim):
-                            dot += query[b, i, j, h, t] * key[b, r, c, h, t]
+                            dot += qkv[b, i, j, 0, h, t] * qkv[b, r, c, 1, h, t]
                         logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
                         logits[h, n] = logit
                         best[h] = max(best[h], logit)
@@ -146,7 +146,7 @@ def _na_fused(query, key, value, rpb, kernel_size, dilation, scale, out, attn, s
                     for h in range(heads):
                         p = logits[h, n]
                         for t in range(head_dim):
-                            accumulator[h, t] += p * value[b, r, c, h, t]
+                            accumulator[h, t] += p * qkv[b, r, c, 2, h, t]
                     n += 1
             for h in range(heads):
                 for t in range(head_dim):
@@ -197,9 +197,7 @@ def _na_av(attn, value, kernel_size, dilation, out):
 
 
 def neighborhood_attention(
-    query: np.ndarray,
-    key: np.ndarray,
-    value: np.ndarray,
+    qkv: np.ndarray,
     rpb: np.ndarray,
     kernel_size: int,
     dilation: int,
@@ -208,16 +206,18 @@ def neighborhood_attention(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Fused ``softmax(scale * q.k + rpb) @ v`` over each query's dilated window.
 
-    Inputs ``(batch, height, width, heads, head_dim)``; returns the context in the same layout and, when
-    asked, the attention probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
+    ``qkv`` is ``(batch, height, width, 3, heads, head_dim)``: queries, keys and values side by side,
+    as one matrix product of the input makes them. Returns the context ``(batch, height, width, heads,
+    head_dim)`` and, when asked, the attention probabilities ``(batch, heads, height, width,
+    kernel_size**2)`` (HF's layout).
     """
-    batch, height, width, heads, _ = query.shape
+    batch, height, width, _, heads, head_dim = qkv.shape
     check_window(height, width, kernel_size, dilation)
-    out = np.empty(query.shape, np.float32)
+    out = np.empty((batch, height, width, heads, head_dim), np.float32)
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
     with _LAUNCH_LOCK:
-        _na_fused(query, key, value, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
+        _na_fused(qkv, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
     return out, (attn if return_attention else None)
 
 

@@ -735,9 +735,7 @@ def _na_kernel(kernel_size: int, tile: int) -> Any:
 
 
 def neighborhood_attention(
-    query: Any,
-    key: Any,
-    value: Any,
+    qkv: Any,
     rpb: Any,
     kernel_size: int,
     dilation: int,
@@ -746,9 +744,11 @@ def neighborhood_attention(
 ) -> tuple[Any, Any]:
     """Fused ``softmax(scale * q.k + rpb) @ v`` over each query's dilated window.
 
-    Inputs ``(batch, height, width, heads, head_dim)``; returns the context in the same layout and, when
-    asked, the attention probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
+    ``qkv`` is ``(batch, height, width, 3, heads, head_dim)`` (queries, keys, values side by side);
+    returns the context ``(batch, height, width, heads, head_dim)`` and, when asked, the attention
+    probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
     """
+    query, key, value = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # strided views, no copies
     kernel_size, dilation = int(kernel_size), int(dilation)
     check_window(query.shape[1], query.shape[2], kernel_size, dilation)
     with _LOCK:
@@ -760,7 +760,7 @@ def neighborhood_attention(
         tile = _pick_tile(kernel_size, max(longest_r, longest_c))
         tiles_r = (longest_r + tile - 1) // tile
         tiles_c = (longest_c + tile - 1) // tile
-        out = _empty(query.shape)
+        out = _empty(tuple(query.shape))
         attn = _empty((batch, heads, height, width, kernel_size**2)) if return_attention else _placeholder(5)
         grid = (batch * heads, dilation * dilation * tiles_r * tiles_c)
         _na_kernel(kernel_size, tile)[grid, tile * tile * _THREADS_PER_QUERY](
