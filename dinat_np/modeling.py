@@ -444,18 +444,21 @@ class DinatModel(DinatPreTrainedModel):
         self.encoder = DinatEncoder(config, weights, f"{prefix}encoder")
         self.layernorm = _LayerNorm(weights, f"{prefix}layernorm", config.hidden_size, config.layer_norm_eps)
 
-    def _forward(self, pixel_values: np.ndarray, output_hidden_states: bool, output_attentions: bool) -> DinatModelOutput:
+    def _forward(
+        self, pixel_values: np.ndarray, output_hidden_states: bool, output_attentions: bool
+    ) -> tuple[DinatModelOutput, Any]:
+        """The outputs (NumPy), and the pooled features still on the backend, for a head to use."""
         encoded = self.encoder(self.embeddings(self._check_pixels(pixel_values)), output_attentions, output_hidden_states)
         sequence = self.layernorm(encoded.last_hidden_state)
-        pooled = self.ops.download(self.ops.mean_pool(sequence)) if self.add_pooling_layer else None
+        pooled = self.ops.mean_pool(sequence) if self.add_pooling_layer else None
         hidden_states = tuple(self.ops.download(h) for h in encoded.hidden_states) if output_hidden_states else None
         return DinatModelOutput(
             last_hidden_state=self.ops.download(sequence),
-            pooler_output=pooled,
+            pooler_output=None if pooled is None else self.ops.download(pooled),
             hidden_states=hidden_states,
             attentions=tuple(self.ops.download(a) for a in encoded.attentions) if output_attentions else None,
             reshaped_hidden_states=tuple(h.transpose(0, 3, 1, 2) for h in hidden_states) if hidden_states else None,
-        )
+        ), pooled
 
     def __call__(
         self,
@@ -465,7 +468,7 @@ class DinatModel(DinatPreTrainedModel):
         return_dict: bool | None = None,
     ) -> DinatModelOutput | tuple:
         """Encode ``(batch, channels, height, width)`` pixels; outputs as HF's ``DinatModel``."""
-        output = self._forward(pixel_values, self._resolve(output_hidden_states), self._resolve(output_attentions))
+        output, _ = self._forward(pixel_values, self._resolve(output_hidden_states), self._resolve(output_attentions))
         return output if self._resolve(return_dict, True) else output.to_tuple()
 
 
@@ -493,9 +496,8 @@ class DinatForImageClassification(DinatModel):
         return_dict: bool | None = None,
     ) -> DinatImageClassifierOutput | tuple:
         """Class scores for ``(batch, channels, height, width)`` pixels, and the loss when ``labels`` are given."""
-        base = self._forward(pixel_values, self._resolve(output_hidden_states), self._resolve(output_attentions))
+        base, pooled = self._forward(pixel_values, self._resolve(output_hidden_states), self._resolve(output_attentions))
         if self.config.num_labels > 0:
-            pooled = self.ops.upload(base.pooler_output)
             logits = self.ops.download(self.ops.linear(pooled, self.classifier, self.classifier_bias))
         else:
             logits = base.pooler_output
