@@ -134,6 +134,14 @@ def test_every_model_check_is_asserted(mode: str) -> None:
     assert sorted(_results("model", mode)) == sorted(MODEL_CHECKS)
 
 
+def _run_python(script: str) -> str:
+    """Standard output of ``script`` in a child Python without the simulator; it must exit 0."""
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_child_env(False),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
 @needs_numba_cuda
 def test_cuda_without_gpu_is_a_clear_error() -> None:
     if _gpu_present():
@@ -146,11 +154,9 @@ def test_cuda_without_gpu_is_a_clear_error() -> None:
         "except RuntimeError as error:\n"
         "    print('RuntimeError:', error)\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_child_env(False),
-                               capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr
-    assert "RuntimeError: device='cuda' needs an NVIDIA GPU" in completed.stdout
-    assert "device='cpu'" in completed.stdout
+    stdout = _run_python(script)
+    assert "RuntimeError: device='cuda' needs an NVIDIA GPU" in stdout
+    assert "device='cpu'" in stdout
 
 
 def test_cuda_without_numba_cuda_is_a_clear_error() -> None:
@@ -165,11 +171,9 @@ def test_cuda_without_numba_cuda_is_a_clear_error() -> None:
         "except RuntimeError as error:\n"
         "    print('RuntimeError:', error)\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_child_env(False),
-                               capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr
-    assert "RuntimeError: device='cuda' needs numba-cuda" in completed.stdout
-    assert "dinat-np[gpu]" in completed.stdout
+    stdout = _run_python(script)
+    assert "RuntimeError: device='cuda' needs numba-cuda" in stdout
+    assert "dinat-np[gpu]" in stdout
 
 
 def _can_compile_ptx() -> bool:
