@@ -87,7 +87,8 @@ _EXP_TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 @njit(inline="always", **_FAST)
 def _exp_nonpositive(x):
     x = max(x, np.float32(-87.0))
-    n = math.floor(x * _LOG2E + np.float32(0.5))
+    # n as a float32: an integer n would promote the reduction and the polynomial to float64 (5% slower).
+    n = np.float32(math.floor(x * _LOG2E + np.float32(0.5)))
     f = (x - n * _LN2_HIGH) - n * _LN2_LOW
     c0, c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
     p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))))
