@@ -64,16 +64,22 @@ TARGET_RSS_BATCH1_MIB = 350.0
 # the model calls (through the module, so replacing the module attribute reaches every call); the private
 # kernels are what those ops call by global name.
 PUBLIC_OPS = (
-    "neighborhood_attention", "layer_norm", "linear", "linear_residual", "conv3x3_stride2",
-    "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
+    "neighborhood_attention", "layer_norm", "linear", "linear_residual", "linear_residual_norm",
+    "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 )
-PRIVATE_KERNELS = ("_na_fused", "_layer_norm", "_bias_activation", "_bias_scale_residual", "_im2col_3x3_s2")
-CATEGORIES = ("attention", "layernorm", "products", "epilogues", "convolutions", "rest")
+PRIVATE_KERNELS = (
+    "_na_fused", "_layer_norm", "_bias_activation", "_bias_scale_residual", "_bias_scale_residual_norm",
+    "_im2col_3x3_s2",
+)
+# Ops whose own time (outside the kernels they launch) is their BLAS product; their inputs give its shape.
+LINEAR_OPS = ("linear", "linear_residual", "linear_residual_norm")
+CATEGORIES = ("attention", "layernorm", "products", "epilogues", "residual_layernorm", "convolutions", "rest")
 CATEGORY_LABELS = {
     "attention": "attention (fused NA kernel)",
-    "layernorm": "layernorm",
+    "layernorm": "layernorm (on its own)",
     "products": "products (BLAS in linear*)",
     "epilogues": "bias/GELU + residual epilogues",
+    "residual_layernorm": "residual epilogue + layernorm (fused)",
     "convolutions": "convolutions (im2col+product)",
     "rest": "rest (layout, pad/crop, pool, Python)",
 }
@@ -317,7 +323,7 @@ class OpProfiler:
         return timed
 
     def _record(self, name: str, outer: str, args: tuple) -> None:
-        if name in ("linear", "linear_residual"):
+        if name in LINEAR_OPS:
             x, weight_t = args[0], args[1]
             context = "conv" if outer == "conv3x3_stride2" else "linear"
             self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], context))
@@ -337,10 +343,12 @@ class OpProfiler:
                 totals["attention"] += seconds
             elif name in ("layer_norm", "_layer_norm"):
                 totals["layernorm"] += seconds
-            elif name in ("linear", "linear_residual"):
+            elif name in LINEAR_OPS:
                 totals["products"] += seconds
             elif name in ("_bias_activation", "_bias_scale_residual"):
                 totals["epilogues"] += seconds
+            elif name == "_bias_scale_residual_norm":
+                totals["residual_layernorm"] += seconds
         return totals
 
 

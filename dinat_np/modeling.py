@@ -168,6 +168,10 @@ class _LayerNorm:
     def __call__(self, x: Any) -> Any:
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def with_residual(self, x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any) -> tuple[Any, Any]:
+        """``residual + scale * (x @ weight_t + bias)`` and this LayerNorm of it, in one pass over the rows."""
+        return self.ops.linear_residual_norm(x, weight_t, bias, scale, residual, self.weight, self.bias, self.eps)
+
 
 class _Conv3x3Stride2:
     def __init__(self, weights: _Weights, name: str, in_channels: int, out_channels: int, bias: bool) -> None:
@@ -245,21 +249,32 @@ class DinatLayer:
             gamma = self.ops.upload(np.ones((2, dim), np.float32))
         self.layer_scale = (gamma[0], gamma[1])
 
-    def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any]:
+    def __call__(
+        self, x: Any, normed: Any, output_attentions: bool, next_norm: _LayerNorm | None
+    ) -> tuple[Any, Any, Any]:
+        """One layer on the residual stream ``x``, given ``normed = layernorm_before(x)``.
+
+        Each residual branch is closed in the same pass as the LayerNorm that reads its result (one
+        pass over the rows instead of two): the attention branch with ``layernorm_after``, the MLP
+        branch with ``next_norm``, the next layer's ``layernorm_before`` (None for a stage's last
+        layer). Returns the new ``x``, ``next_norm(x)`` (or None) and the attention weights.
+        """
         batch, height, width, _ = x.shape
-        normed = self.layernorm_before(x)
         padded_height, padded_width = max(height, self.window_size), max(width, self.window_size)
-        if (padded_height, padded_width) != (height, width):
+        if (padded_height, padded_width) != (height, width):  # after the norm, as HF does
             normed = self.ops.pad_bottom_right(normed, padded_height, padded_width)
         context, attention = self.attention(normed, output_attentions)
         if (padded_height, padded_width) != (height, width):
             context = self.ops.crop(context, height, width)
-        x = self.ops.linear_residual(
+        x, normed = self.layernorm_after.with_residual(
             context, self.attention.dense, self.attention.dense_bias, self.layer_scale[0], x
         )
-        hidden = self.ops.linear(self.layernorm_after(x), self.intermediate, self.intermediate_bias, self.activation)
-        x = self.ops.linear_residual(hidden, self.output, self.output_bias, self.layer_scale[1], x)
-        return x, attention
+        hidden = self.ops.linear(normed, self.intermediate, self.intermediate_bias, self.activation)
+        if next_norm is None:
+            x = self.ops.linear_residual(hidden, self.output, self.output_bias, self.layer_scale[1], x)
+            return x, None, attention
+        x, next_normed = next_norm.with_residual(hidden, self.output, self.output_bias, self.layer_scale[1], x)
+        return x, next_normed, attention
 
 
 class DinatDownsampler:
@@ -286,8 +301,12 @@ class DinatStage:
 
     def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any, Any]:
         """The stage's output, its output before downsampling, and its last layer's attention weights."""
-        for layer in self.layers:
-            x, attention = layer(x, output_attentions)
+        # Each layer hands the next one its input already normalised (see DinatLayer), so only the
+        # first layer's layernorm_before runs on its own.
+        normed = self.layers[0].layernorm_before(x)
+        following = [layer.layernorm_before for layer in self.layers[1:]] + [None]
+        for layer, next_norm in zip(self.layers, following):
+            x, normed, attention = layer(x, normed, output_attentions, next_norm)
         before = x
         if self.downsample is not None:
             x = self.downsample(x)

@@ -87,6 +87,13 @@ def check_kernels() -> None:
     scale, residual = normal(70), normal(2, 5, 7, 70)
     record("linear_residual", gpu.linear_residual(up(x), w_gpu, up(bias), up(scale), up(residual)),
            cpu.linear_residual(x, w_cpu, bias, scale, residual))
+    norm_weight, norm_bias = normal(70), normal(70)
+    out, normed = gpu.linear_residual_norm(up(x), w_gpu, up(bias), up(scale), up(residual), up(norm_weight),
+                                           up(norm_bias), 1e-5)
+    expected_out, expected_normed = cpu.linear_residual_norm(x, w_cpu, bias, scale, residual, norm_weight,
+                                                             norm_bias, 1e-5)
+    record("linear_residual_norm_out", out, expected_out)
+    record("linear_residual_norm_normed", normed, expected_normed)
 
     # the 64x64 tile kernel (large grids use it) on a product with several k-steps
     saved = gpu._SMALL_GRID
@@ -112,6 +119,12 @@ def check_kernels() -> None:
         record("external_gemm_residual",
                gpu.linear_residual(up(x), gpu.linear_weight(weight), up(bias), up(scale), up(residual)),
                cpu.linear_residual(x, cpu.linear_weight(weight), bias, scale, residual))
+        norm_weight, norm_bias = normal(10), normal(10)  # narrow rows: the 8-lane LayerNorm
+        record("external_gemm_residual_norm",
+               gpu.linear_residual_norm(up(x), gpu.linear_weight(weight), up(bias), up(scale), up(residual),
+                                        up(norm_weight), up(norm_bias), 1e-5)[1],
+               cpu.linear_residual_norm(x, cpu.linear_weight(weight), bias, scale, residual, norm_weight,
+                                        norm_bias, 1e-5)[1])
     finally:
         gpu._external_gemm = cublas
     if cublas is not None:  # CuPy on a real GPU: its product too

@@ -32,7 +32,8 @@ KERNEL_CHECKS = [
     "upload_download", "nchw_to_nhwc", "pad_bottom_right", "crop", "mean_pool", "mean_pool_wide", "layer_norm_c5",
     "layer_norm_c70",
     "linear_identity", "linear_gelu", "linear_gelu_new", "linear_relu", "linear_selu", "linear_residual",
-    "linear_tile64_gelu", "external_gemm_selu", "external_gemm_residual", "conv3x3_stride2",
+    "linear_residual_norm_out", "linear_residual_norm_normed", "linear_tile64_gelu", "external_gemm_selu",
+    "external_gemm_residual", "external_gemm_residual_norm", "conv3x3_stride2",
     "conv3x3_stride2_nobias", "na_fused_no_attn", "na_fused_no_attn_returns_none", "two_threads_layer_norm_linear",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
 MODEL_CHECKS = (

@@ -88,3 +88,30 @@ def test_linear_activations_equal_pytorch(activation):
     function = torch.nn.functional.selu if activation == "selu" else ACT2FN[activation]
     expected = function(torch.from_numpy(x @ weight + bias)).numpy()
     np.testing.assert_allclose(cpu.linear(x, weight, bias, activation), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, in_features, channels", [(37, 24, 33), (2 * 7 * 9, 40, 64), (5, 8, 1)])
+def test_linear_residual_norm_equals_float64_reference(rows, in_features, channels):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, in_features)).astype(np.float32)
+    weight_t = (rng.standard_normal((in_features, channels)) * in_features**-0.5).astype(np.float32)
+    bias, scale, norm_weight, norm_bias = (rng.standard_normal(channels).astype(np.float32) for _ in range(4))
+    residual = (rng.standard_normal((rows, channels)) * 3 + 1.5).astype(np.float32)  # mean far from 0
+    if rows == 2 * 7 * 9:  # channels-last feature maps, as the model passes them
+        x, residual = x.reshape(2, 7, 9, in_features), residual.reshape(2, 7, 9, channels)
+    eps = 1e-5
+
+    out, normed = cpu.linear_residual_norm(x, weight_t, bias, scale, residual, norm_weight, norm_bias, eps)
+
+    f64 = np.float64
+    expected = residual.astype(f64) + scale.astype(f64) * (x.astype(f64) @ weight_t.astype(f64) + bias)
+    mean = expected.mean(axis=-1, keepdims=True)
+    variance = ((expected - mean) ** 2).mean(axis=-1, keepdims=True)
+    expected_normed = (expected - mean) / np.sqrt(variance + eps) * norm_weight.astype(f64) + norm_bias
+    assert out.shape == normed.shape == residual.shape
+    assert out.dtype == normed.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(normed, expected_normed, rtol=0, atol=1e-5)
+    # the same numbers as the two separate ops
+    np.testing.assert_allclose(out, cpu.linear_residual(x, weight_t, bias, scale, residual), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(normed, cpu.layer_norm(out, norm_weight, norm_bias, eps), rtol=0, atol=1e-6)

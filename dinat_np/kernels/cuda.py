@@ -43,8 +43,8 @@ from .cpu import ACTIVATIONS
 
 __all__ = [
     "ACTIVATIONS", "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
-    "linear_residual", "conv3x3_stride2", "neighborhood_attention", "na_qk", "na_av", "pad_bottom_right",
-    "crop", "mean_pool", "nchw_to_nhwc",
+    "linear_residual", "linear_residual_norm", "conv3x3_stride2", "neighborhood_attention", "na_qk", "na_av",
+    "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 ]
 
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
@@ -319,17 +319,21 @@ def _layer_norm_kernel(lanes: int) -> Any:
     return kernel
 
 
+def _layer_norm_rows(rows: Any, weight: Any, bias: Any, eps: float) -> Any:
+    """LayerNorm of each row of the 2-D ``rows`` into a new array (the caller holds ``_LOCK``)."""
+    channels = rows.shape[1]
+    out = _empty(rows.shape)
+    lanes = 32 if channels >= 32 else 8
+    blocks = _blocks(rows.shape[0], _LN_THREADS // lanes)
+    _layer_norm_kernel(lanes)[blocks, _LN_THREADS](rows, weight, bias, np.float32(eps), out)
+    return out
+
+
 def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
     """LayerNorm over the last axis of ``x`` (any leading shape)."""
     with _LOCK:
         shape = tuple(x.shape)
-        channels = shape[-1]
-        rows = x.reshape(-1, channels)
-        out = _empty(rows.shape)
-        lanes = 32 if channels >= 32 else 8
-        blocks = _blocks(rows.shape[0], _LN_THREADS // lanes)
-        _layer_norm_kernel(lanes)[blocks, _LN_THREADS](rows, weight, bias, np.float32(eps), out)
-        return out.reshape(*shape)
+        return _layer_norm_rows(x.reshape(-1, shape[-1]), weight, bias, eps).reshape(*shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -520,6 +524,23 @@ def linear_residual(x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any)
         y = _product(x2d, weight_t, bias, _EPILOGUE_RESIDUAL, 0, scale,
                      residual.reshape(x2d.shape[0], weight_t.shape[1]))
         return y.reshape(*residual.shape)
+
+
+def linear_residual_norm(
+    x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any, norm_weight: Any, norm_bias: Any, eps: float,
+) -> tuple[Any, Any]:
+    """:func:`linear_residual` and :func:`layer_norm` of its result: ``(out, normed)``, as the CPU backend.
+
+    Here it is the two kernels back to back (the epilogue stays fused into the product); the op exists
+    for the CPU backend, where one pass over the rows saves a parallel launch.
+    """
+    with _LOCK:
+        x2d = x.reshape(-1, tuple(x.shape)[-1])
+        y = _product(x2d, weight_t, bias, _EPILOGUE_RESIDUAL, 0, scale,
+                     residual.reshape(x2d.shape[0], weight_t.shape[1]))
+        normed = _layer_norm_rows(y, norm_weight, norm_bias, eps)
+        shape = tuple(residual.shape)
+        return y.reshape(*shape), normed.reshape(*shape)
 
 
 # ---------------------------------------------------------------------------------------------------
