@@ -7,11 +7,11 @@ Layout conventions shared by all backends (see ``dinat_np.kernels``):
 - 3x3 convolution weights are stored as ``(3 * 3 * in_channels, out_channels)`` in (row, column, channel)
   order, matching the im2col patches below.
 
-Threading: Numba's kernels and OpenBLAS's products take turns on the same cores, about 140 times
-per batch-1 forward. Threads that sleep between kernels (Numba's "workqueue" layer) must be woken
-for each one, which costs a few hundred microseconds of lost work per launch on a VM; threads that
-spin for long (GNU OpenMP's default, up to ~20 ms) take the cores from OpenBLAS (dinat-mini: 1.1 s
-instead of 75 ms per image on 2 cores). So on Linux the kernels run on GNU OpenMP with a short spin
+Threading: Numba's kernels and OpenBLAS's products take turns on the same cores, about a hundred
+times per batch-1 forward. Threads that sleep between kernels (Numba's "workqueue" layer) must be
+woken for each one, 0.1 ms or more per launch on a VM, and a kernel waits for its last thread;
+threads that spin for long (GNU OpenMP's default, up to ~20 ms) take the cores from OpenBLAS
+(dinat-mini: 1.1 s instead of 75 ms per image on 2 cores). So on Linux the kernels run on GNU OpenMP with a short spin
 (``GOMP_SPINCOUNT``, read once when libgomp loads): batch-1 latency 20% lower than with workqueue,
 batch 8 unchanged. Where that cannot be ensured (not Linux, no GNU OpenMP, or libgomp already loaded
 with whatever spin it read) the kernels use workqueue. ``NUMBA_THREADING_LAYER``,
