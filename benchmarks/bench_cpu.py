@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Numba and BLAS threads (default: the CPUs this process may use)")
     parser.add_argument("--threading-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
                         help="Numba threading layer, set as NUMBA_THREADING_LAYER before Numba loads "
-                             "(default: whatever Numba picks, or the variable as already set)")
+                             "(default: dinat-np's own choice, see dinat_np/kernels/cpu.py, or the variable as "
+                             "already set)")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 forwards (>= 20; default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batch-1 forwards first (default 3)")
     parser.add_argument("--batch-repeats", type=int, default=5, help="timed batch-8 forwards (default 5)")
