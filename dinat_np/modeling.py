@@ -218,9 +218,12 @@ class NeighborhoodAttention:
     def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any]:
         """Context ``(batch, height, width, dim)`` before the output projection, and the attention weights."""
         batch, height, width, _ = x.shape
-        qkv = self.ops.linear(x, self.qkv, self.qkv_bias).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
+        # The product's bias is folded into the attention kernel (no epilogue pass over q/k/v; see
+        # kernels.cpu._na_fused): the result is that of the biased product, zero-padded maps included.
+        qkv = self.ops.linear(x, self.qkv).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
         context, attention = self.ops.neighborhood_attention(
-            qkv, self.rpb, self.kernel_size, self.dilation, self.head_dim**-0.5, output_attentions
+            qkv, self.rpb, self.kernel_size, self.dilation, self.head_dim**-0.5, output_attentions,
+            qkv_bias=self.qkv_bias,
         )
         return context.reshape(batch, height, width, -1), attention
 

@@ -195,6 +195,18 @@ def check_kernels() -> None:
     record("na_fused_no_attn", out, cpu.neighborhood_attention(qkv, rpb, 3, 2, 0.3, False)[0])
     results["na_fused_no_attn_returns_none"] = 0.0 if attn is None else float("inf")
 
+    # the q/k/v product's bias folded into the kernel (b_q on the query, b_k dropped, b_v on the output),
+    # head_dim over one channel chunk so that both chunks index the bias; bottom rows zero as if padded
+    qkv = normal(2, 9, 8, 3, 2, 40)
+    qkv[:, 7:] = 0.0
+    qkv_bias, rpb = normal(3 * 2 * 40), normal(2, 5, 5)
+    expected_out, expected_attn = cpu.neighborhood_attention(qkv, rpb, 3, 2, 0.2, True, qkv_bias=qkv_bias)
+    out, attn = gpu.neighborhood_attention(up(qkv), up(rpb), 3, 2, 0.2, True, qkv_bias=up(qkv_bias))
+    record("na_fused_qkv_bias_out", out, expected_out)
+    record("na_fused_qkv_bias_attn", attn, expected_attn)
+    out, _ = gpu.neighborhood_attention(up(qkv), up(rpb), 3, 2, 0.2, qkv_bias=up(qkv_bias))
+    record("na_fused_qkv_bias_no_attn", out, expected_out)
+
 
 def tiny_config() -> DinatConfig:
     # 32x32 input: stage maps 8x8, 4x4, 2x2, 1x1 against a 3x3 window -> stages 1-3 are padded
@@ -276,7 +288,7 @@ def check_ptx() -> None:
 
     gemm = (array(2), array(2), array(2), array(1), flag, i64, i64, array(1), array(2))
     layer_norm = (array(2), array(1), array(1), f32, array(2))
-    na = ((array(5), array(5), array(5), array(3)) + (array(1, i32),) * 4
+    na = ((array(5), array(5), array(5), array(1), flag, array(3)) + (array(1, i32),) * 4
           + (i64, i64, i64, f32, array(5), array(5), flag))
     kernels = {
         "_smoke_kernel": (backend._smoke_kernel, (array(1),)),

@@ -35,6 +35,7 @@ KERNEL_CHECKS = [
     "linear_residual_norm_out", "linear_residual_norm_normed", "linear_tile64_gelu", "external_gemm_selu",
     "external_gemm_residual", "external_gemm_residual_norm", "conv3x3_stride2",
     "conv3x3_stride2_nobias", "na_fused_no_attn", "na_fused_no_attn_returns_none", "two_threads_layer_norm_linear",
+    "na_fused_qkv_bias_out", "na_fused_qkv_bias_attn", "na_fused_qkv_bias_no_attn",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
 MODEL_CHECKS = (
     ["model_device_is_cuda", "model_logits", "model_output_counts", "backbone_to_cuda_device"]

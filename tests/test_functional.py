@@ -46,6 +46,46 @@ def test_fused_scale_and_no_rpb_match_unfused():
     np.testing.assert_allclose(functional.na2d(q, k, v, 3, 2), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "height, width, heads, head_dim, kernel_size, dilation, padded",
+    [(9, 11, 2, 8, 3, 1, False), (13, 12, 3, 5, 3, 3, False), (11, 14, 1, 16, 5, 2, False),
+     (7, 7, 4, 32, 7, 1, False), (10, 9, 2, 6, 3, 3, True)],
+)
+def test_fused_qkv_bias_equals_biased_input(height, width, heads, head_dim, kernel_size, dilation, padded):
+    # The kernel folds the q/k/v product's bias in (b_k dropped, b_v added to the output): it must give
+    # what the biased q/k/v give, probabilities included.
+    rng = np.random.default_rng(kernel_size * 10 + dilation)
+    qkv = rng.standard_normal((2, height, width, 3, heads, head_dim)).astype(np.float32)
+    if padded:  # the bottom-right of the map zero-padded before the product, as DinatLayer pads
+        qkv[:, height - 2:] = 0.0
+        qkv[:, :, width - 3:] = 0.0
+    qkv_bias = rng.standard_normal(3 * heads * head_dim).astype(np.float32)
+    rpb = rng.standard_normal((heads, 2 * kernel_size - 1, 2 * kernel_size - 1)).astype(np.float32)
+    scale = head_dim**-0.5
+    biased = qkv + qkv_bias.reshape(3, heads, head_dim)
+
+    out, attn = cpu.neighborhood_attention(qkv, rpb, kernel_size, dilation, scale, True, qkv_bias=qkv_bias)
+    expected_out, expected_attn = cpu.neighborhood_attention(biased, rpb, kernel_size, dilation, scale, True)
+    np.testing.assert_allclose(out, expected_out, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(attn, expected_attn, rtol=0, atol=1e-5)
+    # and the reference-precision unfused ops on the biased q/k/v agree
+    q, k, v = (np.ascontiguousarray(biased[:, :, :, n]) for n in range(3))
+    logits = cpu.na_qk(q * np.float32(scale), k, rpb, kernel_size, dilation)
+    np.testing.assert_allclose(attn, softmax(logits), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out, cpu.na_av(softmax(logits), v, kernel_size, dilation), rtol=0, atol=1e-5)
+    # without attention output, the same context
+    alone, none = cpu.neighborhood_attention(qkv, rpb, kernel_size, dilation, scale, qkv_bias=qkv_bias)
+    assert none is None
+    np.testing.assert_allclose(alone, out, rtol=0, atol=1e-6)
+
+
+def test_fused_qkv_bias_of_wrong_shape_is_a_clear_error():
+    qkv = np.random.default_rng(4).standard_normal((1, 5, 5, 3, 2, 4)).astype(np.float32)
+    rpb = np.ones((2, 5, 5), np.float32)
+    with pytest.raises(ValueError, match=r"qkv_bias must have shape \(24,\)"):
+        cpu.neighborhood_attention(qkv, rpb, 3, 1, 0.5, qkv_bias=np.ones(8, np.float32))
+
+
 def test_window_rule_keeps_windows_inside_and_centred():
     # Every window lies inside the axis, on the query's dilation sub-grid, and contains the query.
     for length, k, d in [(7, 7, 1), (14, 7, 2), (13, 3, 3), (30, 5, 2), (56, 7, 8)]:

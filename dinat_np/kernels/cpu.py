@@ -129,9 +129,20 @@ def _exp_nonpositive(x):
     p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))))
     return p * _POW2[int(n) + 127]
 
+
+_NO_BIAS = np.empty(0, np.float32)  # _na_fused's stand-in for "no q/k/v bias": one compiled signature
+
+# The q/k/v product's bias is folded into the attention instead of being added by a pass of its own:
+# softmax(scale (q + b_q).(k + b_k) + rpb) (v + b_v). The term scale (q + b_q).b_k is the same for
+# every key of a query, and softmax is unchanged by a constant added to a query's logits, so b_k drops
+# out exactly; the probabilities sum to 1, so b_v is added once to the output. Only b_q is added, to the
+# query as it is read. This holds for zero-padded feature maps too: there HF's padded keys and values
+# are b_k and b_v, here 0 + the same fold.
 @njit(parallel=True, **_FAST)
-def _na_fused(qkv, rpb, kernel_size, dilation, scale, out, attn, store_attn):
+def _na_fused(qkv, qkv_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn):
     batch, height, width, _, heads, head_dim = qkv.shape
+    has_bias = qkv_bias.shape[0] != 0  # a zero-length placeholder stands for no bias
+    value_bias = 2 * heads * head_dim
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     window = kernel_size * kernel_size
@@ -145,9 +156,14 @@ def _na_fused(qkv, rpb, kernel_size, dilation, scale, out, attn, store_attn):
         logits = np.empty((heads, window), np.float32)
         best = np.empty(heads, np.float32)  # float32: a float64 -inf would make the softmax float64
         accumulator = np.empty((heads, head_dim), np.float32)
+        query = np.empty((heads, head_dim), np.float32)  # the pixel's queries + b_q, read by all its keys
         for j in range(width):
             for h in range(heads):
                 best[h] = -np.inf
+                for t in range(head_dim):
+                    query[h, t] = qkv[b, i, j, 0, h, t]
+                    if has_bias:
+                        query[h, t] += qkv_bias[h * head_dim + t]
             n = 0
             for ki in range(kernel_size):
                 r = row_start[i] + ki * dilation
@@ -156,7 +172,7 @@ def _na_fused(qkv, rpb, kernel_size, dilation, scale, out, attn, store_attn):
                     for h in range(heads):
                         dot = np.float32(0.0)
                         for t in range(head_dim):
-                            dot += qkv[b, i, j, 0, h, t] * qkv[b, r, c, 1, h, t]
+                            dot += query[h, t] * qkv[b, r, c, 1, h, t]
                         logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
                         logits[h, n] = logit
                         best[h] = max(best[h], logit)
@@ -173,7 +189,7 @@ def _na_fused(qkv, rpb, kernel_size, dilation, scale, out, attn, store_attn):
                     if store_attn:
                         attn[b, h, i, j, n] = logits[h, n]
                 for t in range(head_dim):
-                    accumulator[h, t] = 0.0
+                    accumulator[h, t] = qkv_bias[value_bias + h * head_dim + t] if has_bias else np.float32(0.0)
             n = 0
             for ki in range(kernel_size):
                 r = row_start[i] + ki * dilation
@@ -239,22 +255,36 @@ def neighborhood_attention(
     dilation: int,
     scale: float,
     return_attention: bool = False,
+    qkv_bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Fused ``softmax(scale * q.k + rpb) @ v`` over each query's dilated window.
 
     ``qkv`` is ``(batch, height, width, 3, heads, head_dim)``: queries, keys and values side by side,
-    as one matrix product of the input makes them. Returns the context ``(batch, height, width, heads,
+    as one matrix product of the input makes them. ``qkv_bias`` (``(3 * heads * head_dim,)``, the
+    biases of that product side by side, or None) is applied here rather than by the product: the
+    result is that of ``qkv + qkv_bias``. Returns the context ``(batch, height, width, heads,
     head_dim)`` and, when asked, the attention probabilities ``(batch, heads, height, width,
     kernel_size**2)`` (HF's layout).
     """
     batch, height, width, _, heads, head_dim = qkv.shape
     check_window(height, width, kernel_size, dilation)
+    qkv_bias = _NO_BIAS if qkv_bias is None else _checked_qkv_bias(qkv_bias, heads * head_dim)
     out = np.empty((batch, height, width, heads, head_dim), np.float32)
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
     with _LAUNCH_LOCK:
-        _na_fused(qkv, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
+        _na_fused(qkv, qkv_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
     return out, (attn if return_attention else None)
+
+
+def _checked_qkv_bias(qkv_bias: np.ndarray, channels: int) -> np.ndarray:
+    """``qkv_bias`` as a contiguous float32 vector of ``3 * channels``, or a clear error."""
+    qkv_bias = np.ascontiguousarray(qkv_bias, dtype=np.float32)
+    if qkv_bias.shape != (3 * channels,):
+        raise ValueError(
+            f"qkv_bias must have shape ({3 * channels},) (3 * heads * head_dim), got {qkv_bias.shape}"
+        )
+    return qkv_bias
 
 
 def na_qk(query: np.ndarray, key: np.ndarray, rpb: np.ndarray, kernel_size: int, dilation: int) -> np.ndarray:

@@ -7,10 +7,11 @@ those of the CPU backend (see ``dinat_np.kernels.cpu``): channels-last activatio
 convolution weights ``(9 * in_channels, out_channels)`` in im2col (row, column, channel) order.
 
 Kernels:
-- dilated neighborhood attention with relative position bias, fused (QK + rpb, softmax, AV): a block
-  takes a tile of queries of one dilation sub-grid, stages the union of their key windows (and then of
-  their value windows) in shared memory, ``_CHUNK`` channels at a time, and keeps the tile's logits in
-  shared memory, so the attention matrix reaches global memory only when it is asked for;
+- dilated neighborhood attention with relative position bias, fused (the q/k/v product's bias, QK +
+  rpb, softmax, AV): a block takes a tile of queries of one dilation sub-grid, stages the union of their
+  key windows (and then of their value windows) in shared memory, ``_CHUNK`` channels at a time, and
+  keeps the tile's logits in shared memory, so the attention matrix reaches global memory only when it
+  is asked for;
 - a tiled shared-memory matrix product with the epilogues fused in: bias + activation, or
   ``residual + layer_scale * (y + bias)``; cuBLAS (through CuPy) replaces the product when CuPy is
   importable, the epilogue then runs as its own kernel;
@@ -636,8 +637,8 @@ def _na_kernel(kernel_size: int, tile: int) -> Any:
     shared_logits = queries * window
 
     @cuda.jit
-    def kernel(query, key, value, rpb, row_start, row_bias, col_start, col_bias, dilation, tiles_r, tiles_c,
-               scale, out, attn, store_attn):
+    def kernel(query, key, value, qkv_bias, has_bias, rpb, row_start, row_bias, col_start, col_bias, dilation,
+               tiles_r, tiles_c, scale, out, attn, store_attn):
         staged = cuda.shared.array(shared_kv, dtype=float32)
         logits = cuda.shared.array(shared_logits, dtype=float32)
         q_chunk = cuda.local.array(_CHUNK, dtype=float32)
@@ -696,6 +697,8 @@ def _na_kernel(kernel_size: int, tile: int) -> Any:
             if valid:
                 for t in range(width_c):
                     q_chunk[t] = query[b, i, j, h, c0 + t]
+                    if has_bias:  # b_q (see cpu._na_fused for why b_k is dropped and b_v added at the end)
+                        q_chunk[t] += qkv_bias[h * head_dim + c0 + t]
             cuda.syncthreads()
             if valid:
                 for n in range(part, window, _THREADS_PER_QUERY):
@@ -743,7 +746,7 @@ def _na_kernel(kernel_size: int, tile: int) -> Any:
             cuda.syncthreads()
             if valid:
                 for t in range(part, width_c, _THREADS_PER_QUERY):
-                    accumulator = _ZERO
+                    accumulator = qkv_bias[(2 * heads + h) * head_dim + c0 + t] if has_bias else _ZERO
                     for ki in range(K):
                         row = (offset_r + ki) * union_cols + offset_c
                         for kj in range(K):
@@ -762,18 +765,28 @@ def neighborhood_attention(
     dilation: int,
     scale: float,
     return_attention: bool = False,
+    qkv_bias: Any = None,
 ) -> tuple[Any, Any]:
     """Fused ``softmax(scale * q.k + rpb) @ v`` over each query's dilated window.
 
     ``qkv`` is ``(batch, height, width, 3, heads, head_dim)`` (queries, keys, values side by side);
-    returns the context ``(batch, height, width, heads, head_dim)`` and, when asked, the attention
-    probabilities ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
+    ``qkv_bias`` (``(3 * heads * head_dim,)``, the biases of that product side by side, or None) is
+    folded in as in ``cpu.neighborhood_attention``: the result is that of ``qkv + qkv_bias``. Returns
+    the context ``(batch, height, width, heads, head_dim)`` and, when asked, the attention probabilities
+    ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
     """
     query, key, value = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # strided views, no copies
     kernel_size, dilation = int(kernel_size), int(dilation)
     check_window(query.shape[1], query.shape[2], kernel_size, dilation)
+    has_bias = qkv_bias is not None
+    channels = query.shape[3] * query.shape[4]
+    if has_bias and tuple(qkv_bias.shape) != (3 * channels,):
+        raise ValueError(
+            f"qkv_bias must have shape ({3 * channels},) (3 * heads * head_dim), got {tuple(qkv_bias.shape)}"
+        )
     with _LOCK:
         batch, height, width, heads, _ = query.shape
+        qkv_bias = qkv_bias if has_bias else _placeholder(1)
         row_start, row_bias = _window_tables(height, kernel_size, dilation)
         col_start, col_bias = _window_tables(width, kernel_size, dilation)
         longest_r = (height + dilation - 1) // dilation  # sub-grid 0 is the longest
@@ -785,8 +798,8 @@ def neighborhood_attention(
         attn = _empty((batch, heads, height, width, kernel_size**2)) if return_attention else _placeholder(5)
         grid = (batch * heads, dilation * dilation * tiles_r * tiles_c)
         _na_kernel(kernel_size, tile)[grid, tile * tile * _THREADS_PER_QUERY](
-            query, key, value, rpb, row_start, row_bias, col_start, col_bias, dilation, tiles_r, tiles_c,
-            np.float32(scale), out, attn, bool(return_attention),
+            query, key, value, qkv_bias, has_bias, rpb, row_start, row_bias, col_start, col_bias, dilation,
+            tiles_r, tiles_c, np.float32(scale), out, attn, bool(return_attention),
         )
         return out, (attn if return_attention else None)
 
