@@ -238,6 +238,7 @@ class DinatLayer:
         hidden = int(config.mlp_ratio * dim)
         # Feature maps smaller than the dilated window are zero-padded for attention, as HF does.
         self.window_size = config.kernel_size * dilation
+        # Applied by whoever closes the previous residual branch (see __call__ and DinatStage).
         self.layernorm_before = _LayerNorm(weights, f"{name}.layernorm_before", dim, config.layer_norm_eps)
         self.attention = NeighborhoodAttention(config, weights, f"{name}.attention", dim, num_heads, dilation)
         self.layernorm_after = _LayerNorm(weights, f"{name}.layernorm_after", dim, config.layer_norm_eps)

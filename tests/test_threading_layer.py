@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,27 +10,62 @@ import sys
 
 import pytest
 
-# A child that optionally imports something first, then runs one parallel kernel and reports.
-CHILD = """
-import json, os, sys
-if sys.argv[1]:
-    __import__(sys.argv[1])
+# A child process: optionally imports a module or starts Numba's pool first, loads the kernels, optionally
+# changes a NUMBA_* variable and compiles something (Numba then re-reads its configuration), runs one
+# kernel, optionally forks and runs one in the fork, and reports.
+CHILD = r"""
+import json, os, sys, warnings
+first, start_pool_first, reload_config, fork = sys.argv[1], *map(int, sys.argv[2:5])
+if first:
+    __import__(first)
 import numba
 import numpy as np
-from dinat_np.kernels import cpu
+
+if start_pool_first:
+    @numba.njit(parallel=True)
+    def bump(x):
+        for i in numba.prange(x.shape[0]):
+            x[i] += 1.0
+    bump(np.ones(4))
+preloaded = any("/libgomp.so" in line for line in open("/proc/self/maps"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from dinat_np.kernels import cpu
+if reload_config:
+    os.environ["NUMBA_OPT"] = "2"
+    numba.njit(lambda v: v + 1)(1)
 rng = np.random.default_rng(0)
-cpu.layer_norm(rng.standard_normal((8, 16)).astype(np.float32), np.ones(16, np.float32),
-               np.zeros(16, np.float32), 1e-5)
-print(json.dumps({"layer": numba.threading_layer(), "spin": os.environ.get("GOMP_SPINCOUNT")}))
+def kernel():
+    return cpu.layer_norm(rng.standard_normal((8, 16)).astype(np.float32), np.ones(16, np.float32),
+                          np.zeros(16, np.float32), 1e-5)
+kernel()
+report = {"layer": numba.threading_layer(), "spin": os.environ.get("GOMP_SPINCOUNT"),
+          "env_layer": os.environ.get("NUMBA_THREADING_LAYER"), "preloaded": preloaded,
+          "warned": any(issubclass(w.category, RuntimeWarning) for w in caught)}
+if fork:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            kernel()
+        except RuntimeError as error:
+            os._exit(3 if "forked" in str(error) else 4)
+        os._exit(0)
+    report["fork_exit"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(report))
 """
 
+LINUX = sys.platform.startswith("linux")
 
-def run_child(first_import: str = "", **environment: str) -> dict:
+
+def run_child(first_import: str = "", start_pool_first: bool = False, reload_config: bool = False,
+              fork: bool = False, **environment: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     env.update(environment)
-    done = subprocess.run([sys.executable, "-c", CHILD, first_import], capture_output=True, text=True,
-                          env=env, timeout=300, check=True)
+    flags = [str(int(flag)) for flag in (start_pool_first, reload_config, fork)]
+    done = subprocess.run([sys.executable, "-c", CHILD, first_import, *flags], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -39,26 +75,59 @@ def gnu_openmp_available() -> bool:
     return done.returncode == 0 and done.stdout.strip() == "GNU"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU OpenMP is only chosen on Linux")
-def test_fresh_process_uses_gnu_openmp_with_a_short_spin():
+def expected_layer(report: dict) -> str:
+    """The rule: GNU OpenMP on Linux unless a libgomp was loaded before the kernels were."""
+    return "omp" if LINUX and not report["preloaded"] and gnu_openmp_available() else "workqueue"
+
+
+needs_proc_maps = pytest.mark.skipif(not LINUX, reason="the child reads /proc/self/maps")
+
+
+@needs_proc_maps
+def test_fresh_process_follows_the_rule_and_passes_it_on():
     report = run_child()
-    if gnu_openmp_available():
-        assert report == {"layer": "omp", "spin": "3000"}
-    else:
-        assert report["layer"] == "workqueue"
+    layer = expected_layer(report)
+    assert report["layer"] == report["env_layer"] == layer  # written down for Numba and child processes
+    assert report["spin"] == ("3000" if layer == "omp" else None)
 
 
-def test_an_explicit_spin_count_is_kept():
-    report = run_child(GOMP_SPINCOUNT="1234")
-    assert report["spin"] == "1234"
+@needs_proc_maps
+def test_the_choice_survives_numba_rereading_its_configuration():
+    report = run_child(reload_config=True)
+    assert report["layer"] == expected_layer(report)
 
 
+@needs_proc_maps
+def test_the_users_spin_settings_are_left_alone():
+    assert run_child(GOMP_SPINCOUNT="1234")["spin"] == "1234"
+    report = run_child(OMP_WAIT_POLICY="PASSIVE")
+    assert report["spin"] is None and report["layer"] == expected_layer(report)
+
+
+@needs_proc_maps
 def test_environment_choice_wins():
     assert run_child(NUMBA_THREADING_LAYER="workqueue")["layer"] == "workqueue"
 
 
-def test_openmp_runtime_loaded_before_falls_back_to_workqueue():
+@needs_proc_maps
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_openmp_runtime_loaded_before_means_workqueue():
     # The torch CPU wheel brings its own libgomp.so.1, which has read its spin settings already:
     # GNU OpenMP's default spin would fight OpenBLAS for the cores.
-    pytest.importorskip("torch")
-    assert run_child("torch")["layer"] == "workqueue"
+    report = run_child("torch")
+    assert report["layer"] == expected_layer(report)
+    if report["preloaded"]:
+        assert report["layer"] == "workqueue"
+
+
+@needs_proc_maps
+def test_a_pool_started_on_openmp_before_the_kernels_is_warned_about():
+    report = run_child(start_pool_first=True)
+    assert report["warned"] == (report["layer"] == "omp")
+
+
+@needs_proc_maps
+def test_forked_child_gets_a_clear_error_on_openmp_and_runs_on_workqueue():
+    report = run_child(fork=True)
+    assert report["fork_exit"] == (3 if report["layer"] == "omp" else 0)
+    assert run_child(fork=True, NUMBA_THREADING_LAYER="workqueue")["fork_exit"] == 0

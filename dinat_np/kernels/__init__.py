@@ -31,6 +31,13 @@ def check_window(height: int, width: int, kernel_size: int, dilation: int) -> No
         )
 
 
+def check_qkv_bias(shape: tuple[int, ...], heads: int, head_dim: int) -> None:
+    """Refuse a q/k/v bias that is not the three biases side by side, ``(3 * heads * head_dim,)``."""
+    expected = (3 * heads * head_dim,)
+    if tuple(shape) != expected:
+        raise ValueError(f"qkv_bias must have shape {expected} (3 * heads * head_dim), got {tuple(shape)}")
+
+
 def get_backend(device: str) -> ModuleType:
     """The backend module for ``device`` ("cpu" or "cuda"); a clear error if it cannot run here."""
     if device == "cpu":

@@ -39,7 +39,7 @@ import numba_cuda  # noqa: F401  (the NVIDIA-maintained CUDA target: without it,
 from numba import config, cuda, float32
 from numba.core.errors import NumbaPerformanceWarning
 
-from . import check_window, cpu
+from . import check_qkv_bias, check_window, cpu
 from .cpu import ACTIVATIONS
 
 __all__ = [
@@ -779,11 +779,8 @@ def neighborhood_attention(
     kernel_size, dilation = int(kernel_size), int(dilation)
     check_window(query.shape[1], query.shape[2], kernel_size, dilation)
     has_bias = qkv_bias is not None
-    channels = query.shape[3] * query.shape[4]
-    if has_bias and tuple(qkv_bias.shape) != (3 * channels,):
-        raise ValueError(
-            f"qkv_bias must have shape ({3 * channels},) (3 * heads * head_dim), got {tuple(qkv_bias.shape)}"
-        )
+    if has_bias:
+        check_qkv_bias(qkv_bias.shape, query.shape[3], query.shape[4])
     with _LOCK:
         batch, height, width, heads, _ = query.shape
         qkv_bias = qkv_bias if has_bias else _placeholder(1)
