@@ -1,0 +1,118 @@
+"""Numba's threading layer for the CPU kernels, chosen when this module is first imported.
+
+Numba's kernels and OpenBLAS's products take turns on the same cores, about 90 times
+per batch-1 forward. Threads that sleep between kernels (Numba's "workqueue" layer) must be woken for
+each one, 0.1 ms or more per launch on a VM, and a kernel waits for its last thread; threads that spin
+for long (GNU OpenMP's default, up to ~20 ms) take the cores from OpenBLAS (dinat-mini: 1.1 s instead
+of 75 ms per image on 2 cores). So on Linux the kernels run on GNU OpenMP with a short spin
+(``GOMP_SPINCOUNT``, read once when libgomp loads): batch-1 latency 22% lower than with workqueue,
+batch 8 unchanged. Where that cannot be ensured (not Linux, no GNU OpenMP, or libgomp already loaded
+with whatever spin it read) the kernels use workqueue. The choice is written to the environment
+(``NUMBA_THREADING_LAYER``, and ``GOMP_SPINCOUNT`` with it), because Numba re-reads its configuration
+from there, and so that child processes make the same one. ``NUMBA_THREADING_LAYER`` already in the
+environment wins; ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` there are left to libgomp.
+
+On OpenMP, a process forked from one that has run the kernels cannot run them (GNU OpenMP's threads
+do not survive fork, and Numba would terminate the child): launches there raise a RuntimeError that
+says what to do instead. The workqueue layer aborts the process when two Python threads launch
+parallel kernels at once, so every launch is serialised (``launching``): concurrent model calls
+interleave kernel by kernel instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import numba
+
+# Spin iterations of an idle GNU OpenMP thread before it sleeps (~0.2 ms on this Skylake VM): long
+# enough to bridge the Python between two kernels, short next to a matrix product. Measured at batch 1
+# (dinat-mini, 2 cores): 300 -> 62 ms, 1000 -> 59 ms, 3000 -> 55 ms, 10000 -> 63 ms, 30000 -> 73 ms.
+_GOMP_SPINCOUNT = "3000"
+
+
+def _libgomp_loaded() -> bool:
+    """Whether a ``libgomp.so*`` is mapped into this process already (it has read its spin settings).
+
+    Copies bundled under another file name (``libgomp-<hash>.so``) are separate runtimes and don't count.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("/libgomp.so" in line for line in maps)
+    except OSError:
+        return True  # unknown: assume the worst
+
+
+def _choose_threading_layer() -> None:
+    """Numba's threading layer for the kernels (see the module docstring), before Numba's pool starts."""
+    try:
+        running = numba.threading_layer()  # raises until Numba's thread pool has started
+    except ValueError:
+        running = None
+    if running is not None:
+        # Chosen by whatever ran parallel Numba code first; only the spin of OpenMP can still hurt.
+        spin_set = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+        if running == "omp" and not spin_set:
+            warnings.warn(
+                "Numba's thread pool was started (on OpenMP) before dinat_np loaded its kernels; if its "
+                "idle threads spin long they slow the matrix products several times over. Import "
+                "dinat_np first, or set GOMP_SPINCOUNT=3000 or NUMBA_THREADING_LAYER=workqueue.",
+                RuntimeWarning, stacklevel=3,
+            )
+        return
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        os.environ["NUMBA_THREADING_LAYER"] = "omp" if _gnu_openmp_with_short_spin() else "workqueue"
+    numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
+
+
+def _gnu_openmp_with_short_spin() -> bool:
+    """Load GNU OpenMP with ``GOMP_SPINCOUNT`` set (unless the user set the spin), if that is possible."""
+    if not sys.platform.startswith("linux") or _libgomp_loaded():
+        return False
+    spin_added = "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+    if spin_added:
+        os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+    try:
+        from numba.np.ufunc import omppool  # loads libgomp, which reads the spin settings now
+        gnu = getattr(omppool, "openmp_vendor", None) == "GNU"  # Intel's runtime spins per KMP_BLOCKTIME
+    except ImportError:
+        gnu = False
+    if not gnu and spin_added:
+        del os.environ["GOMP_SPINCOUNT"]
+    return gnu
+
+
+_choose_threading_layer()
+_LAUNCH_LOCK = threading.RLock()
+_forked_from_openmp = False
+
+
+def _note_fork_in_child() -> None:
+    global _forked_from_openmp
+    try:
+        _forked_from_openmp = numba.threading_layer() == "omp"  # the parent ran kernels on OpenMP
+    except ValueError:
+        pass  # the parent never started the pool: the child may
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_note_fork_in_child)
+
+
+@contextmanager
+def launching() -> Iterator[None]:
+    """Held around every parallel kernel launch (see the module docstring)."""
+    if _forked_from_openmp:
+        raise RuntimeError(
+            "this process was forked from one that had already run dinat-np's kernels on GNU OpenMP, whose "
+            "threads do not survive fork(): load and run models only in the child processes, start them with "
+            "multiprocessing's 'spawn' or 'forkserver' method, or set NUMBA_THREADING_LAYER=workqueue "
+            "before dinat_np is imported"
+        )
+    with _LAUNCH_LOCK:
+        yield
