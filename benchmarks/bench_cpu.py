@@ -98,9 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Numba and BLAS threads (default: the CPUs this process may use)")
     parser.add_argument("--threading-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
                         help="Numba threading layer, set as NUMBA_THREADING_LAYER before Numba loads "
-                             "(default: dinat-np's own choice, see dinat_np/kernels/cpu_threading.py, or the variable as "
-                             "already set; 'omp' given here keeps libgomp's default spin unless "
-                             "GOMP_SPINCOUNT is set)")
+                             "(default: dinat-np's own choice, see dinat_np/kernels/cpu_threading.py, or "
+                             "the variable as already set; 'omp' given here keeps libgomp's default spin "
+                             "unless GOMP_SPINCOUNT is set)")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 forwards (>= 20; default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batch-1 forwards first (default 3)")
     parser.add_argument("--batch-repeats", type=int, default=8, help="timed batch-8 forwards (default 8)")
