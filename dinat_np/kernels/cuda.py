@@ -8,10 +8,8 @@ convolution weights ``(9 * in_channels, out_channels)`` in im2col (row, column, 
 
 Kernels:
 - dilated neighborhood attention with relative position bias, fused (the q/k/v product's bias, QK +
-  rpb, softmax, AV): a block takes a tile of queries of one dilation sub-grid, stages the union of their
-  key windows (and then of their value windows) in shared memory, ``_CHUNK`` channels at a time, and
-  keeps the tile's logits in shared memory, so the attention matrix reaches global memory only when it
-  is asked for;
+  rpb, softmax, AV): one warp per query, its lanes across the channels, the query's logits in shared
+  memory, so the attention matrix reaches global memory only when it is asked for;
 - a tiled shared-memory matrix product with the epilogues fused in: bias + activation, or
   ``residual + layer_scale * (y + bias)``; cuBLAS (through CuPy) replaces the product when CuPy is
   importable, the epilogue then runs as its own kernel;
@@ -583,11 +581,9 @@ def conv3x3_stride2(x: Any, weight_cols: Any, bias: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------
 # Neighborhood attention
 # ---------------------------------------------------------------------------------------------------
-_CHUNK = 32  # channels staged in shared memory at a time
-_STRIDE = _CHUNK + 1  # padded row: neighbouring key positions fall in different banks
-_THREADS_PER_QUERY = 4
-_SHARED_BUDGET = 48 * 1024  # static shared memory per block that every CUDA GPU grants
-_TILES = (8, 4, 2, 1)
+_WARP = 32
+_PADDED_WARP = 33  # a row of lane partials plus one: rows start in different banks
+_WARPS_PER_BLOCK = 4  # queries per block
 
 _window_cache: dict[tuple[int, int, int], tuple[Any, Any]] = {}
 
@@ -604,157 +600,100 @@ def _window_tables(length: int, kernel_size: int, dilation: int) -> tuple[Any, A
     return tables
 
 
-def _shared_bytes(tile: int, kernel_size: int) -> int:
-    span = tile + kernel_size - 1
-    return 4 * (span * span * _STRIDE + tile * tile * kernel_size * kernel_size)
+_SHARED_BUDGET = 48 * 1024  # static shared memory per block that every CUDA GPU grants
+_MAX_KERNEL_SIZE = math.isqrt(_SHARED_BUDGET // 4 // _WARPS_PER_BLOCK - _WARP * _PADDED_WARP)  # 44
+_na_kernels: dict[int, Any] = {}
 
 
-def _pick_tile(kernel_size: int, group_length: int) -> int:
-    """The largest query tile whose key union and logits fit the shared-memory budget; no larger than needed."""
-    for tile in _TILES:
-        if _shared_bytes(tile, kernel_size) <= _SHARED_BUDGET and (tile == 1 or tile // 2 < group_length):
-            return tile
-    raise ValueError(
-        f"kernel_size {kernel_size} is too large for the CUDA neighborhood attention kernel (at most 19: its "
-        "window must fit in 48 KiB of shared memory); use device='cpu'"
-    )
-
-
-_na_kernels: dict[tuple[int, int], Any] = {}
-
-
-def _na_kernel(kernel_size: int, tile: int) -> Any:
-    """The fused kernel for one (kernel_size, tile): shared and local array sizes must be constants."""
-    compiled = _na_kernels.get((kernel_size, tile))
+def _na_kernel(kernel_size: int) -> Any:
+    """The fused kernel for one kernel_size (its shared array of probabilities needs a constant size)."""
+    compiled = _na_kernels.get(kernel_size)
     if compiled is not None:
         return compiled
     K = kernel_size
     window = K * K
-    span = tile + K - 1
-    queries = tile * tile
-    threads = queries * _THREADS_PER_QUERY
-    shared_kv = span * span * _STRIDE
-    shared_logits = queries * window
 
     @cuda.jit
-    def kernel(query, key, value, qkv_bias, has_bias, rpb, row_start, row_bias, col_start, col_bias, dilation,
-               tiles_r, tiles_c, scale, out, attn, store_attn):
-        staged = cuda.shared.array(shared_kv, dtype=float32)
-        logits = cuda.shared.array(shared_logits, dtype=float32)
-        q_chunk = cuda.local.array(_CHUNK, dtype=float32)
+    def kernel(qkv, qkv_bias, has_bias, rpb, row_start, row_bias, col_start, col_bias, dilation, scale, out, attn,
+               store_attn):
+        # One warp per query (b, i, j, h), its lanes across the channels: every key and value row is read
+        # as whole 128-byte lines, and the neighbouring warps (the other heads, the next pixel) hit the
+        # same lines in cache. The lanes' partial dot products of up to 32 neighbours go to shared memory
+        # (rows padded to 33: no bank conflicts) and each lane then sums one neighbour's row; shuffles
+        # would do this too, but numba's simulator, which runs these kernels in CI, has none.
+        # qkv (batch, height, width, 3, heads, head_dim) is indexed whole: slicing it into q/k/v views on
+        # the host made numba-cuda check their extents in a Python loop over every (pixel, head), which
+        # took ~7 us per query on the H100 machine, 40 ms for one stage-1 layer.
+        partials = cuda.shared.array((_WARPS_PER_BLOCK, _WARP, _PADDED_WARP), dtype=float32)
+        probabilities = cuda.shared.array((_WARPS_PER_BLOCK, window), dtype=float32)
+        batch, height, width, _, heads, head_dim = qkv.shape
+        lane = cuda.threadIdx.x % _WARP
+        slot = cuda.threadIdx.x // _WARP
+        index = cuda.blockIdx.x * _WARPS_PER_BLOCK + slot
+        valid = index < batch * height * width * heads  # no early return: every thread meets the barriers
+        h = index % heads
+        rest = index // heads
+        j = rest % width
+        rest //= width
+        i = rest % height
+        b = rest // height
+        if not valid:
+            b = i = j = 0
+        key_row0 = row_start[i]
+        key_col0 = col_start[j]
 
-        batch, height, width, heads, head_dim = query.shape
-        thread = cuda.threadIdx.x
-        slot = thread // _THREADS_PER_QUERY  # which query of the tile
-        part = thread % _THREADS_PER_QUERY  # which share of that query's keys / channels
-        b = cuda.blockIdx.x // heads  # (batch, head) on x: grid x allows 2**31 - 1 blocks, y only 65535
-        h = cuda.blockIdx.x % heads
-
-        # Block -> (row sub-grid, column sub-grid, tile row, tile column). A tile holds queries of one
-        # sub-grid, so the union of their windows is one contiguous run of sub-grid positions per axis.
-        rest = cuda.blockIdx.y
-        tc = rest % tiles_c
-        rest //= tiles_c
-        tr = rest % tiles_r
-        rest //= tiles_r
-        gc = rest % dilation
-        gr = rest // dilation
-        length_r = (height - gr + dilation - 1) // dilation
-        length_c = (width - gc + dilation - 1) // dilation
-        u0 = tr * tile
-        v0 = tc * tile
-        if u0 >= length_r or v0 >= length_c:
-            return  # the whole block: this sub-grid is shorter than the longest one
-        u_last = min(u0 + tile, length_r) - 1
-        v_last = min(v0 + tile, length_c) - 1
-        key_row0 = row_start[gr + dilation * u0]
-        key_col0 = col_start[gc + dilation * v0]
-        union_rows = (row_start[gr + dilation * u_last] - key_row0) // dilation + K
-        union_cols = (col_start[gc + dilation * v_last] - key_col0) // dilation + K
-        positions = union_rows * union_cols
-
-        u = u0 + slot // tile
-        v = v0 + slot % tile
-        valid = u < length_r and v < length_c
-        i = gr + dilation * u
-        j = gc + dilation * v
-        offset_r = 0
-        offset_c = 0
-        if valid:
-            offset_r = (row_start[i] - key_row0) // dilation
-            offset_c = (col_start[j] - key_col0) // dilation
-        base = slot * window
-
-        # q.k, a chunk of channels at a time, accumulated in shared memory
-        for c0 in range(0, head_dim, _CHUNK):
-            width_c = min(_CHUNK, head_dim - c0)
-            for element in range(thread, positions * width_c, threads):
-                p = element // width_c
-                t = element % width_c
-                staged[p * _STRIDE + t] = key[
-                    b, key_row0 + dilation * (p // union_cols), key_col0 + dilation * (p % union_cols), h, c0 + t
-                ]
+        for n0 in range(0, window, _WARP):
             if valid:
-                for t in range(width_c):
-                    q_chunk[t] = query[b, i, j, h, c0 + t]
-                    if has_bias:  # b_q (see cpu._na_fused for why b_k is dropped and b_v added at the end)
-                        q_chunk[t] += qkv_bias[h * head_dim + c0 + t]
+                for n in range(n0, min(n0 + _WARP, window)):
+                    r = key_row0 + (n // K) * dilation
+                    c = key_col0 + (n % K) * dilation
+                    partial = _ZERO
+                    for t in range(lane, head_dim, _WARP):
+                        q = qkv[b, i, j, 0, h, t]
+                        if has_bias:  # b_q (see cpu._na_fused for why b_k is dropped and b_v added at the end)
+                            q += qkv_bias[h * head_dim + t]
+                        partial += q * qkv[b, r, c, 1, h, t]
+                    partials[slot, n - n0, lane] = partial
             cuda.syncthreads()
-            if valid:
-                for n in range(part, window, _THREADS_PER_QUERY):
-                    p = (offset_r + n // K) * union_cols + offset_c + n % K
-                    dot = _ZERO
-                    for t in range(width_c):
-                        dot += q_chunk[t] * staged[p * _STRIDE + t]
-                    if c0 == 0:
-                        logits[base + n] = dot
-                    else:
-                        logits[base + n] += dot
+            n = n0 + lane
+            if valid and n < window:
+                dot = _ZERO
+                for other in range(_WARP):
+                    dot += partials[slot, lane, other]
+                probabilities[slot, n] = dot * scale + rpb[h, row_bias[i] + n // K, col_bias[j] + n % K]
             cuda.syncthreads()
 
-        # scale, bias, softmax (each of the query's threads reduces the row; it is only K*K values)
-        if valid:
-            for n in range(part, window, _THREADS_PER_QUERY):
-                logits[base + n] = logits[base + n] * scale + rpb[h, row_bias[i] + n // K, col_bias[j] + n % K]
-        cuda.syncthreads()
         best = _NEG_INF
+        if valid:
+            for n in range(window):
+                best = max(best, probabilities[slot, n])
+        cuda.syncthreads()
+        if valid:
+            for n in range(lane, window, _WARP):
+                probabilities[slot, n] = math.exp(probabilities[slot, n] - best)
+        cuda.syncthreads()
+        if not valid:
+            return  # no barrier below
         total = _ZERO
-        if valid:
-            for n in range(window):
-                best = max(best, logits[base + n])
-            for n in range(window):
-                total += math.exp(logits[base + n] - best)
-        cuda.syncthreads()
-        if valid:
-            inverse = _ONE / total
-            for n in range(part, window, _THREADS_PER_QUERY):
-                probability = math.exp(logits[base + n] - best) * inverse
-                logits[base + n] = probability
-                if store_attn:
-                    attn[b, h, i, j, n] = probability
-        cuda.syncthreads()
+        for n in range(window):
+            total += probabilities[slot, n]
+        inverse = _ONE / total
+        if store_attn:
+            for n in range(lane, window, _WARP):
+                attn[b, h, i, j, n] = probabilities[slot, n] * inverse
 
-        # probabilities @ v, a chunk of channels at a time
-        for c0 in range(0, head_dim, _CHUNK):
-            width_c = min(_CHUNK, head_dim - c0)
-            for element in range(thread, positions * width_c, threads):
-                p = element // width_c
-                t = element % width_c
-                staged[p * _STRIDE + t] = value[
-                    b, key_row0 + dilation * (p // union_cols), key_col0 + dilation * (p % union_cols), h, c0 + t
+        for t in range(lane, head_dim, _WARP):
+            accumulator = _ZERO
+            for n in range(window):
+                accumulator += probabilities[slot, n] * qkv[
+                    b, key_row0 + (n // K) * dilation, key_col0 + (n % K) * dilation, 2, h, t
                 ]
-            cuda.syncthreads()
-            if valid:
-                for t in range(part, width_c, _THREADS_PER_QUERY):
-                    accumulator = qkv_bias[(2 * heads + h) * head_dim + c0 + t] if has_bias else _ZERO
-                    for ki in range(K):
-                        row = (offset_r + ki) * union_cols + offset_c
-                        for kj in range(K):
-                            accumulator += logits[base + ki * K + kj] * staged[(row + kj) * _STRIDE + t]
-                    out[b, i, j, h, c0 + t] = accumulator
-            cuda.syncthreads()
+            accumulator *= inverse  # the probabilities sum to one, so b_v is added once
+            if has_bias:
+                accumulator += qkv_bias[(2 * heads + h) * head_dim + t]
+            out[b, i, j, h, t] = accumulator
 
-    _na_kernels[(kernel_size, tile)] = kernel
+    _na_kernels[kernel_size] = kernel
     return kernel
 
 
@@ -775,28 +714,28 @@ def neighborhood_attention(
     the context ``(batch, height, width, heads, head_dim)`` and, when asked, the attention probabilities
     ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
     """
-    query, key, value = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # strided views, no copies
     kernel_size, dilation = int(kernel_size), int(dilation)
-    check_window(query.shape[1], query.shape[2], kernel_size, dilation)
+    batch, height, width, _, heads, head_dim = qkv.shape
+    check_window(height, width, kernel_size, dilation)
+    if kernel_size > _MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"kernel_size {kernel_size} is too large for the CUDA neighborhood attention kernel (at most "
+            f"{_MAX_KERNEL_SIZE}: a block's probabilities must fit in 48 KiB of shared memory); use device='cpu'"
+        )
     has_bias = qkv_bias is not None
     if has_bias:
-        check_qkv_bias(qkv_bias.shape, query.shape[3], query.shape[4])
+        check_qkv_bias(qkv_bias.shape, heads, head_dim)
     with _LOCK:
-        batch, height, width, heads, _ = query.shape
         qkv_bias = qkv_bias if has_bias else _placeholder(1)
         row_start, row_bias = _window_tables(height, kernel_size, dilation)
         col_start, col_bias = _window_tables(width, kernel_size, dilation)
-        longest_r = (height + dilation - 1) // dilation  # sub-grid 0 is the longest
-        longest_c = (width + dilation - 1) // dilation
-        tile = _pick_tile(kernel_size, max(longest_r, longest_c))
-        tiles_r = (longest_r + tile - 1) // tile
-        tiles_c = (longest_c + tile - 1) // tile
-        out = _empty(tuple(query.shape))
+        out = _empty((batch, height, width, heads, head_dim))
         attn = _empty((batch, heads, height, width, kernel_size**2)) if return_attention else _placeholder(5)
-        grid = (batch * heads, dilation * dilation * tiles_r * tiles_c)
-        _na_kernel(kernel_size, tile)[grid, tile * tile * _THREADS_PER_QUERY](
-            query, key, value, qkv_bias, has_bias, rpb, row_start, row_bias, col_start, col_bias, dilation,
-            tiles_r, tiles_c, np.float32(scale), out, attn, bool(return_attention),
+        queries = batch * height * width * heads
+        blocks = (queries + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
+        _na_kernel(kernel_size)[blocks, _WARPS_PER_BLOCK * _WARP](
+            qkv, qkv_bias, has_bias, rpb, row_start, row_bias, col_start, col_bias, dilation, np.float32(scale), out,
+            attn, bool(return_attention),
         )
         return out, (attn if return_attention else None)
 
