@@ -52,7 +52,8 @@ _LOCK = threading.RLock()
 
 # Small feature maps (late stages, batch 1) launch fewer blocks than the GPU has SMs; that is expected
 # and numba's per-launch warning about it would only be noise for users.
-warnings.filterwarnings("ignore", message=r"Grid size .* low occupancy", category=NumbaPerformanceWarning)
+# (The message may start with terminal colour codes, hence the leading ".*".)
+warnings.filterwarnings("ignore", message=r".*Grid size .* low occupancy", category=NumbaPerformanceWarning)
 
 # Element-wise kernels loop over their elements with a grid stride, so any launch covers them; the grid
 # is capped to keep blocks busy on the GPU. The simulator runs every thread as a Python thread: there
