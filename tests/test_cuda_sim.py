@@ -178,6 +178,26 @@ def test_cuda_without_numba_cuda_is_a_clear_error() -> None:
     assert "dinat-np[gpu]" in stdout
 
 
+@needs_numba_cuda
+def test_gpu_that_cannot_compile_is_a_clear_error() -> None:
+    # As on a machine whose numpy was newer than its numba supported: the driver sees a GPU, the first
+    # kernel fails. The error must carry the cause and name both usual fixes.
+    script = (
+        "import dinat_np.kernels.cuda as backend\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise AttributeError(\"module 'numpy' has no attribute 'row_stack'\")\n"
+        "backend.cuda.current_context = lambda: None\n"
+        "backend.cuda.to_device = broken\n"
+        "try:\n"
+        "    backend.require_gpu()\n"
+        "except RuntimeError as error:\n"
+        "    print('RuntimeError:', error)\n"
+    )
+    stdout = _run_python(script)
+    assert "RuntimeError: device='cuda': a GPU was found but numba-cuda could not compile or run" in stdout
+    assert "row_stack" in stdout and "numba-cuda[cu12]" in stdout and "does not support numpy" in stdout
+
+
 def _can_compile_ptx() -> bool:
     if not HAVE_NUMBA_CUDA:
         return False
@@ -215,7 +235,7 @@ def test_low_occupancy_warnings_are_silenced() -> None:
         "from numba.core.errors import NumbaPerformanceWarning\n"
         "import dinat_np.kernels.cuda\n"
         "low = 'Grid size 4 will likely result in GPU under-utilization due to low occupancy.'\n"
-        "for message in (low, '\\x1b[1m' + low + '\\x1b[0m', 'Host array used in CUDA kernel will incur copy overhead.'):\n"
+        "for message in (low, '\\x1b[1m' + low + '\\x1b[0m', 'Host array used in a CUDA kernel.'):\n"
         "    with warnings.catch_warnings(record=True) as caught:\n"
         "        warnings.warn(NumbaPerformanceWarning(message))\n"
         "    print(len(caught))\n"

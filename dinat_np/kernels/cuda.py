@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 import numba_cuda  # noqa: F401  (the NVIDIA-maintained CUDA target: without it, ImportError -> clear error)
-from numba import config, cuda, float32
+from numba import __version__ as numba_version, config, cuda, float32
 from numba.core.errors import NumbaPerformanceWarning
 
 from . import check_qkv_bias, check_window, cpu
@@ -116,9 +116,9 @@ def require_gpu() -> None:
         except Exception as error:
             raise RuntimeError(
                 f"device='cuda': a GPU was found but numba-cuda could not compile or run a kernel on it "
-                f"({_one_line(error)}). "
-                "Install the CUDA toolkit wheels that match the driver: pip install 'numba-cuda[cu12]' "
-                "(or 'numba-cuda[cu13]' for CUDA 13 drivers)"
+                f"({_one_line(error)}). The usual causes: the CUDA toolkit wheels are missing or do not match "
+                "the driver (pip install 'numba-cuda[cu12]', or 'numba-cuda[cu13]' for CUDA 13 drivers), or "
+                f"numba {numba_version} does not support numpy {np.__version__} (install a numpy it supports)"
             ) from None
         if not np.array_equal(result, np.arange(4, dtype=np.float32) * 2 + 1):
             raise RuntimeError(f"the GPU returned wrong numbers from a test kernel: {result}")
