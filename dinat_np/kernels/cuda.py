@@ -632,14 +632,7 @@ def _na_kernel(kernel_size: int) -> Any:
         slot = cuda.threadIdx.x // _WARP
         index = cuda.blockIdx.x * _WARPS_PER_BLOCK + slot
         valid = index < batch * height * width * heads  # no early return: every thread meets the barriers
-        h = index % heads
-        rest = index // heads
-        j = rest % width
-        rest //= width
-        i = rest % height
-        b = rest // height
-        if not valid:
-            b = i = j = 0
+        b, i, j, h = _unravel_nhwc(index if valid else 0, height, width, heads)
         key_row0 = row_start[i]
         key_col0 = col_start[j]
 
