@@ -55,3 +55,16 @@ def http_file_server(files: dict[str, bytes]) -> Iterator[http.server.ThreadingH
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture(params=["openblas", "numpy"])
+def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the CPU products on both paths: NumPy's OpenBLAS called from the kernels, and
+    NumPy's matmul (the fallback where that OpenBLAS cannot be found)."""
+    from dinat_np.kernels import cpu
+
+    if request.param == "openblas" and cpu._BLAS is None:
+        pytest.skip("NumPy's bundled OpenBLAS (with openblas_set_num_threads_local) is not available here")
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu, "_BLAS", None)
+    return request.param

@@ -116,7 +116,7 @@ def test_bad_arguments_raise_clear_errors(call, message):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "selu"])
-def test_linear_activations_equal_pytorch(activation):
+def test_linear_activations_equal_pytorch(activation, products):
     torch = pytest.importorskip("torch")
     from transformers.activations import ACT2FN
 
@@ -131,7 +131,7 @@ def test_linear_activations_equal_pytorch(activation):
 
 
 @pytest.mark.parametrize("rows, in_features, channels", [(37, 24, 33), (2 * 7 * 9, 40, 64), (5, 8, 1)])
-def test_linear_residual_norm_equals_float64_reference(rows, in_features, channels):
+def test_linear_residual_norm_equals_float64_reference(rows, in_features, channels, products):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
     weight_t = (rng.standard_normal((in_features, channels)) * in_features**-0.5).astype(np.float32)

@@ -1,4 +1,5 @@
-"""CPU backend: Numba kernels for every op of the forward pass, matrix products through NumPy's BLAS.
+"""CPU backend: Numba kernels for every op of the forward pass; matrix products by NumPy's OpenBLAS,
+called from inside the kernels (``dinat_np.kernels.cpu_blas``), or by NumPy where that is not possible.
 
 Layout conventions shared by all backends (see ``dinat_np.kernels``):
 - activations are channels-last, ``(rows, channels)`` or ``(batch, height, width, channels)``;
@@ -14,12 +15,14 @@ Every parallel kernel launch goes through its ``launching()``.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from . import check_qkv_bias, check_window
+from .cpu_blas import NO_TRANS, ROW_MAJOR, find_blas
 from .cpu_threading import launching
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
@@ -323,45 +326,85 @@ def _activate(x, activation):
     return x
 
 
-@njit(parallel=True, **_FAST)
-def _bias_activation(y, bias, activation):
-    rows, channels = y.shape
-    for row in prange(rows):
-        for c in range(channels):
-            y[row, c] = _activate(y[row, c] + bias[c], activation)
+# ---------------------------------------------------------------------------------------------------
+# Matrix products with their epilogues (see dinat_np.kernels.cpu_blas for why BLAS is called from here)
+# ---------------------------------------------------------------------------------------------------
+_BLAS = find_blas()
+
+_EPILOGUE_NONE, _EPILOGUE_ACTIVATION, _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = 0, 1, 2, 3
 
 
 @njit(inline="always", **_FAST)
-def _close_residual_row(y, row, bias, scale, residual):
-    for c in range(y.shape[1]):
-        y[row, c] = residual[row, c] + scale[c] * (y[row, c] + bias[c])
+def _product_rows(sgemm, x, weight_t, y, first, stop):
+    # y[first:stop] = x[first:stop] @ weight_t by one BLAS call on this thread (OpenBLAS is kept
+    # single-threaded meanwhile). Pointers are computed, not sliced: a view would be counted and freed.
+    in_features = x.shape[1]
+    out_features = y.shape[1]
+    sgemm(
+        ROW_MAJOR, NO_TRANS, NO_TRANS, stop - first, out_features, in_features, np.float32(1.0),
+        x.ctypes.data + first * in_features * 4, in_features, weight_t.ctypes.data, out_features,
+        np.float32(0.0), y.ctypes.data + first * out_features * 4, out_features,
+    )
 
 
 @njit(parallel=True, **_FAST)
-def _bias_scale_residual(y, bias, scale, residual):
-    for row in prange(y.shape[0]):
-        _close_residual_row(y, row, bias, scale, residual)
+def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps,
+            normed):
+    # One task per thread (``parts`` of them), each on a band of rows: the product (unless ``sgemm`` is
+    # None: then NumPy has filled y already), then the epilogue on the rows it has just written. Cutting
+    # the bands into blocks of 32-256 rows, to apply the epilogue while still in L1/L2, was slower.
+    rows = y.shape[0]
+    parts = min(parts, rows)
+    for part in prange(parts):
+        first = rows * part // parts
+        stop = rows * (part + 1) // parts
+        if sgemm is not None:
+            _product_rows(sgemm, x, weight_t, y, first, stop)
+        for row in range(first, stop):
+            if epilogue == _EPILOGUE_ACTIVATION:
+                for c in range(y.shape[1]):
+                    y[row, c] = _activate(y[row, c] + bias[c], activation)
+            elif epilogue >= _EPILOGUE_RESIDUAL:
+                for c in range(y.shape[1]):
+                    y[row, c] = residual[row, c] + scale[c] * (y[row, c] + bias[c])
+                if epilogue == _EPILOGUE_RESIDUAL_NORM:
+                    _normalise_row(y, row, norm_weight, norm_bias, eps, normed)
 
 
-@njit(parallel=True, **_FAST)
-def _bias_scale_residual_norm(y, bias, scale, residual, norm_weight, norm_bias, eps, normed):
-    # The row is normalised right after its epilogue, while it is still in cache: one launch and one
-    # sweep over memory instead of two.
-    for row in prange(y.shape[0]):
-        _close_residual_row(y, row, bias, scale, residual)
-        _normalise_row(y, row, norm_weight, norm_bias, eps, normed)
+_NO_ROWS = np.empty((0, 0), np.float32)  # stand-in for the operands an epilogue does not read
+
+
+def _run_linear(
+    x: np.ndarray, weight_t: np.ndarray, epilogue: int, bias: np.ndarray = _NO_BIAS, activation: int = 0,
+    scale: np.ndarray = _NO_BIAS, residual: np.ndarray = _NO_ROWS, norm_weight: np.ndarray = _NO_BIAS,
+    norm_bias: np.ndarray = _NO_BIAS, eps: float = 0.0, normed: np.ndarray = _NO_ROWS,
+) -> np.ndarray:
+    """``x @ weight_t`` over the last axis of ``x`` as ``(rows, out)``, with ``epilogue`` applied in place."""
+    # BLAS reads raw row-major memory: operands must be C-contiguous float32 (no copy when they are).
+    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
+    residual = np.ascontiguousarray(residual, dtype=np.float32)
+    y = np.empty((x.shape[0], weight_t.shape[1]), np.float32)
+    if _BLAS is None:
+        np.matmul(x, weight_t, out=y)
+        if epilogue == _EPILOGUE_NONE:
+            return y
+    with launching(), nullcontext() if _BLAS is None else _BLAS.single_threaded():
+        _linear(None if _BLAS is None else _BLAS.sgemm, numba.get_num_threads(), x, weight_t, y, epilogue, bias,
+                activation, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
+    return y
 
 
 def linear(
     x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None = None, activation: str = "identity"
 ) -> np.ndarray:
     """``activation(x @ weight_t + bias)`` over the last axis of ``x``; bias and activation in one pass."""
-    y = x.reshape(-1, x.shape[-1]) @ weight_t
-    if bias is not None or activation != "identity":
+    if bias is None and activation == "identity":
+        y = _run_linear(x, weight_t, _EPILOGUE_NONE)
+    else:
         if bias is None:
-            bias = np.zeros(y.shape[1], np.float32)
-        with launching():
-            _bias_activation(y, bias, ACTIVATIONS[activation])
+            bias = np.zeros(weight_t.shape[1], np.float32)
+        y = _run_linear(x, weight_t, _EPILOGUE_ACTIVATION, bias, ACTIVATIONS[activation])
     return y.reshape(x.shape[:-1] + (y.shape[1],))
 
 
@@ -369,10 +412,8 @@ def linear_residual(
     x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, scale: np.ndarray, residual: np.ndarray
 ) -> np.ndarray:
     """``residual + scale * (x @ weight_t + bias)``: a projection closing a residual branch (layer scale)."""
-    y = x.reshape(-1, x.shape[-1]) @ weight_t
-    with launching():
-        _bias_scale_residual(y, bias, scale, residual.reshape(y.shape))
-    return y.reshape(residual.shape)
+    rows = residual.reshape(-1, residual.shape[-1])
+    return _run_linear(x, weight_t, _EPILOGUE_RESIDUAL, bias, 0, scale, rows).reshape(residual.shape)
 
 
 def linear_residual_norm(
@@ -385,10 +426,9 @@ def linear_residual_norm(
     ``residual``) and ``normed = LayerNorm(out)`` over the last axis with ``norm_weight``, ``norm_bias``
     and ``eps``: a residual branch closed together with the LayerNorm that reads the new residual stream.
     """
-    y = x.reshape(-1, x.shape[-1]) @ weight_t
-    normed = np.empty(y.shape, np.float32)
-    with launching():
-        _bias_scale_residual_norm(y, bias, scale, residual.reshape(y.shape), norm_weight, norm_bias, eps, normed)
+    rows = residual.reshape(-1, residual.shape[-1])
+    normed = np.empty(rows.shape, np.float32)
+    y = _run_linear(x, weight_t, _EPILOGUE_RESIDUAL_NORM, bias, 0, scale, rows, norm_weight, norm_bias, eps, normed)
     return y.reshape(residual.shape), normed.reshape(residual.shape)
 
 

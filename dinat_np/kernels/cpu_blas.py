@@ -1,0 +1,85 @@
+"""NumPy's own OpenBLAS, called from inside the CPU kernels (one single-threaded product per thread).
+
+Products through NumPy run on OpenBLAS's thread pool, the other kernels on Numba's, and the two pools
+hand the same cores back and forth about ninety times per forward: each hand-over cost ~65 us on the
+2-core development VM (5 ms of a 50 ms batch-1 forward). Calling ``sgemm`` from Numba's threads, each on
+its own rows with OpenBLAS told to stay single-threaded in that thread, keeps everything on one pool,
+and lets a kernel finish the product's epilogue (bias, GELU, residual, LayerNorm) on rows still in cache.
+
+This needs the OpenBLAS that NumPy's wheels bundle (``numpy.libs`` / ``numpy/.dylibs``): the same
+library NumPy already loaded, so no second thread pool appears, and ``openblas_set_num_threads_local``
+(OpenBLAS >= 0.3.27, which sets the thread count and returns the previous one in one call). Where it is not found (NumPy built against MKL, Accelerate or a system BLAS) the
+kernels get ``None`` and the products go through NumPy as before; ``DINAT_NP_NUMPY_BLAS=1`` asks for that
+path explicitly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+# cblas_sgemm's enums: row-major storage, no transposition.
+ROW_MAJOR = 101
+NO_TRANS = 111
+
+
+class Blas(NamedTuple):
+    """NumPy's OpenBLAS: ``sgemm`` for the kernels (a ctypes function: Numba calls it natively)."""
+
+    sgemm: ctypes._CFuncPtr  # cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    set_num_threads: ctypes._CFuncPtr  # int openblas_set_num_threads_local(int): sets, returns the previous
+
+    @contextmanager
+    def single_threaded(self) -> Iterator[None]:
+        """OpenBLAS runs each call on its caller's thread while the block runs (a kernel launch).
+
+        The setting is process-wide (OpenBLAS has no per-thread one): NumPy products that other Python
+        threads start meanwhile also run on one thread. Set and restored once per launch, not per call,
+        because two kernel threads setting and restoring it concurrently would race.
+        """
+        previous = self.set_num_threads(1)
+        try:
+            yield
+        finally:
+            self.set_num_threads(previous)
+
+
+def _sgemm_prototype(integer: type) -> type:
+    return ctypes.CFUNCTYPE(
+        None, ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
+        ctypes.c_void_p, integer, ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer,
+    )
+
+
+# (symbol, integer width): scipy-openblas as bundled by NumPy >= 2 (64-bit integers), then plain OpenBLAS.
+_SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm", ctypes.c_int))
+
+
+def _bundled_openblas() -> list[Path]:
+    """OpenBLAS files shipped inside NumPy's wheel (Linux/Windows ``numpy.libs``, macOS ``numpy/.dylibs``)."""
+    numpy_dir = Path(np.__file__).resolve().parent
+    folders = (numpy_dir.parent / "numpy.libs", numpy_dir / ".dylibs")
+    return sorted(path for folder in folders if folder.is_dir() for path in folder.iterdir() if "openblas" in path.name)
+
+
+def find_blas() -> Blas | None:
+    """NumPy's bundled OpenBLAS, or None where it cannot be used from the kernels (see the module docstring)."""
+    if os.environ.get("DINAT_NP_NUMPY_BLAS", "") not in ("", "0"):
+        return None
+    for path in _bundled_openblas():
+        try:
+            library = ctypes.CDLL(str(path))  # already loaded by NumPy: the same handle, the same thread pool
+        except OSError:
+            continue
+        if not hasattr(library, "openblas_set_num_threads_local"):
+            continue
+        for symbol, integer in _SGEMM_SYMBOLS:
+            if hasattr(library, symbol):
+                sgemm = _sgemm_prototype(integer)((symbol, library))
+                return Blas(sgemm, ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(("openblas_set_num_threads_local", library)))
+    return None

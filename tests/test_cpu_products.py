@@ -1,0 +1,111 @@
+"""The CPU products: NumPy's OpenBLAS called from inside the kernels, and the NumPy fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinat_np.kernels import cpu, cpu_blas
+
+
+def reference(x, weight_t, bias=None, scale=None, residual=None):
+    y = x.astype(np.float64).reshape(-1, x.shape[-1]) @ weight_t.astype(np.float64)
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y = residual.reshape(y.shape) + scale * y
+    return y
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 57, 1000])
+def test_every_epilogue_equals_float64_reference(products, rows):
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 48), dtype=np.float32)
+    weight_t = rng.standard_normal((48, 40), dtype=np.float32) * np.float32(48**-0.5)
+    bias, scale = rng.standard_normal(40, dtype=np.float32), rng.standard_normal(40, dtype=np.float32)
+    residual = rng.standard_normal((rows, 40), dtype=np.float32)
+
+    np.testing.assert_allclose(cpu.linear(x, weight_t), reference(x, weight_t), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(cpu.linear(x, weight_t, bias, "relu"), np.maximum(reference(x, weight_t, bias), 0),
+                               rtol=0, atol=2e-5)
+    np.testing.assert_allclose(cpu.linear_residual(x, weight_t, bias, scale, residual),
+                               reference(x, weight_t, bias, scale, residual), rtol=0, atol=2e-5)
+
+
+def test_non_contiguous_operands_are_read_correctly(products):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 30), dtype=np.float32).T  # (30, 40), Fortran order
+    weight = rng.standard_normal((24, 40), dtype=np.float32)  # PyTorch's (out, in): weight.T is a view
+    residual = rng.standard_normal((24, 30), dtype=np.float32).T
+    bias, scale = np.ones(24, np.float32), np.full(24, 0.5, np.float32)
+    np.testing.assert_allclose(cpu.linear(x, weight.T), reference(x, weight.T), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(cpu.linear_residual(x, weight.T, bias, scale, residual),
+                               reference(x, weight.T, bias, scale, residual), rtol=0, atol=2e-5)
+
+
+def test_float64_inputs_are_computed_in_float32(products):
+    rng = np.random.default_rng(6)
+    x, weight_t = rng.standard_normal((9, 16)), rng.standard_normal((16, 8))
+    y = cpu.linear(x, weight_t)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, x @ weight_t, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(cpu._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
+def test_openblas_thread_count_is_restored_after_each_launch():
+    blas = cpu._BLAS
+    original = blas.set_num_threads(3)
+    try:
+        cpu.linear(np.ones((64, 8), np.float32), np.ones((8, 8), np.float32))
+        assert blas.set_num_threads(original) == 3  # what it held after the launch: the value set before
+    finally:
+        blas.set_num_threads(original)
+
+
+@pytest.mark.skipif(cpu._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
+def test_concurrent_callers_get_their_own_results_and_the_thread_count_survives():
+    blas = cpu._BLAS
+    original = blas.set_num_threads(2)
+    rng = np.random.default_rng(7)
+    cases = [(rng.standard_normal((300, 32), dtype=np.float32), rng.standard_normal((32, 24), dtype=np.float32))
+             for _ in range(4)]
+    errors: list[float] = []
+
+    def work(x: np.ndarray, weight_t: np.ndarray) -> None:
+        for _ in range(25):
+            errors.append(float(np.abs(cpu.linear(x, weight_t) - reference(x, weight_t)).max()))
+
+    threads = [threading.Thread(target=work, args=case) for case in cases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(errors) == 100 and max(errors) < 2e-5
+        assert blas.set_num_threads(original) == 2
+    finally:
+        blas.set_num_threads(original)
+
+
+def test_numpy_products_can_be_asked_for(monkeypatch):
+    monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "1")
+    assert cpu_blas.find_blas() is None
+    monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "0")
+    assert (cpu_blas.find_blas() is None) == (cpu._BLAS is None)
+
+
+def test_product_kernel_is_cached_on_disk(tmp_path):
+    """The sgemm pointer is an argument, not a constant baked into the code, so Numba can cache the kernel."""
+    script = ("import numpy as np\nfrom dinat_np.kernels import cpu\n"
+              "cpu.linear(np.ones((4, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32), 'gelu')\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    completed = subprocess.run([sys.executable, "-W", "error::numba.NumbaWarning", "-c", script], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert any(path.name.startswith("cpu._linear-") for path in Path(tmp_path).rglob("*.nbi"))
