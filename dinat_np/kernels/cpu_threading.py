@@ -30,10 +30,18 @@ from typing import Iterator
 
 import numba
 
-# Spin iterations of an idle GNU OpenMP thread before it sleeps (~0.2 ms on this Skylake VM): long
-# enough to bridge the Python between two kernels, short next to a matrix product. Measured at batch 1
-# (dinat-mini, 2 cores): 300 -> 62 ms, 1000 -> 59 ms, 3000 -> 55 ms, 10000 -> 63 ms, 30000 -> 73 ms.
-_GOMP_SPINCOUNT = "3000"
+from .cpu_blas import find_blas
+
+# Spin iterations of an idle GNU OpenMP thread before it sleeps (3000 is ~0.2 ms on this Skylake VM):
+# long enough to bridge the Python between two kernels. Where the products run on OpenBLAS's own
+# threads (NumPy's matmul, see cpu_blas) it must also be short next to a product, or the spinning
+# threads take the cores from OpenBLAS; measured at batch 1 (dinat-mini, 2 cores): 300 -> 62 ms,
+# 1000 -> 59, 3000 -> 55, 10000 -> 63, 30000 -> 73. With the products inside the kernels no other pool
+# waits for the cores: 3000 -> 55.6 ms, 10000 -> 53.0, 30000 -> 52.0, 100000 -> 52.4 (means of 2-5
+# interleaved runs, +-5% noise); 30000 (~2 ms) still lets a caller's own NumPy products have the cores
+# soon after a forward.
+def _spin_count() -> str:
+    return "30000" if find_blas() is not None else "3000"
 
 
 def _libgomp_loaded() -> bool:
@@ -76,7 +84,7 @@ def _gnu_openmp_with_short_spin() -> bool:
         return False
     spin_added = "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
     if spin_added:
-        os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+        os.environ["GOMP_SPINCOUNT"] = _spin_count()
     try:
         from numba.np.ufunc import omppool  # loads libgomp, which reads the spin settings now
         gnu = getattr(omppool, "openmp_vendor", None) == "GNU"  # Intel's runtime spins per KMP_BLOCKTIME
