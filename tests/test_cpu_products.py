@@ -23,13 +23,14 @@ def reference(x, weight_t, bias=None, scale=None, residual=None):
     return y
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 57, 1000])
-def test_every_epilogue_equals_float64_reference(products, rows):
+# Few rows: the threads split the columns, then apply the epilogue; many rows: each thread a band of rows.
+@pytest.mark.parametrize("rows, columns", [(1, 40), (2, 40), (3, 1), (57, 40), (1000, 40), (1000, 1)])
+def test_every_epilogue_equals_float64_reference(products, rows, columns):
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 48), dtype=np.float32)
-    weight_t = rng.standard_normal((48, 40), dtype=np.float32) * np.float32(48**-0.5)
-    bias, scale = rng.standard_normal(40, dtype=np.float32), rng.standard_normal(40, dtype=np.float32)
-    residual = rng.standard_normal((rows, 40), dtype=np.float32)
+    weight_t = rng.standard_normal((48, columns), dtype=np.float32) * np.float32(48**-0.5)
+    bias, scale = rng.standard_normal(columns, dtype=np.float32), rng.standard_normal(columns, dtype=np.float32)
+    residual = rng.standard_normal((rows, columns), dtype=np.float32)
 
     np.testing.assert_allclose(cpu.linear(x, weight_t), reference(x, weight_t), rtol=0, atol=2e-5)
     np.testing.assert_allclose(cpu.linear(x, weight_t, bias, "relu"), np.maximum(reference(x, weight_t, bias), 0),
