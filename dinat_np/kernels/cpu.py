@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import check_qkv_bias, check_window
-from .cpu_blas import NO_TRANS, ROW_MAJOR, find_blas
+from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
 from .cpu_threading import launching
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
@@ -329,7 +329,7 @@ def _activate(x, activation):
 # ---------------------------------------------------------------------------------------------------
 # Matrix products with their epilogues (see dinat_np.kernels.cpu_blas for why BLAS is called from here)
 # ---------------------------------------------------------------------------------------------------
-_BLAS = find_blas()
+_BLAS = NUMPY_OPENBLAS  # None: products through NumPy's matmul
 
 _EPILOGUE_NONE, _EPILOGUE_ACTIVATION, _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = 0, 1, 2, 3
 

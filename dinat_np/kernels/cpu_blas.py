@@ -2,15 +2,15 @@
 
 Products through NumPy run on OpenBLAS's thread pool, the other kernels on Numba's, and the two pools
 hand the same cores back and forth about ninety times per forward: each hand-over cost ~65 us on the
-2-core development VM (5 ms of a 50 ms batch-1 forward). Calling ``sgemm`` from Numba's threads, each on
-its own rows with OpenBLAS told to stay single-threaded in that thread, keeps everything on one pool,
-and lets a kernel finish the product's epilogue (bias, GELU, residual, LayerNorm) on rows still in cache.
+2-core development VM (5 ms of a 50 ms batch-1 forward). Calling ``sgemm`` from Numba's threads, each
+on its own share of the product while OpenBLAS is set to one thread, keeps everything on one pool, and
+lets a kernel finish the product's epilogue (bias, GELU, residual, LayerNorm) on rows still in cache.
 
 This needs the OpenBLAS that NumPy's wheels bundle (``numpy.libs`` / ``numpy/.dylibs``): the same
-library NumPy already loaded, so no second thread pool appears, and ``openblas_set_num_threads_local``
-(OpenBLAS >= 0.3.27, which sets the thread count and returns the previous one in one call). Where it is not found (NumPy built against MKL, Accelerate or a system BLAS) the
-kernels get ``None`` and the products go through NumPy as before; ``DINAT_NP_NUMPY_BLAS=1`` asks for that
-path explicitly.
+library NumPy already loaded, so no second thread pool appears, with ``openblas_set_num_threads_local``
+(OpenBLAS >= 0.3.27: sets the thread count and returns the previous one in one call). Where it is not
+found (NumPy built against MKL, Accelerate or a system BLAS) ``NUMPY_OPENBLAS`` is None and the products
+go through NumPy; ``DINAT_NP_NUMPY_BLAS=1`` asks for that explicitly.
 """
 
 from __future__ import annotations
@@ -57,14 +57,18 @@ def _sgemm_prototype(integer: type) -> type:
 
 
 # (symbol, integer width): scipy-openblas as bundled by NumPy >= 2 (64-bit integers), then plain OpenBLAS.
-_SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm", ctypes.c_int))
+_SGEMM_SYMBOLS = (
+    ("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm", ctypes.c_int),
+)
 
 
 def _bundled_openblas() -> list[Path]:
     """OpenBLAS files shipped inside NumPy's wheel (Linux/Windows ``numpy.libs``, macOS ``numpy/.dylibs``)."""
     numpy_dir = Path(np.__file__).resolve().parent
     folders = (numpy_dir.parent / "numpy.libs", numpy_dir / ".dylibs")
-    return sorted(path for folder in folders if folder.is_dir() for path in folder.iterdir() if "openblas" in path.name)
+    return sorted(
+        path for folder in folders if folder.is_dir() for path in folder.iterdir() if "openblas" in path.name
+    )
 
 
 def find_blas() -> Blas | None:
@@ -81,5 +85,10 @@ def find_blas() -> Blas | None:
         for symbol, integer in _SGEMM_SYMBOLS:
             if hasattr(library, symbol):
                 sgemm = _sgemm_prototype(integer)((symbol, library))
-                return Blas(sgemm, ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(("openblas_set_num_threads_local", library)))
+                set_num_threads = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+                return Blas(sgemm, set_num_threads(("openblas_set_num_threads_local", library)))
     return None
+
+
+# Looked up once, when the kernels load; the threading layer's spin and the product kernels both follow it.
+NUMPY_OPENBLAS = find_blas()

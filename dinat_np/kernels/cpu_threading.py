@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numba
 
-from .cpu_blas import find_blas
+from .cpu_blas import NUMPY_OPENBLAS
 
 # Spin iterations of an idle GNU OpenMP thread before it sleeps (3000 is ~0.2 ms on this Skylake VM):
 # long enough to bridge the Python between two kernels. Where the products run on OpenBLAS's own
@@ -41,7 +41,7 @@ from .cpu_blas import find_blas
 # interleaved runs, +-5% noise); 30000 (~2 ms) still lets a caller's own NumPy products have the cores
 # soon after a forward.
 def _spin_count() -> str:
-    return "30000" if find_blas() is not None else "3000"
+    return "30000" if NUMPY_OPENBLAS is not None else "3000"
 
 
 def _libgomp_loaded() -> bool:
