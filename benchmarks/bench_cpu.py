@@ -398,15 +398,17 @@ def replay_products(products: list[tuple[int, int, int, str]], own_weights: bool
     the floor is the arithmetic and the weights' traffic, not NumPy's allocator.
     """
     rng = np.random.default_rng(1)
-    buffers: dict[tuple[int, ...], Any] = {}
+    activations: dict[tuple[int, int], Any] = {}  # by shape: inputs and outputs
+    weights: dict[tuple[int, ...], Any] = {}
     sequence = []
     for m, k, n, context in products:
-        a = buffers.setdefault((m, k), rng.standard_normal((m, k), dtype=np.float32))
-        out = buffers.setdefault((m, n), np.empty((m, n), np.float32))
+        if (m, k) not in activations:
+            activations[(m, k)] = rng.standard_normal((m, k), dtype=np.float32)
+        out = activations.setdefault((m, n), np.empty((m, n), np.float32))
         weight_key = (k, n, len(sequence)) if own_weights else (k, n)
-        if weight_key not in buffers:
-            buffers[weight_key] = rng.standard_normal((k, n), dtype=np.float32) * np.float32(k**-0.5)
-        sequence.append((a, buffers[weight_key], out, context))
+        if weight_key not in weights:
+            weights[weight_key] = rng.standard_normal((k, n), dtype=np.float32) * np.float32(k**-0.5)
+        sequence.append((activations[(m, k)], weights[weight_key], out, context))
     conv_sequence = [item for item in sequence if item[3] == "conv"]
 
     def run(items: list) -> None:
