@@ -165,15 +165,19 @@ def _na_fused(qkv, qkv_bias, rpb, kernel_size, dilation, scale, out, attn, store
                     out[b, i, j, h, t] = accumulator[h, t]
 
 
+@njit(inline="always", **_FAST)
+def _batch_row_head(task, height, heads):
+    # The unfused ops run one task per (batch, query row, head).
+    return task // (height * heads), (task // heads) % height, task % heads
+
+
 @njit(parallel=True, **_FAST)
 def _na_qk(query, key, rpb, kernel_size, dilation, logits):
     batch, height, width, heads, head_dim = query.shape
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     for task in prange(batch * height * heads):
-        b = task // (height * heads)
-        i = (task // heads) % height
-        h = task % heads
+        b, i, h = _batch_row_head(task, height, heads)
         for j in range(width):
             for ki in range(kernel_size):
                 r = row_start[i] + ki * dilation
@@ -191,9 +195,7 @@ def _na_av(attn, value, kernel_size, dilation, out):
     row_start, _ = window_starts(height, kernel_size, dilation)
     col_start, _ = window_starts(width, kernel_size, dilation)
     for task in prange(batch * height * heads):
-        b = task // (height * heads)
-        i = (task // heads) % height
-        h = task % heads
+        b, i, h = _batch_row_head(task, height, heads)
         accumulator = np.empty(head_dim, np.float64)
         for j in range(width):
             accumulator[:] = 0.0
