@@ -110,3 +110,19 @@ def test_product_kernel_is_cached_on_disk(tmp_path):
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert any(path.name.startswith("cpu._linear-") for path in Path(tmp_path).rglob("*.nbi"))
+
+
+def test_whole_model_agrees_on_both_product_paths(monkeypatch):
+    from dinat_np import DinatConfig, DinatForImageClassification
+
+    if cpu._BLAS is None:
+        pytest.skip("NumPy's bundled OpenBLAS is not available here: only one path to compare")
+    config = DinatConfig(embed_dim=16, depths=[2, 2], num_heads=[2, 4], dilations=[[1, 2], [1, 1]], kernel_size=3,
+                         num_labels=5)
+    model = DinatForImageClassification(config, seed=3)
+    pixels = np.random.default_rng(8).standard_normal((2, 3, 40, 36)).astype(np.float32)
+    through_kernels = model(pixels).logits
+    monkeypatch.setattr(cpu, "_BLAS", None)
+    through_numpy = model(pixels).logits
+    assert np.abs(through_kernels).max() > 1e-3  # a real comparison, not of zeros
+    np.testing.assert_allclose(through_kernels, through_numpy, rtol=0, atol=1e-5)
