@@ -1,13 +1,14 @@
 """Numba's threading layer for the CPU kernels, chosen when this module is first imported.
 
-Numba's kernels and OpenBLAS's products take turns on the same cores, about 90 times
-per batch-1 forward. Threads that sleep between kernels (Numba's "workqueue" layer) must be woken for
-each one, 0.1 ms or more per launch on a VM, and a kernel waits for its last thread; threads that spin
-for long (GNU OpenMP's default, up to ~20 ms) take the cores from OpenBLAS (dinat-mini: 1.1 s instead
-of 75 ms per image on 2 cores). So on Linux the kernels run on GNU OpenMP with a short spin
-(``GOMP_SPINCOUNT``, read once when libgomp loads): batch-1 latency 22% lower than with workqueue,
-batch 8 unchanged. Where that cannot be ensured (not Linux, no GNU OpenMP, or libgomp already loaded
-with whatever spin it read) the kernels use workqueue. The choice is written to the environment
+A batch-1 forward launches about 100 kernels. Threads that sleep between kernels (Numba's "workqueue"
+layer) must be woken for each one, 0.1 ms or more per launch on a VM, and a kernel waits for its last
+thread; threads that spin for long (GNU OpenMP's default, up to ~20 ms) take the cores from anything
+else that needs them, OpenBLAS's own threads above all where the products go through NumPy
+(dinat-mini: 1.1 s instead of 75 ms per image on 2 cores). So on Linux the kernels run on GNU OpenMP
+with a bounded spin (``GOMP_SPINCOUNT``, read once when libgomp loads; longer where the products run
+inside the kernels, see ``_spin_count``): batch-1 latency 22% lower than with workqueue, batch 8
+unchanged. Where that cannot be ensured (not Linux, no GNU OpenMP, or libgomp already loaded with
+whatever spin it read) the kernels use workqueue. The choice is written to the environment
 (``NUMBA_THREADING_LAYER``, and ``GOMP_SPINCOUNT`` with it), because Numba re-reads its configuration
 from there, and so that child processes make the same one. ``NUMBA_THREADING_LAYER`` already in the
 environment wins; ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` there are left to libgomp.
@@ -74,11 +75,11 @@ def _choose_threading_layer() -> None:
             )
         return
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        os.environ["NUMBA_THREADING_LAYER"] = "omp" if _gnu_openmp_with_short_spin() else "workqueue"
+        os.environ["NUMBA_THREADING_LAYER"] = "omp" if _gnu_openmp_with_bounded_spin() else "workqueue"
     numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
 
 
-def _gnu_openmp_with_short_spin() -> bool:
+def _gnu_openmp_with_bounded_spin() -> bool:
     """Load GNU OpenMP with ``GOMP_SPINCOUNT`` set (unless the user set the spin), if that is possible."""
     if not sys.platform.startswith("linux") or _libgomp_loaded():
         return False
