@@ -79,6 +79,31 @@ def test_fused_qkv_bias_equals_biased_input(height, width, heads, head_dim, kern
     np.testing.assert_allclose(alone, out, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "batch, heads, head_dim, kernel_size, dilation, with_bias",
+    [(2, 16, 32, 7, 1, True), (1, 2, 32, 7, 8, True), (2, 3, 20, 3, 2, False), (1, 2, 40, 5, 3, True),
+     (2, 1, 8, 9, 1, True), (1, 4, 16, 3, 1, False)],
+)
+def test_windows_spanning_whole_groups_equal_float64_reference(batch, heads, head_dim, kernel_size, dilation,
+                                                                with_bias):
+    # A map exactly kernel_size x dilation across takes the dense per-group kernel: head sizes that are
+    # not multiples of 16 (masked lanes), windows of 9 to 81 keys (one or two steps of 64 logits).
+    size = kernel_size * dilation
+    rng = np.random.default_rng(size * 100 + head_dim)
+    qkv = rng.standard_normal((batch, size, size, 3, heads, head_dim)).astype(np.float32)
+    qkv_bias = rng.standard_normal(3 * heads * head_dim).astype(np.float32) if with_bias else None
+    rpb = rng.standard_normal((heads, 2 * kernel_size - 1, 2 * kernel_size - 1)).astype(np.float32)
+    scale = head_dim**-0.5
+    out, attn = cpu.neighborhood_attention(qkv[:, ::-1], rpb, kernel_size, dilation, scale, True, qkv_bias=qkv_bias)
+
+    biased = qkv[:, ::-1].astype(np.float64) + (0.0 if qkv_bias is None else qkv_bias.reshape(3, heads, head_dim))
+    q, k, v = (np.ascontiguousarray(biased[:, :, :, n]) for n in range(3))
+    expected_attn = softmax(cpu.na_qk(q * scale, k, rpb.astype(np.float64), kernel_size, dilation))
+    expected_out = cpu.na_av(expected_attn, v, kernel_size, dilation)
+    np.testing.assert_allclose(attn, expected_attn, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(out, expected_out, rtol=0, atol=1e-5)
+
+
 def test_fused_qkv_bias_of_wrong_shape_is_a_clear_error():
     qkv = np.random.default_rng(4).standard_normal((1, 5, 5, 3, 2, 4)).astype(np.float32)
     rpb = np.ones((2, 5, 5), np.float32)

@@ -23,6 +23,7 @@ from numba import njit, prange
 
 from . import check_qkv_bias, check_window
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
+from .cpu_simd import LANES, add, fma, largest_lane, load, multiply, splat, store
 from .cpu_threading import launching
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
@@ -165,6 +166,112 @@ def _na_fused(qkv, qkv_bias, rpb, kernel_size, dilation, scale, out, attn, store
                     out[b, i, j, h, t] = accumulator[h, t]
 
 
+# When a map is exactly kernel_size x dilation across (DiNAT's dilated layers and its last stage at
+# 224x224: 11 of dinat-mini's 18 layers), every window is its whole dilation group, so the attention is
+# dense within each group: one task per (image, group, head) gathers the group's keys transposed and its
+# values contiguous (the dilated pixels sit a multiple of 4 KiB apart and would evict each other from L1),
+# then each query's logits are 16 keys per vector instruction. 1.6-2.1x faster than _na_fused there.
+@njit(parallel=True, **_FAST)
+def _na_whole_groups(qkv, qkv_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn):
+    batch, height, width, _, heads, head_dim = qkv.shape
+    has_bias = qkv_bias.shape[0] != 0
+    channels = heads * head_dim
+    pixel_stride = 3 * channels
+    window = kernel_size * kernel_size
+    keys_stride = (window + 63) // 64 * 64  # the logits loop takes 64 keys (four vectors) per step
+    groups = dilation * dilation
+    for task in prange(batch * groups * heads):
+        b = task // (groups * heads)
+        group_row = (task // heads) % groups // dilation
+        group_col = (task // heads) % dilation
+        h = task % heads
+        pixel = np.empty(window, np.int64)  # flat (b, row, col) of the group's n-th position
+        keys_t = np.empty(head_dim * keys_stride, np.float32)
+        values = np.empty(window * head_dim, np.float32)
+        query = np.empty(head_dim, np.float32)
+        logits = np.empty(keys_stride, np.float32)
+        for n in range(window):
+            row = group_row + (n // kernel_size) * dilation
+            col = group_col + (n % kernel_size) * dilation
+            pixel[n] = (b * height + row) * width + col
+            for t in range(head_dim):
+                keys_t[t * keys_stride + n] = qkv[b, row, col, 1, h, t]
+            at = pixel[n] * pixel_stride + 2 * channels + h * head_dim
+            for t in range(0, head_dim, LANES):
+                store(values, n * head_dim + t, head_dim - t, load(qkv, at + t, head_dim - t))
+        for q in range(window):
+            at = pixel[q] * pixel_stride + h * head_dim
+            for t in range(0, head_dim, LANES):
+                lanes = head_dim - t
+                q_t = load(qkv, at + t, lanes)
+                if has_bias:
+                    q_t = add(q_t, load(qkv_bias, h * head_dim + t, lanes))
+                store(query, t, lanes, multiply(q_t, splat(scale)))
+            # the window rule's bias index (window_starts) with every window at its group's start
+            for ki in range(kernel_size):
+                for kj in range(kernel_size):
+                    logits[ki * kernel_size + kj] = rpb[h, ki - q // kernel_size + kernel_size - 1,
+                                                        kj - q % kernel_size + kernel_size - 1]
+            top = np.float32(-np.inf)
+            for first in range(0, window, 4 * LANES):
+                lanes = window - first
+                # four independent accumulators: one would wait on each fma's latency
+                logit0 = load(logits, first, lanes)
+                logit1 = load(logits, first + LANES, lanes - LANES)
+                logit2 = load(logits, first + 2 * LANES, lanes - 2 * LANES)
+                logit3 = load(logits, first + 3 * LANES, lanes - 3 * LANES)
+                for t in range(head_dim):
+                    q_t = splat(query[t])
+                    at = t * keys_stride + first
+                    logit0 = fma(q_t, load(keys_t, at, lanes), logit0)
+                    logit1 = fma(q_t, load(keys_t, at + LANES, lanes - LANES), logit1)
+                    logit2 = fma(q_t, load(keys_t, at + 2 * LANES, lanes - 2 * LANES), logit2)
+                    logit3 = fma(q_t, load(keys_t, at + 3 * LANES, lanes - 3 * LANES), logit3)
+                store(logits, first, lanes, logit0)
+                store(logits, first + LANES, lanes - LANES, logit1)
+                store(logits, first + 2 * LANES, lanes - 2 * LANES, logit2)
+                store(logits, first + 3 * LANES, lanes - 3 * LANES, logit3)
+                top = max(top, largest_lane(logit0, lanes), largest_lane(logit1, lanes - LANES),
+                          largest_lane(logit2, lanes - 2 * LANES), largest_lane(logit3, lanes - 3 * LANES))
+            total = np.float32(0.0)
+            for n in range(window):
+                p = _exp_nonpositive(logits[n] - top)
+                logits[n] = p
+                total += p
+            inverse = np.float32(1.0) / total
+            q_row = pixel[q] // width % height
+            q_col = pixel[q] % width
+            for n in range(window):
+                logits[n] *= inverse
+                if store_attn:
+                    attn[b, h, q_row, q_col, n] = logits[n]
+            value_bias = 2 * channels + h * head_dim
+            for t in range(0, head_dim, 2 * LANES):
+                lanes = head_dim - t
+                # even and odd keys in separate accumulators, for the same latency reason
+                even_low = load(qkv_bias, value_bias + t, lanes) if has_bias else splat(0.0)
+                even_high = load(qkv_bias, value_bias + t + LANES, lanes - LANES) if has_bias else splat(0.0)
+                odd_low = splat(0.0)
+                odd_high = splat(0.0)
+                for n in range(0, window - 1, 2):
+                    p = splat(logits[n])
+                    at = n * head_dim + t
+                    even_low = fma(p, load(values, at, lanes), even_low)
+                    even_high = fma(p, load(values, at + LANES, lanes - LANES), even_high)
+                    p = splat(logits[n + 1])
+                    at += head_dim
+                    odd_low = fma(p, load(values, at, lanes), odd_low)
+                    odd_high = fma(p, load(values, at + LANES, lanes - LANES), odd_high)
+                if window % 2 == 1:
+                    p = splat(logits[window - 1])
+                    at = (window - 1) * head_dim + t
+                    even_low = fma(p, load(values, at, lanes), even_low)
+                    even_high = fma(p, load(values, at + LANES, lanes - LANES), even_high)
+                at = pixel[q] * channels + h * head_dim + t
+                store(out, at, lanes, add(even_low, odd_low))
+                store(out, at + LANES, lanes - LANES, add(even_high, odd_high))
+
+
 @njit(inline="always", **_FAST)
 def _batch_row_head(task, height, heads):
     # The unfused ops run one task per (batch, query row, head).
@@ -238,8 +345,14 @@ def neighborhood_attention(
     out = np.empty((batch, height, width, heads, head_dim), np.float32)
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
+    if height == width == kernel_size * dilation:
+        # _na_whole_groups addresses q/k/v and the output by flat offsets: C order needed
+        qkv = np.ascontiguousarray(qkv, dtype=np.float32)
+        kernel = _na_whole_groups
+    else:
+        kernel = _na_fused
     with launching():
-        _na_fused(qkv, qkv_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
+        kernel(qkv, qkv_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
     return out, (attn if return_attention else None)
 
 
