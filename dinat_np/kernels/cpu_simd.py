@@ -133,16 +133,6 @@ def multiply(typingctx, a, b):
 
 
 @intrinsic
-def maximum(typingctx, a, b):
-    """The larger of ``a`` and ``b`` lane by lane."""
-
-    def codegen(context, builder, signature, args):
-        return builder.call(_llvm_intrinsic(builder, "llvm.maxnum.v16f32", _VECTOR, [_VECTOR] * 2), args)
-
-    return float32x16(a, b), codegen
-
-
-@intrinsic
 def largest_lane(typingctx, a, lanes):
     """The largest of the first ``lanes`` lanes of ``a`` (-inf when ``lanes`` <= 0)."""
 
