@@ -23,7 +23,9 @@ from numba import njit, prange
 
 from . import check_qkv_bias, check_window
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
-from .cpu_simd import LANES, add, fma, largest_lane, load, multiply, splat, store
+from .cpu_simd import (LANES, add, broadcast, divide, floor, fma, fma_block, fma_rows, lane_sum, largest_lane, load,
+                       load_rows, maximum, multiply, power_of_two, row_sums, splat, store, store_rows, subtract,
+                       transpose, zeros)
 from .cpu_threading import launching
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
@@ -66,12 +68,10 @@ def window_starts(length: int, kernel_size: int, dilation: int) -> tuple[np.ndar
 # ---------------------------------------------------------------------------------------------------
 # Neighborhood attention
 # ---------------------------------------------------------------------------------------------------
-# exp(x) for the softmax (x <= 0) in float32 arithmetic plus a table lookup, so that it vectorises
-# (libm's expf is a scalar call, about a third of the attention time): x = n ln2 + f with
-# |f| <= ln2 / 2 (ln2 split in two parts for an exact reduction), e^f by its degree-7 Taylor
-# polynomial (relative error < 1e-7 overall), 2^n from a table; inputs below -87 give e^-87 (1.6e-38),
-# negligible next to the softmax maximum, which is exactly 1.
-_POW2 = np.array([2.0**n for n in range(-127, 1)], np.float32)
+# exp(x) of 16 logits at once for the softmax (x <= 0), in float32 vector arithmetic (libm's expf is a
+# scalar call): x = n ln2 + f with |f| <= ln2 / 2 (ln2 split in two parts for an exact reduction), e^f
+# by its degree-7 Taylor polynomial (relative error < 1e-7 overall), 2^n from the exponent bits; inputs
+# below -87 give e^-87 (1.6e-38), negligible next to the softmax maximum, which is exactly 1.
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)  # few mantissa bits: n * _LN2_HIGH is exact
 _LN2_LOW = np.float32(-2.12194440e-4)
@@ -80,197 +80,287 @@ _EXP_TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 
 @njit(inline="always", **_FAST)
 def _exp_nonpositive(x):
-    x = max(x, np.float32(-87.0))
-    # n as a float32: an integer n would promote the reduction and the polynomial to float64 (5% slower).
-    n = np.float32(math.floor(x * _LOG2E + np.float32(0.5)))
-    f = (x - n * _LN2_HIGH) - n * _LN2_LOW
+    x = maximum(x, np.float32(-87.0))
+    n = floor(fma(x, _LOG2E, np.float32(0.5)))
+    f = fma(n, -_LN2_LOW, fma(n, -_LN2_HIGH, x))
     c0, c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
-    p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))))
-    return p * _POW2[int(n) + 127]
+    p = fma(fma(fma(fma(fma(fma(fma(c7, f, c6), f, c5), f, c4), f, c3), f, c2), f, c1), f, c0)
+    return multiply(p, power_of_two(n))
 
 
-_NO_BIAS = np.empty(0, np.float32)  # _na_fused's stand-in for "no q/k/v bias": one compiled signature
+@njit(inline="always", **_FAST)
+def _add_weighted(weight, values, at, count, low, high):
+    # (low, high) + weight * the channels values.flat[at:at + count], as two vectors
+    return fma(weight, load(values, at, count), low), fma(weight, load(values, at + LANES, count - LANES), high)
+
 
 # The q/k/v product's bias is folded into the attention instead of being added by a pass of its own:
 # softmax(scale (q + b_q).(k + b_k) + rpb) (v + b_v). The term scale (q + b_q).b_k is the same for
 # every key of a query, and softmax is unchanged by a constant added to a query's logits, so b_k drops
 # out exactly; the probabilities sum to 1, so b_v is added once to the output. Only b_q is added, to the
-# query as it is read. This holds for zero-padded feature maps too: there HF's padded keys and values
-# are b_k and b_v, here 0 + the same fold.
+# query as it is read (the kernels get scale * b_q and b_v). This holds for zero-padded feature maps too:
+# there HF's padded keys and values are b_k and b_v, here 0 + the same fold.
+#
+# Sliding windows, one task per query row, all heads inside (the heads of a pixel are one contiguous
+# vector). A query's logits are 16 neighbours at a time: their key channels are 16 rows of a block
+# (one load each), multiplied by the query's channels, and row_sums finishes the 16 dot products with
+# a few shuffles instead of a horizontal sum each. The probabilities then weight the neighbours' value
+# channels, four neighbours in flight (independent fma chains).
 @njit(parallel=True, **_FAST)
-def _na_fused(qkv, qkv_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn):
+def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, bias_table):
     batch, height, width, _, heads, head_dim = qkv.shape
-    has_bias = qkv_bias.shape[0] != 0  # a zero-length placeholder stands for no bias
-    value_bias_offset = 2 * heads * head_dim  # where b_v starts in qkv_bias
-    row_start, row_bias = window_starts(height, kernel_size, dilation)
-    col_start, col_bias = window_starts(width, kernel_size, dilation)
-    window = kernel_size * kernel_size
-    # One task per query row, all heads inside: the heads of a key position are one contiguous
-    # vector, so each window position is located once and read in one sweep (25% faster than a task
-    # per head). Plain element indexing throughout: slicing a row out (key[b, r, c, h]) makes an array
-    # view, whose reference counting costs more than a 32-element dot product.
-    for task in prange(batch * height):
-        b = task // height
-        i = task % height
-        logits = np.empty((heads, window), np.float32)
-        best = np.empty(heads, np.float32)  # float32: a float64 -inf would make the softmax float64
-        accumulator = np.empty((heads, head_dim), np.float32)
-        query = np.empty((heads, head_dim), np.float32)  # the pixel's queries + b_q, read by all its keys
-        for j in range(width):
-            for h in range(heads):
-                best[h] = -np.inf
-                for t in range(head_dim):
-                    query[h, t] = qkv[b, i, j, 0, h, t]
-                    if has_bias:
-                        query[h, t] += qkv_bias[h * head_dim + t]
-            n = 0
-            for ki in range(kernel_size):
-                r = row_start[i] + ki * dilation
-                for kj in range(kernel_size):
-                    c = col_start[j] + kj * dilation
-                    for h in range(heads):
-                        dot = np.float32(0.0)
-                        for t in range(head_dim):
-                            dot += query[h, t] * qkv[b, r, c, 1, h, t]
-                        logit = dot * scale + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
-                        logits[h, n] = logit
-                        best[h] = max(best[h], logit)
-                    n += 1
-            for h in range(heads):
-                total = np.float32(0.0)
-                # A local: read from the array inside the loop, it is reloaded every step (5-8% slower).
-                top = best[h]
-                for n in range(window):
-                    p = _exp_nonpositive(logits[h, n] - top)
-                    logits[h, n] = p
-                    total += p
-                inverse = np.float32(1.0) / total
-                for n in range(window):
-                    logits[h, n] *= inverse
-                    if store_attn:
-                        attn[b, h, i, j, n] = logits[h, n]
-                for t in range(head_dim):
-                    accumulator[h, t] = qkv_bias[value_bias_offset + h * head_dim + t] if has_bias else np.float32(0.0)
-            n = 0
-            for ki in range(kernel_size):
-                r = row_start[i] + ki * dilation
-                for kj in range(kernel_size):
-                    c = col_start[j] + kj * dilation
-                    for h in range(heads):
-                        p = logits[h, n]
-                        for t in range(head_dim):
-                            accumulator[h, t] += p * qkv[b, r, c, 2, h, t]
-                    n += 1
-            for h in range(heads):
-                for t in range(head_dim):
-                    out[b, i, j, h, t] = accumulator[h, t]
-
-
-# When a map is exactly kernel_size x dilation across (DiNAT's dilated layers and its last stage at
-# 224x224: 11 of dinat-mini's 18 layers), every window is its whole dilation group, so the attention is
-# dense within each group: one task per (image, group, head) gathers the group's keys transposed and its
-# values contiguous (the dilated pixels sit a multiple of 4 KiB apart and would evict each other from L1),
-# then each query's logits are 16 keys per vector instruction. In the model: stage 1-2's dilated layers
-# 1.2-1.5x faster than _na_fused, stages 3-4 as fast.
-@njit(parallel=True, **_FAST)
-def _na_whole_groups(qkv, qkv_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn):
-    batch, height, width, _, heads, head_dim = qkv.shape
-    has_bias = qkv_bias.shape[0] != 0
     channels = heads * head_dim
     pixel_stride = 3 * channels
     window = kernel_size * kernel_size
-    keys_stride = (window + 63) // 64 * 64  # the logits loop takes 64 keys (four vectors) per step
+    padded_window = (window + LANES - 1) // LANES * LANES
+    bias_size = 2 * kernel_size - 1
+    row_start, row_bias = window_starts(height, kernel_size, dilation)
+    col_start, col_bias = window_starts(width, kernel_size, dilation)
+
+    # rpb as lane vectors: bias_table[((h * kernel_size + row_bias) * kernel_size + col_bias) * padded_window
+    # + neighbour] for the bias indices of window_starts; -inf for the padding neighbours (never the maximum)
+    for task in prange(heads * kernel_size * kernel_size):
+        h = task // (kernel_size * kernel_size)
+        first_row = task // kernel_size % kernel_size
+        first_column = task % kernel_size
+        for n in range(0, padded_window, LANES):
+            store(bias_table, task * padded_window + n, LANES, splat(-np.inf))
+        for ki in range(kernel_size):
+            at = (h * bias_size + first_row + ki) * bias_size + first_column
+            for kj in range(0, kernel_size, LANES):
+                count = min(LANES, kernel_size - kj)
+                store(bias_table, task * padded_window + ki * kernel_size + kj, count, load(rpb, at + kj, count))
+
+    values = qkv.reshape(-1)
+    context_out = out.reshape(-1)
+    for task in prange(batch * height):
+        b = task // height
+        i = task % height
+        neighbour_at = np.empty(padded_window, np.int64)  # where each neighbour pixel starts in qkv
+        probabilities = np.empty(padded_window, np.float32)
+        for j in range(width):
+            for ki in range(kernel_size):
+                row_at = (b * height + row_start[i] + ki * dilation) * width
+                for kj in range(kernel_size):
+                    neighbour_at[ki * kernel_size + kj] = (row_at + col_start[j] + kj * dilation) * pixel_stride
+            # padding neighbours repeat the last: whole blocks of 16 are read, with no per-row test
+            neighbour_at[window:] = neighbour_at[window - 1]
+            pixel = (b * height + i) * width + j
+            query_at = pixel * pixel_stride
+            for h in range(heads):
+                head_at = h * head_dim
+                bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
+                largest = splat(-np.inf)
+                for n in range(0, window, LANES):
+                    totals = zeros()
+                    for t in range(0, head_dim, LANES):
+                        count = min(LANES, head_dim - t)
+                        query = fma(load(values, query_at + head_at + t, count), scale,
+                                    load(query_bias, head_at + t, count))
+                        keys = load_rows(values, neighbour_at[n:], channels + head_at + t, LANES, count)
+                        totals = fma_block(keys, query, totals)
+                    logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
+                    store(probabilities, n, LANES, logits)
+                    largest = maximum(largest, logits)
+                top = largest_lane(largest)
+                total = splat(0.0)
+                for n in range(0, window, LANES):
+                    # padding neighbours: e^-87 at most, never read below
+                    p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
+                    store(probabilities, n, LANES, p)
+                    total = add(total, p)
+                inverse = np.float32(1.0) / lane_sum(total)
+                if store_attn:
+                    for n in range(window):
+                        attn[b, h, i, j, n] = probabilities[n] * inverse
+
+                for t in range(0, head_dim, 2 * LANES):
+                    count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
+                    value_at = 2 * channels + head_at + t
+                    low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
+                    for n in range(0, window - 3, 4):
+                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                    count, low0, high0)
+                        low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
+                                                    neighbour_at[n + 1] + value_at, count, low1, high1)
+                        low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
+                                                    neighbour_at[n + 2] + value_at, count, low2, high2)
+                        low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
+                                                    neighbour_at[n + 3] + value_at, count, low3, high3)
+                    for n in range(window // 4 * 4, window):
+                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                    count, low0, high0)
+                    out_at = pixel * channels + head_at + t
+                    low = add(add(low0, low1), add(low2, low3))
+                    high = add(add(high0, high1), add(high2, high3))
+                    store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
+                    store(context_out, out_at + LANES, count - LANES,
+                          fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
+
+
+@njit(inline="always", **_FAST)
+def _load_four(array, at, stride):
+    return (load(array, at, LANES), load(array, at + stride, LANES), load(array, at + 2 * stride, LANES),
+            load(array, at + 3 * stride, LANES))
+
+
+@njit(inline="always", **_FAST)
+def _store_four(array, at, stride, vectors):
+    store(array, at, LANES, vectors[0])
+    store(array, at + stride, LANES, vectors[1])
+    store(array, at + 2 * stride, LANES, vectors[2])
+    store(array, at + 3 * stride, LANES, vectors[3])
+
+
+@njit(inline="always", **_FAST)
+def _fma_four(weights, value, totals):
+    # totals[v] + weights[v] * value for four vectors of queries
+    return (fma(weights[0], value, totals[0]), fma(weights[1], value, totals[1]), fma(weights[2], value, totals[2]),
+            fma(weights[3], value, totals[3]))
+
+
+_LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 16 block stored densely
+
+
+# When a map is exactly kernel_size x dilation across (DiNAT's dilated layers and its last stage at
+# 224x224: 11 of dinat-mini's 18 layers), every window is its whole dilation group: each group's
+# kernel_size**2 queries attend to the same kernel_size**2 keys, a small dense attention. One task per
+# (image, group, head) computes it with 16 queries per vector (a 7x7 group's 49 in four vectors): each
+# key or value channel is read once, by a broadcast, for 64 queries. The queries are transposed in
+# registers to that layout (16 x 16 blocks), and the context back to pixels on the way out.
+@njit(parallel=True, **_FAST)
+def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn, store_attn,
+                     bias_table):
+    batch, height, width, _, heads, head_dim = qkv.shape
+    channels = heads * head_dim
+    window = kernel_size * kernel_size
+    padded_queries = (window + 4 * LANES - 1) // (4 * LANES) * 4 * LANES  # whole groups of four vectors
     groups = dilation * dilation
+
+    # rpb as lane vectors: bias_table[(h * window + key) * padded_queries + query]. The bias of query (qi, qj)
+    # towards key (ki, kj) is flipped_rpb[h, qi - ki + kernel_size - 1, qj - kj + kernel_size - 1]: a
+    # query row's biases are contiguous there.
+    bias_size = 2 * kernel_size - 1
+    for task in prange(heads * window):
+        h = task // window
+        key = task % window
+        for query in range(0, padded_queries, LANES):  # zero for the padding queries
+            store(bias_table, task * padded_queries + query, LANES, splat(0.0))
+        for query_row in range(kernel_size):
+            at = (h * bias_size + query_row - key // kernel_size + kernel_size - 1) * bias_size
+            at += kernel_size - 1 - key % kernel_size
+            for column in range(0, kernel_size, LANES):
+                count = min(LANES, kernel_size - column)
+                store(bias_table, task * padded_queries + query_row * kernel_size + column, count,
+                      load(flipped_rpb, at + column, count))
+
+    values = qkv.reshape(-1)
+    context_out = out.reshape(-1)
     for task in prange(batch * groups * heads):
         b = task // (groups * heads)
         group_row = (task // heads) % groups // dilation
         group_col = (task // heads) % dilation
         h = task % heads
-        pixel = np.empty(window, np.int64)  # flat (b, row, col) of the group's n-th position
-        keys_t = np.empty(head_dim * keys_stride, np.float32)
-        values = np.empty(window * head_dim, np.float32)
-        query = np.empty(head_dim, np.float32)
-        logits = np.empty(keys_stride, np.float32)
+        pixel_at = np.zeros(padded_queries, np.int64)  # where the group's n-th pixel starts in qkv
+        out_at = np.zeros(padded_queries, np.int64)  # and in the output
         for n in range(window):
-            row = group_row + (n // kernel_size) * dilation
-            col = group_col + (n % kernel_size) * dilation
-            pixel[n] = (b * height + row) * width + col
-            for t in range(head_dim):
-                keys_t[t * keys_stride + n] = qkv[b, row, col, 1, h, t]
-            at = pixel[n] * pixel_stride + 2 * channels + h * head_dim
+            row = group_row + n // kernel_size * dilation
+            pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
+            pixel_at[n] = pixel * 3 * channels
+            out_at[n] = pixel * channels + h * head_dim
+        queries = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
+        logits = np.empty(window * padded_queries, np.float32)  # [key][query]
+        context = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
+
+        for v in range(padded_queries // LANES):
+            rows = min(LANES, window - v * LANES)
             for t in range(0, head_dim, LANES):
-                store(values, n * head_dim + t, head_dim - t, load(qkv, at + t, head_dim - t))
-        for q in range(window):
-            at = pixel[q] * pixel_stride + h * head_dim
-            for t in range(0, head_dim, LANES):
-                lanes = head_dim - t
-                q_t = load(qkv, at + t, lanes)
-                if has_bias:
-                    q_t = add(q_t, load(qkv_bias, h * head_dim + t, lanes))
-                store(query, t, lanes, multiply(q_t, splat(scale)))
-            # the window rule's bias index (window_starts) with every window at its group's start
-            for ki in range(kernel_size):
-                for kj in range(kernel_size):
-                    logits[ki * kernel_size + kj] = rpb[h, ki - q // kernel_size + kernel_size - 1,
-                                                        kj - q % kernel_size + kernel_size - 1]
-            top = np.float32(-np.inf)
-            for first in range(0, window, 4 * LANES):
-                lanes = window - first
-                # four independent accumulators: one would wait on each fma's latency
-                logit0 = load(logits, first, lanes)
-                logit1 = load(logits, first + LANES, lanes - LANES)
-                logit2 = load(logits, first + 2 * LANES, lanes - 2 * LANES)
-                logit3 = load(logits, first + 3 * LANES, lanes - 3 * LANES)
+                count = min(LANES, head_dim - t)
+                block = load_rows(values, pixel_at[v * LANES:], h * head_dim + t, rows, count)
+                block = fma_rows(block, splat(scale), load(query_bias, h * head_dim + t, count))
+                store_rows(queries, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES, transpose(block))
+
+        vector_stride = head_dim * LANES
+        key_channel = channels + h * head_dim
+        for v in range(0, padded_queries // LANES, 4):
+            for key in range(0, window, 4):
+                # a block past the last key recomputes that key, not stored
+                key1 = min(key + 1, window - 1)
+                key2 = min(key + 2, window - 1)
+                key3 = min(key + 3, window - 1)
+                logits0 = _load_four(bias_table, (h * window + key) * padded_queries + v * LANES, LANES)
+                logits1 = _load_four(bias_table, (h * window + key1) * padded_queries + v * LANES, LANES)
+                logits2 = _load_four(bias_table, (h * window + key2) * padded_queries + v * LANES, LANES)
+                logits3 = _load_four(bias_table, (h * window + key3) * padded_queries + v * LANES, LANES)
                 for t in range(head_dim):
-                    q_t = splat(query[t])
-                    at = t * keys_stride + first
-                    logit0 = fma(q_t, load(keys_t, at, lanes), logit0)
-                    logit1 = fma(q_t, load(keys_t, at + LANES, lanes - LANES), logit1)
-                    logit2 = fma(q_t, load(keys_t, at + 2 * LANES, lanes - 2 * LANES), logit2)
-                    logit3 = fma(q_t, load(keys_t, at + 3 * LANES, lanes - 3 * LANES), logit3)
-                store(logits, first, lanes, logit0)
-                store(logits, first + LANES, lanes - LANES, logit1)
-                store(logits, first + 2 * LANES, lanes - 2 * LANES, logit2)
-                store(logits, first + 3 * LANES, lanes - 3 * LANES, logit3)
-                top = max(top, largest_lane(logit0, lanes), largest_lane(logit1, lanes - LANES),
-                          largest_lane(logit2, lanes - 2 * LANES), largest_lane(logit3, lanes - 3 * LANES))
-            total = np.float32(0.0)
+                    query = _load_four(queries, (v * head_dim + t) * LANES, vector_stride)
+                    logits0 = _fma_four(query, broadcast(values, pixel_at[key] + key_channel + t), logits0)
+                    logits1 = _fma_four(query, broadcast(values, pixel_at[key1] + key_channel + t), logits1)
+                    logits2 = _fma_four(query, broadcast(values, pixel_at[key2] + key_channel + t), logits2)
+                    logits3 = _fma_four(query, broadcast(values, pixel_at[key3] + key_channel + t), logits3)
+                _store_four(logits, key * padded_queries + v * LANES, LANES, logits0)
+                if key + 1 < window:
+                    _store_four(logits, key1 * padded_queries + v * LANES, LANES, logits1)
+                if key + 2 < window:
+                    _store_four(logits, key2 * padded_queries + v * LANES, LANES, logits2)
+                if key + 3 < window:
+                    _store_four(logits, key3 * padded_queries + v * LANES, LANES, logits3)
+
+        for v in range(padded_queries // LANES):
+            top = load(logits, v * LANES, LANES)
+            for key in range(1, window):
+                top = maximum(top, load(logits, key * padded_queries + v * LANES, LANES))
+            total = splat(0.0)
+            for key in range(window):
+                p = _exp_nonpositive(subtract(load(logits, key * padded_queries + v * LANES, LANES), top))
+                store(logits, key * padded_queries + v * LANES, LANES, p)
+                total = add(total, p)
+            inverse = divide(splat(1.0), total)
+            for key in range(window):
+                at = key * padded_queries + v * LANES
+                store(logits, at, LANES, multiply(load(logits, at, LANES), inverse))
+        if store_attn:
             for n in range(window):
-                p = _exp_nonpositive(logits[n] - top)
-                logits[n] = p
-                total += p
-            inverse = np.float32(1.0) / total
-            q_row = pixel[q] // width % height
-            q_col = pixel[q] % width
-            for n in range(window):
-                logits[n] *= inverse
-                if store_attn:
-                    attn[b, h, q_row, q_col, n] = logits[n]
-            value_bias = 2 * channels + h * head_dim
-            for t in range(0, head_dim, 2 * LANES):
-                lanes = head_dim - t
-                # even and odd keys in separate accumulators, for the same latency reason
-                even_low = load(qkv_bias, value_bias + t, lanes) if has_bias else splat(0.0)
-                even_high = load(qkv_bias, value_bias + t + LANES, lanes - LANES) if has_bias else splat(0.0)
-                odd_low = splat(0.0)
-                odd_high = splat(0.0)
-                for n in range(0, window - 1, 2):
-                    p = splat(logits[n])
-                    at = n * head_dim + t
-                    even_low = fma(p, load(values, at, lanes), even_low)
-                    even_high = fma(p, load(values, at + LANES, lanes - LANES), even_high)
-                    p = splat(logits[n + 1])
-                    at += head_dim
-                    odd_low = fma(p, load(values, at, lanes), odd_low)
-                    odd_high = fma(p, load(values, at + LANES, lanes - LANES), odd_high)
-                if window % 2 == 1:
-                    p = splat(logits[window - 1])
-                    at = (window - 1) * head_dim + t
-                    even_low = fma(p, load(values, at, lanes), even_low)
-                    even_high = fma(p, load(values, at + LANES, lanes - LANES), even_high)
-                at = pixel[q] * channels + h * head_dim + t
-                store(out, at, lanes, add(even_low, odd_low))
-                store(out, at + LANES, lanes - LANES, add(even_high, odd_high))
+                pixel = pixel_at[n] // (3 * channels)
+                for key in range(window):
+                    attn[b, h, pixel // width % height, pixel % width, key] = logits[key * padded_queries + n]
+
+        value_channel = 2 * channels + h * head_dim
+        for v in range(0, padded_queries // LANES, 4):
+            for t in range(0, head_dim, 4):
+                # a block past the last channel recomputes that channel, not stored
+                t1 = min(t + 1, head_dim - 1)
+                t2 = min(t + 2, head_dim - 1)
+                t3 = min(t + 3, head_dim - 1)
+                bias0 = splat(value_bias[h * head_dim + t])
+                bias1 = splat(value_bias[h * head_dim + t1])
+                bias2 = splat(value_bias[h * head_dim + t2])
+                bias3 = splat(value_bias[h * head_dim + t3])
+                context0 = (bias0, bias0, bias0, bias0)
+                context1 = (bias1, bias1, bias1, bias1)
+                context2 = (bias2, bias2, bias2, bias2)
+                context3 = (bias3, bias3, bias3, bias3)
+                for key in range(window):
+                    p = _load_four(logits, key * padded_queries + v * LANES, LANES)
+                    at = pixel_at[key] + value_channel
+                    context0 = _fma_four(p, broadcast(values, at + t), context0)
+                    context1 = _fma_four(p, broadcast(values, at + t1), context1)
+                    context2 = _fma_four(p, broadcast(values, at + t2), context2)
+                    context3 = _fma_four(p, broadcast(values, at + t3), context3)
+                _store_four(context, (v * head_dim + t) * LANES, vector_stride, context0)
+                if t + 1 < head_dim:
+                    _store_four(context, (v * head_dim + t1) * LANES, vector_stride, context1)
+                if t + 2 < head_dim:
+                    _store_four(context, (v * head_dim + t2) * LANES, vector_stride, context2)
+                if t + 3 < head_dim:
+                    _store_four(context, (v * head_dim + t3) * LANES, vector_stride, context3)
+
+        for v in range(padded_queries // LANES):
+            rows = min(LANES, window - v * LANES)
+            for t in range(0, head_dim, LANES):
+                count = min(LANES, head_dim - t)
+                block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
+                store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
 
 
 @njit(inline="always", **_FAST)
@@ -338,22 +428,33 @@ def neighborhood_attention(
     """
     batch, height, width, _, heads, head_dim = qkv.shape
     check_window(height, width, kernel_size, dilation)
-    if qkv_bias is None:
-        qkv_bias = _NO_BIAS
-    else:
+    if qkv_bias is not None:
         check_qkv_bias(np.shape(qkv_bias), heads, head_dim)
-        qkv_bias = np.ascontiguousarray(qkv_bias, dtype=np.float32)
+        qkv_bias = np.asarray(qkv_bias, dtype=np.float32)
     out = np.empty((batch, height, width, heads, head_dim), np.float32)
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
+    channels = heads * head_dim
+    query_bias = np.zeros(channels, np.float32)
+    value_bias = np.zeros(channels, np.float32)
+    if qkv_bias is not None:
+        query_bias[:] = qkv_bias[:channels] * np.float32(scale)
+        value_bias[:] = qkv_bias[2 * channels:]
+    # the kernels address q/k/v, rpb and the output by flat offsets: C order
+    qkv = np.ascontiguousarray(qkv, dtype=np.float32)
+    rpb = np.ascontiguousarray(rpb, dtype=np.float32)
+    window = kernel_size * kernel_size
     if height == width == kernel_size * dilation:
-        # _na_whole_groups addresses q/k/v and the output by flat offsets: C order needed
-        qkv = np.ascontiguousarray(qkv, dtype=np.float32)
-        kernel = _na_whole_groups
+        padded_queries = -(-window // (4 * LANES)) * 4 * LANES
+        bias_table = np.empty(heads * window * padded_queries, np.float32)
+        with launching():
+            _na_whole_groups(qkv, query_bias, value_bias, np.ascontiguousarray(rpb[:, ::-1, ::-1]), kernel_size,
+                             dilation, np.float32(scale), out, attn, return_attention, bias_table)
     else:
-        kernel = _na_fused
-    with launching():
-        kernel(qkv, qkv_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn, return_attention)
+        bias_table = np.empty(heads * window * -(-window // LANES) * LANES, np.float32)
+        with launching():
+            _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn,
+                      return_attention, bias_table)
     return out, (attn if return_attention else None)
 
 
@@ -508,7 +609,8 @@ def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, res
             _epilogue_row(y, row, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
 
 
-_NO_ROWS = np.empty((0, 0), np.float32)  # stand-in for the operands an epilogue does not read
+_NO_BIAS = np.empty(0, np.float32)  # stand-ins for the operands an epilogue does not read
+_NO_ROWS = np.empty((0, 0), np.float32)
 
 
 def _run_linear(

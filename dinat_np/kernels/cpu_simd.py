@@ -7,7 +7,11 @@ lives in registers, and every operation below is one LLVM vector instruction (LL
 or four on CPUs with 256- or 128-bit vectors). Loads and stores take a lane count and touch only the
 lanes below it (``llvm.masked.load``/``store``): any length is handled without a remainder loop and
 without reading past an array's end. Offsets are in elements into the array's C-ordered data; callers
-keep them in bounds (no bounds checks here).
+keep them in bounds (no bounds checks here). Scalar operands of the arithmetic stand for themselves in
+every lane.
+
+A block is 16 vectors as one value (a tuple, also kept in registers): 16 rows loaded or stored at once,
+transposed (16 x 16, in registers), or summed row by row (16 dot products finished together).
 """
 
 from __future__ import annotations
@@ -51,10 +55,6 @@ def _lane_mask(builder, lanes):
     return builder.icmp_signed("<", index, _broadcast(builder, builder.trunc(lanes, _I32), ir.VectorType(_I32, LANES)))
 
 
-def _float32(builder, value):
-    return value if value.type == _FLOAT else builder.fptrunc(value, _FLOAT)
-
-
 def _address(context, builder, array_type, array, offset):
     data = context.make_array(array_type)(context, builder, array).data
     return builder.bitcast(builder.gep(data, [offset]), _VECTOR.as_pointer())
@@ -93,52 +93,253 @@ def store(typingctx, array, offset, lanes, value):
 
 
 @intrinsic
+def broadcast(typingctx, array, offset):
+    """``array.flat[offset]`` in every lane."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return _broadcast(builder, builder.load(builder.gep(data, [args[1]])), _VECTOR)
+
+    return float32x16(array, offset), codegen
+
+
+@intrinsic
 def splat(typingctx, x):
     """The scalar ``x`` (as float32) in every lane."""
 
     def codegen(context, builder, signature, args):
-        return _broadcast(builder, _float32(builder, args[0]), _VECTOR)
+        return _broadcast(builder, context.cast(builder, args[0], signature.args[0], types.float32), _VECTOR)
 
     return float32x16(x), codegen
 
 
+def _lane_wise(name, operation, arity, doc):
+    # An intrinsic on float32x16 values in which scalar operands stand for themselves in every lane;
+    # operation(builder, values) gets every operand as a <16 x float>.
+    def codegen(context, builder, signature, args):
+        values = []
+        for operand_type, value in zip(signature.args, args):
+            if operand_type != float32x16:
+                value = _broadcast(builder, context.cast(builder, value, operand_type, types.float32), _VECTOR)
+            values.append(value)
+        return operation(builder, values)
+
+    def signature(operands):
+        scalar = (types.Float, types.Integer)
+        if float32x16 not in operands or not all(o == float32x16 or isinstance(o, scalar) for o in operands):
+            return None
+        return float32x16(*operands), codegen
+
+    if arity == 1:
+        def typer(typingctx, a):
+            return signature((a,))
+    elif arity == 2:
+        def typer(typingctx, a, b):
+            return signature((a, b))
+    else:
+        def typer(typingctx, a, b, c):
+            return signature((a, b, c))
+
+    typer.__name__ = typer.__qualname__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+def _llvm_vector_function(name, arity):
+    # a call of llvm.<name>.v16f32
+    def operation(builder, values):
+        return builder.call(_llvm_intrinsic(builder, f"llvm.{name}.v16f32", _VECTOR, [_VECTOR] * arity), values)
+
+    return operation
+
+
+def _power_of_two(builder, values):
+    integers = ir.VectorType(_I32, LANES)
+    biased = builder.add(builder.fptosi(values[0], integers), _broadcast(builder, ir.Constant(_I32, 127), integers))
+    return builder.bitcast(builder.shl(biased, _broadcast(builder, ir.Constant(_I32, 23), integers)), _VECTOR)
+
+
+add = _lane_wise("add", lambda builder, v: builder.fadd(*v), 2, "``a + b`` lane by lane.")
+subtract = _lane_wise("subtract", lambda builder, v: builder.fsub(*v), 2, "``a - b`` lane by lane.")
+multiply = _lane_wise("multiply", lambda builder, v: builder.fmul(*v), 2, "``a * b`` lane by lane.")
+divide = _lane_wise("divide", lambda builder, v: builder.fdiv(*v), 2, "``a / b`` lane by lane.")
+# maxnum: LLVM's plain fcmp+select form of max is not turned into one vector instruction without nnan
+maximum = _lane_wise("maximum", _llvm_vector_function("maxnum", 2), 2, "The larger of ``a`` and ``b`` lane by lane.")
+fma = _lane_wise("fma", _llvm_vector_function("fma", 3), 3, "``a * b + c`` lane by lane, one rounding.")
+floor = _lane_wise("floor", _llvm_vector_function("floor", 1), 1, "The largest integer not above each lane.")
+power_of_two = _lane_wise("power_of_two", _power_of_two, 1,
+                          "``2 ** n`` for lanes holding integers in [-126, 127], built from the exponent bits.")
+
+
 @intrinsic
-def fma(typingctx, a, b, c):
-    """``a * b + c`` lane by lane, one rounding."""
+def lane_sum(typingctx, a):
+    """The sum of the 16 lanes (in any order)."""
 
     def codegen(context, builder, signature, args):
-        return builder.call(_llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3), args)
+        reduce_add = _llvm_intrinsic(builder, "llvm.vector.reduce.fadd.v16f32", _FLOAT, [_FLOAT, _VECTOR])
+        return builder.call(reduce_add, [ir.Constant(_FLOAT, -0.0), args[0]], fastmath=("reassoc",))
 
-    return float32x16(a, b, c), codegen
+    return types.float32(a), codegen
+
+
+# Blocks: 16 vectors as one value (a tuple, kept in registers), for 16 x 16 transposes.
+_BLOCK_TYPE = types.UniTuple(float32x16, LANES)
+
+
+def _rows(builder, block):
+    return [builder.extract_value(block, row) for row in range(LANES)]
+
+
+def _block(context, builder, rows):
+    return context.make_tuple(builder, _BLOCK_TYPE, rows)
+
+
+def _row_mask(builder, lane_mask, row, rows):
+    inside = builder.icmp_signed("<", ir.Constant(rows.type, row), rows)
+    return builder.and_(lane_mask, _broadcast(builder, inside, ir.VectorType(ir.IntType(1), LANES)))
+
+
+def _row_addresses(context, builder, signature, args):
+    # array.flat[row_offsets[j] + offset] for the 16 rows j (row_offsets read only for the rows < rows)
+    array_type, offsets_type = signature.args[0], signature.args[1]
+    array, row_offsets, offset, rows = args[:4]
+    offsets_data = context.make_array(offsets_type)(context, builder, row_offsets).data
+    addresses = []
+    for row in range(LANES):
+        # rows past `rows` point at the array's start: their masked accesses touch nothing
+        inside = builder.icmp_signed("<", ir.Constant(rows.type, row), rows)
+        row_offset = builder.load(builder.gep(offsets_data, [builder.select(inside, ir.Constant(rows.type, row),
+                                                                             ir.Constant(rows.type, 0))]))
+        at = builder.select(inside, builder.add(row_offset, offset), ir.Constant(offset.type, 0))
+        addresses.append(_address(context, builder, array_type, array, at))
+    return addresses
 
 
 @intrinsic
-def add(typingctx, a, b):
-    """``a + b`` lane by lane."""
+def load_rows(typingctx, array, row_offsets, offset, rows, lanes):
+    """16 vectors: row ``j < rows`` is ``load(array, row_offsets[j] + offset, lanes)``, the rest zero."""
 
     def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], args[1])
+        lane_mask = _lane_mask(builder, args[4])
+        masked_load = _llvm_intrinsic(builder, "llvm.masked.load.v16f32.p0", _VECTOR,
+                                      [_VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _VECTOR])
+        loaded = [builder.call(masked_load, [address, ir.Constant(_I32, 4), _row_mask(builder, lane_mask, row, args[3]),
+                                             ir.Constant(_VECTOR, None)])
+                  for row, address in enumerate(_row_addresses(context, builder, signature, args))]
+        return _block(context, builder, loaded)
 
-    return float32x16(a, b), codegen
+    return _BLOCK_TYPE(array, row_offsets, offset, rows, lanes), codegen
 
 
 @intrinsic
-def multiply(typingctx, a, b):
-    """``a * b`` lane by lane."""
+def store_rows(typingctx, array, row_offsets, offset, rows, lanes, block):
+    """``store(array, row_offsets[j] + offset, lanes, block[j])`` for the rows ``j < rows``."""
 
     def codegen(context, builder, signature, args):
-        return builder.fmul(args[0], args[1])
+        lane_mask = _lane_mask(builder, args[4])
+        masked_store = _llvm_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                                       [_VECTOR, _VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
+        addresses = _row_addresses(context, builder, signature, args)
+        for row, (value, address) in enumerate(zip(_rows(builder, args[5]), addresses)):
+            builder.call(masked_store, [value, address, ir.Constant(_I32, 4),
+                                        _row_mask(builder, lane_mask, row, args[3])])
+        return context.get_dummy_value()
 
-    return float32x16(a, b), codegen
+    return types.none(array, row_offsets, offset, rows, lanes, block), codegen
 
 
 @intrinsic
-def largest_lane(typingctx, a, lanes):
-    """The largest of the first ``lanes`` lanes of ``a`` (-inf when ``lanes`` <= 0)."""
+def fma_rows(typingctx, block, multiplier, addend):
+    """``block[j] * multiplier + addend`` for every row ``j``."""
 
     def codegen(context, builder, signature, args):
-        minus_infinity = _broadcast(builder, ir.Constant(_FLOAT, float("-inf")), _VECTOR)
-        kept = builder.select(_lane_mask(builder, args[1]), args[0], minus_infinity)
-        return builder.call(_llvm_intrinsic(builder, "llvm.vector.reduce.fmax.v16f32", _FLOAT, [_VECTOR]), [kept])
+        fma_vector = _llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3)
+        rows = [builder.call(fma_vector, [row, args[1], args[2]]) for row in _rows(builder, args[0])]
+        return _block(context, builder, rows)
 
-    return types.float32(a, lanes), codegen
+    return _BLOCK_TYPE(block, multiplier, addend), codegen
+
+
+@intrinsic
+def transpose(typingctx, block):
+    """The 16 x 16 transpose: lane ``k`` of row ``j`` becomes lane ``j`` of row ``k``."""
+
+    def codegen(context, builder, signature, args):
+        rows = _rows(builder, args[0])
+        # four butterfly stages; stage `bit` swaps that bit of the row index with that bit of the lane index
+        for bit in (1, 2, 4, 8):
+            low_mask = ir.Constant(ir.VectorType(_I32, LANES),
+                                   [k if not k & bit else LANES + k - bit for k in range(LANES)])
+            high_mask = ir.Constant(ir.VectorType(_I32, LANES),
+                                    [k + bit if not k & bit else LANES + k for k in range(LANES)])
+            for low in range(LANES):
+                if low & bit:
+                    continue
+                high = low | bit
+                rows[low], rows[high] = (builder.shuffle_vector(rows[low], rows[high], low_mask),
+                                         builder.shuffle_vector(rows[low], rows[high], high_mask))
+        return _block(context, builder, rows)
+
+    return _BLOCK_TYPE(block), codegen
+
+
+@intrinsic
+def fma_block(typingctx, block, multiplier, addend):
+    """``block[j] * multiplier + addend[j]`` for every row ``j`` (``addend`` a block too)."""
+
+    def codegen(context, builder, signature, args):
+        fma_vector = _llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3)
+        rows = [builder.call(fma_vector, [row, args[1], total])
+                for row, total in zip(_rows(builder, args[0]), _rows(builder, args[2]))]
+        return _block(context, builder, rows)
+
+    return _BLOCK_TYPE(block, multiplier, addend), codegen
+
+
+@intrinsic
+def zeros(typingctx):
+    """A block of zeros."""
+
+    def codegen(context, builder, signature, args):
+        return _block(context, builder, [ir.Constant(_VECTOR, None)] * LANES)
+
+    return _BLOCK_TYPE(), codegen
+
+
+@intrinsic
+def row_sums(typingctx, block):
+    """Lane ``j`` holds the sum of row ``j``'s 16 lanes: 16 dot products finished at once."""
+
+    def codegen(context, builder, signature, args):
+        rows = _rows(builder, args[0])
+        # halving stages: rows r and r + width exchange lane blocks so that each keeps half of both, summed
+        for width in (8, 4, 2, 1):
+            low_mask, high_mask = [], []
+            for start in range(0, LANES, 2 * width):
+                low_mask += [start + k for k in range(width)] + [LANES + start + k for k in range(width)]
+                high_mask += [start + width + k for k in range(width)]
+                high_mask += [LANES + start + width + k for k in range(width)]
+            low_mask = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, k) for k in low_mask])
+            high_mask = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, k) for k in high_mask])
+            rows = [builder.fadd(builder.shuffle_vector(rows[r], rows[r + width], low_mask),
+                                 builder.shuffle_vector(rows[r], rows[r + width], high_mask)) for r in range(width)]
+        return rows[0]
+
+    return float32x16(block), codegen
+
+
+@intrinsic
+def largest_lane(typingctx, a):
+    """The largest of the 16 lanes."""
+
+    def codegen(context, builder, signature, args):
+        # a tree of lane-wise maxima over halves: llvm.vector.reduce.fmax is a serial chain without nnan
+        maxnum = _llvm_intrinsic(builder, "llvm.maxnum.v16f32", _VECTOR, [_VECTOR] * 2)
+        value = args[0]
+        for width in (8, 4, 2, 1):
+            upper = ir.Constant(ir.VectorType(_I32, LANES),
+                                [ir.Constant(_I32, (k + width) % LANES) for k in range(LANES)])
+            value = builder.call(maxnum, [value, builder.shuffle_vector(value, value, upper)])
+        return builder.extract_element(value, ir.Constant(_I32, 0))
+
+    return types.float32(a), codegen
