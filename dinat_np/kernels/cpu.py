@@ -89,6 +89,12 @@ def _exp_nonpositive(x):
 
 
 @njit(inline="always", **_FAST)
+def _batch_row_head(task, height, heads):
+    # one task per (batch, query row, head)
+    return task // (height * heads), (task // heads) % height, task % heads
+
+
+@njit(inline="always", **_FAST)
 def _add_weighted(weight, values, at, count, low, high):
     # (low, high) + weight * the channels values.flat[at:at + count], as two vectors
     return fma(weight, load(values, at, count), low), fma(weight, load(values, at + LANES, count - LANES), high)
@@ -101,8 +107,9 @@ def _add_weighted(weight, values, at, count, low, high):
 # query as it is read (the kernels get scale * b_q and b_v). This holds for zero-padded feature maps too:
 # there HF's padded keys and values are b_k and b_v, here 0 + the same fold.
 #
-# Sliding windows, one task per query row, all heads inside (the heads of a pixel are one contiguous
-# vector). A query's logits are 16 neighbours at a time: their key channels are 16 rows of a block
+# Sliding windows, one task per (image, query row, head). A neighbour lies at the same offset from its
+# window's first pixel for every query, so the offsets are computed once per task. A query's logits
+# are 16 neighbours at a time: their key channels are 16 rows of a block
 # (one load each), multiplied by the query's channels, and row_sums finishes the 16 dot products with
 # a few shuffles instead of a horizontal sum each. The probabilities then weight the neighbours' value
 # channels, four neighbours in flight (independent fma chains).
@@ -133,69 +140,68 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
 
     values = qkv.reshape(-1)
     context_out = out.reshape(-1)
-    for task in prange(batch * height):
-        b = task // height
-        i = task % height
-        neighbour_at = np.empty(padded_window, np.int64)  # where each neighbour pixel starts in qkv
+    for task in prange(batch * height * heads):
+        b, i, h = _batch_row_head(task, height, heads)
+        # where each neighbour pixel starts in qkv, from the window's first pixel; the padding neighbours
+        # repeat the last, so that whole blocks of 16 are read with no test per row
+        neighbour_at = np.empty(padded_window, np.int64)
+        for n in range(padded_window):
+            neighbour = min(n, window - 1)
+            neighbour_at[n] = (neighbour // kernel_size * width + neighbour % kernel_size) * dilation * pixel_stride
         probabilities = np.empty(padded_window, np.float32)
+        head_at = h * head_dim
+        # one head of a query row at a time: the next query's window is mostly this one's, still in L1
         for j in range(width):
-            for ki in range(kernel_size):
-                row_at = (b * height + row_start[i] + ki * dilation) * width
-                for kj in range(kernel_size):
-                    neighbour_at[ki * kernel_size + kj] = (row_at + col_start[j] + kj * dilation) * pixel_stride
-            # padding neighbours repeat the last: whole blocks of 16 are read, with no per-row test
-            neighbour_at[window:] = neighbour_at[window - 1]
             pixel = (b * height + i) * width + j
             query_at = pixel * pixel_stride
-            for h in range(heads):
-                head_at = h * head_dim
-                bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
-                largest = splat(-np.inf)
-                for n in range(0, window, LANES):
-                    totals = zeros()
-                    for t in range(0, head_dim, LANES):
-                        count = min(LANES, head_dim - t)
-                        query = fma(load(values, query_at + head_at + t, count), scale,
-                                    load(query_bias, head_at + t, count))
-                        keys = load_rows(values, neighbour_at[n:], channels + head_at + t, LANES, count)
-                        totals = fma_block(keys, query, totals)
-                    logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
-                    store(probabilities, n, LANES, logits)
-                    largest = maximum(largest, logits)
-                top = largest_lane(largest)
-                total = splat(0.0)
-                for n in range(0, window, LANES):
-                    # padding neighbours: e^-87 at most, never read below
-                    p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
-                    store(probabilities, n, LANES, p)
-                    total = add(total, p)
-                inverse = np.float32(1.0) / lane_sum(total)
-                if store_attn:
-                    for n in range(window):
-                        attn[b, h, i, j, n] = probabilities[n] * inverse
+            window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
+            bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
+            largest = splat(-np.inf)
+            for n in range(0, window, LANES):
+                totals = zeros()
+                for t in range(0, head_dim, LANES):
+                    count = min(LANES, head_dim - t)
+                    query = fma(load(values, query_at + head_at + t, count), scale,
+                                load(query_bias, head_at + t, count))
+                    keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
+                    totals = fma_block(keys, query, totals)
+                logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
+                store(probabilities, n, LANES, logits)
+                largest = maximum(largest, logits)
+            top = largest_lane(largest)
+            total = splat(0.0)
+            for n in range(0, window, LANES):
+                # padding neighbours: e^-87 at most, never read below
+                p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
+                store(probabilities, n, LANES, p)
+                total = add(total, p)
+            inverse = np.float32(1.0) / lane_sum(total)
+            if store_attn:
+                for n in range(window):
+                    attn[b, h, i, j, n] = probabilities[n] * inverse
 
-                for t in range(0, head_dim, 2 * LANES):
-                    count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
-                    value_at = 2 * channels + head_at + t
-                    low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
-                    for n in range(0, window - 3, 4):
-                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
-                                                    count, low0, high0)
-                        low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
-                                                    neighbour_at[n + 1] + value_at, count, low1, high1)
-                        low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
-                                                    neighbour_at[n + 2] + value_at, count, low2, high2)
-                        low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
-                                                    neighbour_at[n + 3] + value_at, count, low3, high3)
-                    for n in range(window // 4 * 4, window):
-                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
-                                                    count, low0, high0)
-                    out_at = pixel * channels + head_at + t
-                    low = add(add(low0, low1), add(low2, low3))
-                    high = add(add(high0, high1), add(high2, high3))
-                    store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
-                    store(context_out, out_at + LANES, count - LANES,
-                          fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
+            for t in range(0, head_dim, 2 * LANES):
+                count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
+                value_at = window_at + 2 * channels + head_at + t
+                low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
+                for n in range(0, window - 3, 4):
+                    low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                count, low0, high0)
+                    low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
+                                                neighbour_at[n + 1] + value_at, count, low1, high1)
+                    low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
+                                                neighbour_at[n + 2] + value_at, count, low2, high2)
+                    low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
+                                                neighbour_at[n + 3] + value_at, count, low3, high3)
+                for n in range(window // 4 * 4, window):
+                    low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                count, low0, high0)
+                out_at = pixel * channels + head_at + t
+                low = add(add(low0, low1), add(low2, low3))
+                high = add(add(high0, high1), add(high2, high3))
+                store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
+                store(context_out, out_at + LANES, count - LANES,
+                      fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
 
 
 @njit(inline="always", **_FAST)
@@ -361,12 +367,6 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
                 count = min(LANES, head_dim - t)
                 block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
                 store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
-
-
-@njit(inline="always", **_FAST)
-def _batch_row_head(task, height, heads):
-    # The unfused ops run one task per (batch, query row, head).
-    return task // (height * heads), (task // heads) % height, task % heads
 
 
 @njit(parallel=True, **_FAST)
