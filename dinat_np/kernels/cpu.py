@@ -109,10 +109,10 @@ def _add_weighted(weight, values, at, count, low, high):
 #
 # Sliding windows, one task per (image, query row, head). A neighbour lies at the same offset from its
 # window's first pixel for every query, so the offsets are computed once per task. A query's logits
-# are 16 neighbours at a time: their key channels are 16 rows of a block
-# (one load each), multiplied by the query's channels, and row_sums finishes the 16 dot products with
-# a few shuffles instead of a horizontal sum each. The probabilities then weight the neighbours' value
-# channels, four neighbours in flight (independent fma chains).
+# are 16 neighbours at a time: their key channels are 16 rows of a block (one load each), multiplied by
+# the query's channels, and row_sums finishes the 16 dot products with a few shuffles instead of a
+# horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
+# flight (independent fma chains).
 @njit(parallel=True, **_FAST)
 def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, bias_table):
     batch, height, width, _, heads, head_dim = qkv.shape
