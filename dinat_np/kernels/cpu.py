@@ -120,6 +120,8 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
     pixel_stride = 3 * channels
     window = kernel_size * kernel_size
     padded_window = (window + LANES - 1) // LANES * LANES
+    # neighbours computed as blocks of 16 dot products up to here; a remainder of under four one by one
+    blocks_end = window if window % LANES >= 4 else window // LANES * LANES
     bias_size = 2 * kernel_size - 1
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
@@ -148,7 +150,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
         for n in range(padded_window):
             neighbour = min(n, window - 1)
             neighbour_at[n] = (neighbour // kernel_size * width + neighbour % kernel_size) * dilation * pixel_stride
-        probabilities = np.empty(padded_window, np.float32)
+        probabilities = np.full(padded_window, -np.inf, np.float32)
         head_at = h * head_dim
         # one head of a query row at a time: the next query's window is mostly this one's, still in L1
         for j in range(width):
@@ -157,7 +159,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
             window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
             bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
             largest = splat(-np.inf)
-            for n in range(0, window, LANES):
+            for n in range(0, blocks_end, LANES):
                 totals = zeros()
                 for t in range(0, head_dim, LANES):
                     count = min(LANES, head_dim - t)
@@ -168,12 +170,22 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
                 logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
                 store(probabilities, n, LANES, logits)
                 largest = maximum(largest, logits)
+            for n in range(blocks_end, window):  # a few last neighbours: one dot product each
+                total = splat(0.0)
+                for t in range(0, head_dim, LANES):
+                    count = min(LANES, head_dim - t)
+                    query = fma(load(values, query_at + head_at + t, count), scale,
+                                load(query_bias, head_at + t, count))
+                    total = fma(query, load(values, window_at + neighbour_at[n] + channels + head_at + t, count), total)
+                logit = lane_sum(total) + bias_table[bias_at + n]
+                probabilities[n] = logit
+                largest = maximum(largest, logit)
             top = largest_lane(largest)
             total = splat(0.0)
             for n in range(0, window, LANES):
-                # padding neighbours: e^-87 at most, never read below
+                # the padding neighbours keep their -inf; their e^-87 in the total is negligible
                 p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
-                store(probabilities, n, LANES, p)
+                store(probabilities, n, window - n, p)
                 total = add(total, p)
             inverse = np.float32(1.0) / lane_sum(total)
             if store_attn:
