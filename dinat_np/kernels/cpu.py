@@ -151,6 +151,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
             neighbour = min(n, window - 1)
             neighbour_at[n] = (neighbour // kernel_size * width + neighbour % kernel_size) * dilation * pixel_stride
         probabilities = np.full(padded_window, -np.inf, np.float32)
+        query = np.empty(head_dim, np.float32)  # scaled, with its bias
         head_at = h * head_dim
         # one head of a query row at a time: the next query's window is mostly this one's, still in L1
         for j in range(width):
@@ -158,15 +159,17 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
             query_at = pixel * pixel_stride
             window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
             bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
+            for t in range(0, head_dim, LANES):
+                count = min(LANES, head_dim - t)
+                store(query, t, count, fma(load(values, query_at + head_at + t, count), scale,
+                                           load(query_bias, head_at + t, count)))
             largest = splat(-np.inf)
             for n in range(0, blocks_end, LANES):
                 totals = zeros()
                 for t in range(0, head_dim, LANES):
                     count = min(LANES, head_dim - t)
-                    query = fma(load(values, query_at + head_at + t, count), scale,
-                                load(query_bias, head_at + t, count))
                     keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
-                    totals = fma_block(keys, query, totals)
+                    totals = fma_block(keys, load(query, t, count), totals)
                 logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
                 store(probabilities, n, LANES, logits)
                 largest = maximum(largest, logits)
@@ -174,9 +177,8 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
                 total = splat(0.0)
                 for t in range(0, head_dim, LANES):
                     count = min(LANES, head_dim - t)
-                    query = fma(load(values, query_at + head_at + t, count), scale,
-                                load(query_bias, head_at + t, count))
-                    total = fma(query, load(values, window_at + neighbour_at[n] + channels + head_at + t, count), total)
+                    keys_at = window_at + neighbour_at[n] + channels + head_at + t
+                    total = fma(load(query, t, count), load(values, keys_at, count), total)
                 logit = lane_sum(total) + bias_table[bias_at + n]
                 probabilities[n] = logit
                 largest = maximum(largest, logit)
