@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from . import check_qkv_bias, check_window
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
-from .cpu_simd import (LANES, add, broadcast, divide, floor, fma, fma_block, fma_rows, lane_sum, largest_lane, load,
+from .cpu_simd import (LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
                        load_rows, maximum, multiply, power_of_two, row_sums, splat, store, store_rows, subtract,
                        transpose, zeros)
 from .cpu_threading import launching
@@ -114,7 +114,7 @@ def _add_weighted(weight, values, at, count, low, high):
 # horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
 # flight (independent fma chains).
 @njit(parallel=True, **_FAST)
-def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, bias_table):
+def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn):
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     pixel_stride = 3 * channels
@@ -128,6 +128,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
 
     # rpb as lane vectors: bias_table[((h * kernel_size + row_bias) * kernel_size + col_bias) * padded_window
     # + neighbour] for the bias indices of window_starts; -inf for the padding neighbours (never the maximum)
+    bias_table = np.empty(heads * window * padded_window, np.float32)
     for task in prange(heads * kernel_size * kernel_size):
         h = task // (kernel_size * kernel_size)
         first_row = task // kernel_size % kernel_size
@@ -169,7 +170,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
                 for t in range(0, head_dim, LANES):
                     count = min(LANES, head_dim - t)
                     keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
-                    totals = fma_block(keys, load(query, t, count), totals)
+                    totals = fma_rows(keys, load(query, t, count), totals)
                 logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
                 store(probabilities, n, LANES, logits)
                 largest = maximum(largest, logits)
@@ -249,8 +250,7 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # key or value channel is read once, by a broadcast, for 64 queries. The queries are transposed in
 # registers to that layout (16 x 16 blocks), and the context back to pixels on the way out.
 @njit(parallel=True, **_FAST)
-def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn, store_attn,
-                     bias_table):
+def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn, store_attn):
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     window = kernel_size * kernel_size
@@ -261,6 +261,7 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
     # towards key (ki, kj) is flipped_rpb[h, qi - ki + kernel_size - 1, qj - kj + kernel_size - 1]: a
     # query row's biases are contiguous there.
     bias_size = 2 * kernel_size - 1
+    bias_table = np.empty(heads * window * padded_queries, np.float32)
     for task in prange(heads * window):
         h = task // window
         key = task % window
@@ -442,33 +443,27 @@ def neighborhood_attention(
     """
     batch, height, width, _, heads, head_dim = qkv.shape
     check_window(height, width, kernel_size, dilation)
-    if qkv_bias is not None:
-        check_qkv_bias(np.shape(qkv_bias), heads, head_dim)
-        qkv_bias = np.asarray(qkv_bias, dtype=np.float32)
-    out = np.empty((batch, height, width, heads, head_dim), np.float32)
-    shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
-    attn = np.empty(shape, np.float32)
     channels = heads * head_dim
     query_bias = np.zeros(channels, np.float32)
     value_bias = np.zeros(channels, np.float32)
     if qkv_bias is not None:
+        check_qkv_bias(np.shape(qkv_bias), heads, head_dim)
+        qkv_bias = np.asarray(qkv_bias, dtype=np.float32)
         query_bias[:] = qkv_bias[:channels] * np.float32(scale)
         value_bias[:] = qkv_bias[2 * channels:]
+    out = np.empty((batch, height, width, heads, head_dim), np.float32)
+    shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
+    attn = np.empty(shape, np.float32)
     # the kernels address q/k/v, rpb and the output by flat offsets: C order
     qkv = np.ascontiguousarray(qkv, dtype=np.float32)
     rpb = np.ascontiguousarray(rpb, dtype=np.float32)
-    window = kernel_size * kernel_size
-    if height == width == kernel_size * dilation:
-        padded_queries = -(-window // (4 * LANES)) * 4 * LANES
-        bias_table = np.empty(heads * window * padded_queries, np.float32)
-        with launching():
+    with launching():
+        if height == width == kernel_size * dilation:
             _na_whole_groups(qkv, query_bias, value_bias, np.ascontiguousarray(rpb[:, ::-1, ::-1]), kernel_size,
-                             dilation, np.float32(scale), out, attn, return_attention, bias_table)
-    else:
-        bias_table = np.empty(heads * window * -(-window // LANES) * LANES, np.float32)
-        with launching():
+                             dilation, np.float32(scale), out, attn, return_attention)
+        else:
             _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn,
-                      return_attention, bias_table)
+                      return_attention)
     return out, (attn if return_attention else None)
 
 

@@ -64,16 +64,25 @@ def _llvm_intrinsic(builder, name, return_type, argument_types):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, argument_types), name)
 
 
+def _masked_load(builder, address, mask):
+    function = _llvm_intrinsic(builder, "llvm.masked.load.v16f32.p0", _VECTOR,
+                               [_VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _VECTOR])
+    return builder.call(function, [address, ir.Constant(_I32, 4), mask, ir.Constant(_VECTOR, None)])
+
+
+def _masked_store(builder, value, address, mask):
+    function = _llvm_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                               [_VECTOR, _VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
+    builder.call(function, [value, address, ir.Constant(_I32, 4), mask])
+
+
 @intrinsic
 def load(typingctx, array, offset, lanes):
     """``array.flat[offset:offset + lanes]`` in the first ``lanes`` lanes (at most 16), zeros in the rest."""
 
     def codegen(context, builder, signature, args):
         address = _address(context, builder, signature.args[0], args[0], args[1])
-        masked_load = _llvm_intrinsic(builder, "llvm.masked.load.v16f32.p0", _VECTOR,
-                                      [_VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _VECTOR])
-        return builder.call(masked_load, [address, ir.Constant(_I32, 4), _lane_mask(builder, args[2]),
-                                          ir.Constant(_VECTOR, None)])
+        return _masked_load(builder, address, _lane_mask(builder, args[2]))
 
     return float32x16(array, offset, lanes), codegen
 
@@ -84,9 +93,7 @@ def store(typingctx, array, offset, lanes, value):
 
     def codegen(context, builder, signature, args):
         address = _address(context, builder, signature.args[0], args[0], args[1])
-        masked_store = _llvm_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                                       [_VECTOR, _VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
-        builder.call(masked_store, [args[3], address, ir.Constant(_I32, 4), _lane_mask(builder, args[2])])
+        _masked_store(builder, args[3], address, _lane_mask(builder, args[2]))
         return context.get_dummy_value()
 
     return types.none(array, offset, lanes, value), codegen
@@ -182,7 +189,7 @@ def lane_sum(typingctx, a):
     return types.float32(a), codegen
 
 
-# Blocks: 16 vectors as one value (a tuple, kept in registers), for 16 x 16 transposes.
+# Blocks: 16 vectors as one value (a tuple, kept in registers).
 _BLOCK_TYPE = types.UniTuple(float32x16, LANES)
 
 
@@ -221,10 +228,7 @@ def load_rows(typingctx, array, row_offsets, offset, rows, lanes):
 
     def codegen(context, builder, signature, args):
         lane_mask = _lane_mask(builder, args[4])
-        masked_load = _llvm_intrinsic(builder, "llvm.masked.load.v16f32.p0", _VECTOR,
-                                      [_VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _VECTOR])
-        loaded = [builder.call(masked_load, [address, ir.Constant(_I32, 4), _row_mask(builder, lane_mask, row, args[3]),
-                                             ir.Constant(_VECTOR, None)])
+        loaded = [_masked_load(builder, address, _row_mask(builder, lane_mask, row, args[3]))
                   for row, address in enumerate(_row_addresses(context, builder, signature, args))]
         return _block(context, builder, loaded)
 
@@ -237,12 +241,9 @@ def store_rows(typingctx, array, row_offsets, offset, rows, lanes, block):
 
     def codegen(context, builder, signature, args):
         lane_mask = _lane_mask(builder, args[4])
-        masked_store = _llvm_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                                       [_VECTOR, _VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
         addresses = _row_addresses(context, builder, signature, args)
         for row, (value, address) in enumerate(zip(_rows(builder, args[5]), addresses)):
-            builder.call(masked_store, [value, address, ir.Constant(_I32, 4),
-                                        _row_mask(builder, lane_mask, row, args[3])])
+            _masked_store(builder, value, address, _row_mask(builder, lane_mask, row, args[3]))
         return context.get_dummy_value()
 
     return types.none(array, row_offsets, offset, rows, lanes, block), codegen
@@ -250,11 +251,13 @@ def store_rows(typingctx, array, row_offsets, offset, rows, lanes, block):
 
 @intrinsic
 def fma_rows(typingctx, block, multiplier, addend):
-    """``block[j] * multiplier + addend`` for every row ``j``."""
+    """``block[j] * multiplier + addend`` for every row ``j``; ``addend`` is a vector, or a block added row
+    by row."""
 
     def codegen(context, builder, signature, args):
         fma_vector = _llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3)
-        rows = [builder.call(fma_vector, [row, args[1], args[2]]) for row in _rows(builder, args[0])]
+        addends = _rows(builder, args[2]) if signature.args[2] == _BLOCK_TYPE else [args[2]] * LANES
+        rows = [builder.call(fma_vector, [row, args[1], total]) for row, total in zip(_rows(builder, args[0]), addends)]
         return _block(context, builder, rows)
 
     return _BLOCK_TYPE(block, multiplier, addend), codegen
@@ -281,19 +284,6 @@ def transpose(typingctx, block):
         return _block(context, builder, rows)
 
     return _BLOCK_TYPE(block), codegen
-
-
-@intrinsic
-def fma_block(typingctx, block, multiplier, addend):
-    """``block[j] * multiplier + addend[j]`` for every row ``j`` (``addend`` a block too)."""
-
-    def codegen(context, builder, signature, args):
-        fma_vector = _llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3)
-        rows = [builder.call(fma_vector, [row, args[1], total])
-                for row, total in zip(_rows(builder, args[0]), _rows(builder, args[2]))]
-        return _block(context, builder, rows)
-
-    return _BLOCK_TYPE(block, multiplier, addend), codegen
 
 
 @intrinsic
