@@ -69,7 +69,7 @@ PUBLIC_OPS = (
     "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 )
 PRIVATE_KERNELS = (
-    "_na_fused", "_layer_norm", "_linear",
+    "_na_fused", "_na_whole_groups", "_layer_norm", "_linear",
     "_im2col_3x3_s2",
 )
 # Ops that run a matrix product and its epilogue (one ``_linear`` kernel); their inputs give its shape.
@@ -343,7 +343,7 @@ class OpProfiler:
         for (outer, name), seconds in self.self_time.items():
             if outer == "conv3x3_stride2":
                 totals["convolutions"] += seconds
-            elif name in ("neighborhood_attention", "_na_fused"):
+            elif name in ("neighborhood_attention", "_na_fused", "_na_whole_groups"):
                 totals["attention"] += seconds
             elif name in ("layer_norm", "_layer_norm"):
                 totals["layernorm"] += seconds
