@@ -65,15 +65,16 @@ TARGET_RSS_BATCH1_MIB = 350.0
 # the model calls (through the module, so replacing the module attribute reaches every call); the private
 # kernels are what those ops call by global name.
 PUBLIC_OPS = (
-    "neighborhood_attention", "layer_norm", "linear", "linear_residual", "linear_residual_norm",
+    "neighborhood_attention", "layer_norm", "linear", "linear_residual_norm", "mlp_residual", "mlp_residual_norm",
     "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 )
 PRIVATE_KERNELS = (
-    "_na_fused", "_na_whole_groups", "_layer_norm", "_linear",
-    "_im2col_3x3_s2",
+    "_na_fused", "_na_whole_groups", "_layer_norm", "_linear", "_mlp", "_im2col_3x3_s2",
 )
 # Ops that run a matrix product and its epilogue (one ``_linear`` kernel); their inputs give its shape.
-LINEAR_OPS = ("linear", "linear_residual", "linear_residual_norm")
+LINEAR_OPS = ("linear", "linear_residual_norm")
+# Ops that run an MLP's two products with their epilogues (one ``_mlp`` kernel, or two ``_linear`` ones).
+MLP_OPS = ("mlp_residual", "mlp_residual_norm")
 CATEGORIES = ("attention", "layernorm", "products", "convolutions", "rest")
 CATEGORY_LABELS = {
     "attention": "attention (fused NA kernel)",
@@ -331,6 +332,11 @@ class OpProfiler:
             x, weight_t = args[0], args[1]
             context = "conv" if outer == "conv3x3_stride2" else "linear"
             self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], context))
+        elif name in MLP_OPS:
+            x, fc1_t, fc2_t = args[0], args[1], args[4]
+            rows = x.size // x.shape[-1]
+            self.products += [(rows, x.shape[-1], fc1_t.shape[1], "linear"),
+                              (rows, fc1_t.shape[1], fc2_t.shape[1], "linear")]
         elif name == "neighborhood_attention":
             batch, height, width, _, heads, head_dim = args[0].shape
             kernel_size = args[2]
@@ -347,7 +353,7 @@ class OpProfiler:
                 totals["attention"] += seconds
             elif name in ("layer_norm", "_layer_norm"):
                 totals["layernorm"] += seconds
-            elif name in LINEAR_OPS or name == "_linear":
+            elif name in LINEAR_OPS + MLP_OPS or name in ("_linear", "_mlp"):
                 totals["products"] += seconds
         return totals
 

@@ -172,6 +172,14 @@ class _LayerNorm:
         """``residual + scale * (x @ weight_t + bias)`` and this LayerNorm of it, in one pass over the rows."""
         return self.ops.linear_residual_norm(x, weight_t, bias, scale, residual, self.weight, self.bias, self.eps)
 
+    def with_mlp_residual(
+        self, x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any
+    ) -> tuple[Any, Any]:
+        """``residual + scale * MLP(x)`` and this LayerNorm of it (MLP: fc1, ``activation``, fc2), in one launch."""
+        return self.ops.mlp_residual_norm(
+            x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual, self.weight, self.bias, self.eps
+        )
+
 
 class _Conv3x3Stride2:
     def __init__(self, weights: _Weights, name: str, in_channels: int, out_channels: int, bias: bool) -> None:
@@ -273,11 +281,10 @@ class DinatLayer:
         x, normed = self.layernorm_after.with_residual(
             context, self.attention.dense, self.attention.dense_bias, self.layer_scale[0], x
         )
-        hidden = self.ops.linear(normed, self.intermediate, self.intermediate_bias, self.activation)
+        mlp = (normed, self.intermediate, self.intermediate_bias, self.activation, self.output, self.output_bias)
         if next_norm is None:
-            x = self.ops.linear_residual(hidden, self.output, self.output_bias, self.layer_scale[1], x)
-            return x, None, attention
-        x, next_normed = next_norm.with_residual(hidden, self.output, self.output_bias, self.layer_scale[1], x)
+            return self.ops.mlp_residual(*mlp, self.layer_scale[1], x), None, attention
+        x, next_normed = next_norm.with_mlp_residual(*mlp, self.layer_scale[1], x)
         return x, next_normed, attention
 
 

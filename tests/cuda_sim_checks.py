@@ -85,8 +85,6 @@ def check_kernels() -> None:
         record(f"linear_{activation}", gpu.linear(up(x), w_gpu, None if b is None else up(b), activation),
                cpu.linear(x, w_cpu, b, activation))
     scale, residual = normal(70), normal(2, 5, 7, 70)
-    record("linear_residual", gpu.linear_residual(up(x), w_gpu, up(bias), up(scale), up(residual)),
-           cpu.linear_residual(x, w_cpu, bias, scale, residual))
     norm_weight, norm_bias = normal(70), normal(70)
     out, normed = gpu.linear_residual_norm(up(x), w_gpu, up(bias), up(scale), up(residual), up(norm_weight),
                                            up(norm_bias), 1e-5)
@@ -94,6 +92,17 @@ def check_kernels() -> None:
                                                              norm_bias, 1e-5)
     record("linear_residual_norm_out", out, expected_out)
     record("linear_residual_norm_normed", normed, expected_normed)
+    # the MLP, 70 -> 40 -> 70 channels
+    fc2, fc2_bias = normal(70, 40, scale=0.3), normal(70)
+    fc1, fc1_bias = normal(40, 70, scale=0.3), normal(40)
+    mlp_cpu = (residual, cpu.linear_weight(fc1), fc1_bias, "gelu", cpu.linear_weight(fc2), fc2_bias, scale, residual)
+    mlp_gpu = (up(residual), gpu.linear_weight(fc1), up(fc1_bias), "gelu", gpu.linear_weight(fc2), up(fc2_bias),
+               up(scale), up(residual))
+    record("mlp_residual", gpu.mlp_residual(*mlp_gpu), cpu.mlp_residual(*mlp_cpu))
+    out, normed = gpu.mlp_residual_norm(*mlp_gpu, up(norm_weight), up(norm_bias), 1e-5)
+    expected_out, expected_normed = cpu.mlp_residual_norm(*mlp_cpu, norm_weight, norm_bias, 1e-5)
+    record("mlp_residual_norm_out", out, expected_out)
+    record("mlp_residual_norm_normed", normed, expected_normed)
 
     # the 64x64 tile kernel (large grids use it) on a product with several k-steps
     saved = gpu._SMALL_GRID
@@ -116,15 +125,13 @@ def check_kernels() -> None:
         weight, bias, scale, residual = normal(10, 12), normal(10), normal(10), normal(9, 10)
         record("external_gemm_selu", gpu.linear(up(x), gpu.linear_weight(weight), up(bias), "selu"),
                cpu.linear(x, cpu.linear_weight(weight), bias, "selu"))
-        record("external_gemm_residual",
-               gpu.linear_residual(up(x), gpu.linear_weight(weight), up(bias), up(scale), up(residual)),
-               cpu.linear_residual(x, cpu.linear_weight(weight), bias, scale, residual))
         norm_weight, norm_bias = normal(10), normal(10)  # narrow rows: the 8-lane LayerNorm
-        record("external_gemm_residual_norm",
-               gpu.linear_residual_norm(up(x), gpu.linear_weight(weight), up(bias), up(scale), up(residual),
-                                        up(norm_weight), up(norm_bias), 1e-5)[1],
-               cpu.linear_residual_norm(x, cpu.linear_weight(weight), bias, scale, residual, norm_weight,
-                                        norm_bias, 1e-5)[1])
+        out, normed = gpu.linear_residual_norm(up(x), gpu.linear_weight(weight), up(bias), up(scale), up(residual),
+                                               up(norm_weight), up(norm_bias), 1e-5)
+        expected_out, expected_normed = cpu.linear_residual_norm(x, cpu.linear_weight(weight), bias, scale, residual,
+                                                                 norm_weight, norm_bias, 1e-5)
+        record("external_gemm_residual", out, expected_out)
+        record("external_gemm_residual_norm", normed, expected_normed)
     finally:
         gpu._external_gemm = cublas
     if cublas is not None:  # CuPy on a real GPU: its product too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -35,8 +36,15 @@ def test_every_epilogue_equals_float64_reference(products, rows, columns):
     np.testing.assert_allclose(cpu.linear(x, weight_t), reference(x, weight_t), rtol=0, atol=2e-5)
     np.testing.assert_allclose(cpu.linear(x, weight_t, bias, "relu"), np.maximum(reference(x, weight_t, bias), 0),
                                rtol=0, atol=2e-5)
-    np.testing.assert_allclose(cpu.linear_residual(x, weight_t, bias, scale, residual),
+    np.testing.assert_allclose(closed_residual(x, weight_t, bias, scale, residual),
                                reference(x, weight_t, bias, scale, residual), rtol=0, atol=2e-5)
+
+
+def closed_residual(x, weight_t, bias, scale, residual):
+    """The residual epilogue alone: the ``out`` of :func:`cpu.linear_residual_norm`."""
+    channels = weight_t.shape[1]
+    ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    return cpu.linear_residual_norm(x, weight_t, bias, scale, residual, ones, zeros, 1e-5)[0]
 
 
 def test_non_contiguous_operands_are_read_correctly(products):
@@ -46,8 +54,52 @@ def test_non_contiguous_operands_are_read_correctly(products):
     residual = rng.standard_normal((24, 30), dtype=np.float32).T
     bias, scale = np.ones(24, np.float32), np.full(24, 0.5, np.float32)
     np.testing.assert_allclose(cpu.linear(x, weight.T), reference(x, weight.T), rtol=0, atol=2e-5)
-    np.testing.assert_allclose(cpu.linear_residual(x, weight.T, bias, scale, residual),
+    np.testing.assert_allclose(closed_residual(x, weight.T, bias, scale, residual),
                                reference(x, weight.T, bias, scale, residual), rtol=0, atol=2e-5)
+
+
+def mlp_reference(x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual):
+    hidden = reference(x, fc1_t, fc1_bias)
+    if activation == "gelu":
+        hidden = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / math.sqrt(2)))
+    else:
+        hidden = np.maximum(hidden, 0)
+    return residual + scale * (hidden @ fc2_t.astype(np.float64) + fc2_bias)
+
+
+# 2 threads: below 256 rows the two products split columns; above, each thread takes its rows through
+# both products in blocks of _MLP_BLOCK_ROWS (here 64, so that 300 rows give several and a remainder).
+@pytest.mark.parametrize("rows", [3, 255, 256, 300])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_mlp_equals_float64_reference(products, monkeypatch, rows, activation):
+    monkeypatch.setattr(cpu, "_MLP_BLOCK_ROWS", 64)
+    rng = np.random.default_rng(rows)
+    dim, hidden = 24, 96
+    x = rng.standard_normal((rows, dim), dtype=np.float32)
+    fc1_t = rng.standard_normal((dim, hidden), dtype=np.float32) * np.float32(dim**-0.5)
+    fc2_t = rng.standard_normal((hidden, dim), dtype=np.float32) * np.float32(hidden**-0.5)
+    fc1_bias, fc2_bias, scale, norm_weight, norm_bias = (rng.standard_normal(n, dtype=np.float32)
+                                                         for n in (hidden, dim, dim, dim, dim))
+    residual = rng.standard_normal((rows, dim), dtype=np.float32) * np.float32(3) + np.float32(1.5)
+    mlp = (x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual)
+    expected = mlp_reference(*mlp)
+    mean = expected.mean(axis=-1, keepdims=True)
+    expected_normed = (expected - mean) / np.sqrt(expected.var(axis=-1, keepdims=True) + 1e-5) * norm_weight + norm_bias
+
+    out = cpu.mlp_residual(*mlp)
+    out_again, normed = cpu.mlp_residual_norm(*mlp, norm_weight, norm_bias, 1e-5)
+
+    assert out.dtype == normed.dtype == np.float32 and out.shape == normed.shape == residual.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=3e-5)
+    np.testing.assert_array_equal(out_again, out)
+    np.testing.assert_allclose(normed, expected_normed, rtol=0, atol=2e-5)
+
+
+def test_mlp_refuses_an_unknown_activation():
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        cpu.mlp_residual(x, np.ones((8, 8), np.float32), np.ones(8, np.float32), "swish", np.ones((8, 8), np.float32),
+                         np.ones(8, np.float32), np.ones(8, np.float32), x)
 
 
 def test_float64_inputs_are_computed_in_float32(products):
@@ -104,12 +156,17 @@ def test_numpy_products_can_be_asked_for(monkeypatch):
 def test_product_kernel_is_cached_on_disk(tmp_path):
     """The sgemm pointer is an argument, not a constant baked into the code, so Numba can cache the kernel."""
     script = ("import numpy as np\nfrom dinat_np.kernels import cpu\n"
-              "cpu.linear(np.ones((4, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32), 'gelu')\n")
+              "cpu.linear(np.ones((4, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32), 'gelu')\n"
+              "x, w, v = np.ones((600, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32)\n"
+              "cpu.mlp_residual(x, w, v, 'gelu', w, v, v, x)\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     completed = subprocess.run([sys.executable, "-W", "error::numba.NumbaWarning", "-c", script], env=env,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
-    assert any(path.name.startswith("cpu._linear-") for path in Path(tmp_path).rglob("*.nbi"))
+    cached = [path.name for path in Path(tmp_path).rglob("*.nbi")]
+    assert any(name.startswith("cpu._linear-") for name in cached)
+    if cpu._BLAS is not None:
+        assert any(name.startswith("cpu._mlp-") for name in cached)
 
 
 def test_whole_model_agrees_on_both_product_paths(monkeypatch):

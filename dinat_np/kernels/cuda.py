@@ -42,8 +42,8 @@ from .cpu import ACTIVATIONS
 
 __all__ = [
     "ACTIVATIONS", "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
-    "linear_residual", "linear_residual_norm", "conv3x3_stride2", "neighborhood_attention", "na_qk", "na_av",
-    "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
+    "linear_residual_norm", "mlp_residual", "mlp_residual_norm", "conv3x3_stride2", "neighborhood_attention",
+    "na_qk", "na_av", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 ]
 
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
@@ -517,30 +517,60 @@ def linear(x: Any, weight_t: Any, bias: Any = None, activation: str = "identity"
         return y.reshape(*(shape[:-1] + (y.shape[1],)))
 
 
-def linear_residual(x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any) -> Any:
-    """``residual + scale * (x @ weight_t + bias)``: a projection closing a residual branch (layer scale)."""
-    with _LOCK:
-        x2d = x.reshape(-1, tuple(x.shape)[-1])
-        y = _product(x2d, weight_t, bias, _EPILOGUE_RESIDUAL, 0, scale,
-                     residual.reshape(x2d.shape[0], weight_t.shape[1]))
-        return y.reshape(*residual.shape)
+def _residual_product(x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any) -> Any:
+    """``residual + scale * (x @ weight_t + bias)`` as ``(rows, out)``; the caller holds ``_LOCK``."""
+    x2d = x.reshape(-1, tuple(x.shape)[-1])
+    rows = residual.reshape(x2d.shape[0], weight_t.shape[1])
+    return _product(x2d, weight_t, bias, _EPILOGUE_RESIDUAL, 0, scale, rows)
+
+
+def _mlp_product(
+    x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any
+) -> Any:
+    """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)`` as ``(rows, out)``: the
+    two products one after the other, each with its epilogue fused in; the caller holds ``_LOCK``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    hidden = _product(x.reshape(-1, tuple(x.shape)[-1]), fc1_t, fc1_bias, _EPILOGUE_ACTIVATION,
+                      ACTIVATIONS[activation], None, None)
+    return _residual_product(hidden, fc2_t, fc2_bias, scale, residual)
+
+
+def _with_norm(y: Any, shape: tuple[int, ...], norm_weight: Any, norm_bias: Any, eps: float) -> tuple[Any, Any]:
+    """``(y, layer_norm(y))``, both shaped ``shape``: two kernels back to back. The ops that return this exist
+    for the CPU backend, where the LayerNorm in the product's pass over the rows saves a parallel launch."""
+    normed = _layer_norm_rows(y, norm_weight, norm_bias, eps)
+    return y.reshape(*shape), normed.reshape(*shape)
 
 
 def linear_residual_norm(
     x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any, norm_weight: Any, norm_bias: Any, eps: float,
 ) -> tuple[Any, Any]:
-    """:func:`linear_residual` and :func:`layer_norm` of its result: ``(out, normed)``, as the CPU backend.
-
-    Here it is the two kernels back to back (the epilogue stays fused into the product); the op exists
-    for the CPU backend, where one pass over the rows saves a parallel launch.
-    """
+    """``out = residual + scale * (x @ weight_t + bias)`` and :func:`layer_norm` of it: ``(out, normed)``,
+    as the CPU backend."""
     with _LOCK:
-        x2d = x.reshape(-1, tuple(x.shape)[-1])
-        y = _product(x2d, weight_t, bias, _EPILOGUE_RESIDUAL, 0, scale,
-                     residual.reshape(x2d.shape[0], weight_t.shape[1]))
-        normed = _layer_norm_rows(y, norm_weight, norm_bias, eps)
-        shape = tuple(residual.shape)
-        return y.reshape(*shape), normed.reshape(*shape)
+        y = _residual_product(x, weight_t, bias, scale, residual)
+        return _with_norm(y, tuple(residual.shape), norm_weight, norm_bias, eps)
+
+
+def mlp_residual(
+    x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any
+) -> Any:
+    """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)``, as the CPU backend."""
+    with _LOCK:
+        return _mlp_product(x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual).reshape(
+            *residual.shape
+        )
+
+
+def mlp_residual_norm(
+    x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any,
+    norm_weight: Any, norm_bias: Any, eps: float,
+) -> tuple[Any, Any]:
+    """:func:`mlp_residual` and :func:`layer_norm` of its result: ``(out, normed)``, as the CPU backend."""
+    with _LOCK:
+        y = _mlp_product(x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual)
+        return _with_norm(y, tuple(residual.shape), norm_weight, norm_bias, eps)
 
 
 # ---------------------------------------------------------------------------------------------------
