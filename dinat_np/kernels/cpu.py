@@ -9,7 +9,8 @@ Layout conventions shared by all backends (see ``dinat_np.kernels``):
   order, matching the im2col patches below.
 
 Threading (which Numba layer, and why; fork and thread safety): see ``dinat_np.kernels.cpu_threading``.
-Every parallel kernel launch goes through its ``launching()``.
+Every parallel kernel launch goes through its ``launching()``. Importing this module raises glibc's
+malloc thresholds (``dinat_np.kernels.cpu_malloc``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from numba import njit, prange
 
 from . import check_qkv_bias, check_window
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
+from .cpu_malloc import raise_thresholds
 from .cpu_simd import (LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
                        load_rows, maximum, multiply, power_of_two, row_sums, splat, store, store_rows, subtract,
                        transpose, zeros)
 from .cpu_threading import launching
+
+MALLOC_TUNED = raise_thresholds()  # large activations reused from the heap, not faulted in: see cpu_malloc
 
 # Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
 # reciprocals, and NumPy's division semantics instead of Python's ZeroDivisionError branch.
