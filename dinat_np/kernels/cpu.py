@@ -680,9 +680,11 @@ def linear_residual_norm(
 # A transformer MLP is two products around an activation on rows four times as wide as the stream: in
 # stage 1 at batch 8 that hidden activation is 25 MB, written by fc1, re-read and rewritten by the
 # activation, re-read by fc2. Here each thread takes blocks of this many rows through fc1, the activation
-# and fc2 while the block's hidden rows are still in L2 (512 KiB in stage 1, 2 MiB in stage 3; the development
-# VM's cores have 2 MiB each): ~4% faster at batch 8 there, no change at batch 1 (blocks of 256-1024 rows
-# measured alike; 128 was slower: BLAS's per-call cost).
+# and fc2 while the block's hidden rows are still in L2 (512 KiB in dinat-mini's stage 1, 2 MiB in its
+# stage 3; the development VM's cores have 2 MiB each). dinat-mini at batch 8: 4-5% faster forwards;
+# batch 1 unchanged; dinat-base's stage-1 MLP alone at batch 8 took 26% less time. Blocks of 128 or 256
+# rows were slower overall (BLAS's per-call cost: the weights are packed again for every block), 1024 no
+# faster.
 _MLP_BLOCK_ROWS = 512
 
 
@@ -735,7 +737,8 @@ def mlp_residual(
     fc2_bias: np.ndarray, scale: np.ndarray, residual: np.ndarray,
 ) -> np.ndarray:
     """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)``: a transformer MLP
-    closing its residual branch (layer scale ``scale``), without its hidden activation ever in memory whole."""
+    closing its residual branch (layer scale ``scale``). Where the products run inside the kernels and
+    there are enough rows, its hidden activation is never in memory whole (see ``_MLP_BLOCK_ROWS``)."""
     rows = residual.reshape(-1, residual.shape[-1])
     return _run_mlp(x, fc1_t, fc1_bias, activation, fc2_t, _EPILOGUE_RESIDUAL, fc2_bias, scale, rows).reshape(
         residual.shape

@@ -6,7 +6,7 @@ first, raised up to 32 MiB as such blocks are freed) by fresh mappings, and give
 back to the kernel beyond twice that; every page given back faults in again, zeroed, the next time it
 is written: thousands of page faults per forward, at irregular moments. With blocks up to 64 MiB
 served from the heap and up to 128 MiB of free heap kept, dinat-mini on the 2-core development VM ran
-batch 8 in 26.2-27.5 ms per image instead of 28.4-30.7 ms (interleaved runs); batch 1 alike.
+batch 8 in 25.9-26.8 ms per image instead of 27.5-28.5 ms (interleaved runs); batch 1 alike.
 
 The cost is process-wide: up to 128 MiB that the process freed stays mapped, for reuse by any later
 allocation (the peak resident size is unchanged). ``DINAT_NP_MALLOPT=0`` leaves glibc's defaults,
