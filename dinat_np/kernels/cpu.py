@@ -39,6 +39,13 @@ _FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "
 
 ACTIVATIONS = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3, "selu": 4}
 
+
+def activation_code(activation: str) -> int:
+    """The kernels' number for ``activation`` (an HF ``hidden_act`` name); a clear error for any other."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
 _SQRT_HALF = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
 _SELU_ALPHA = 1.6732632423543772
@@ -713,12 +720,11 @@ def _run_mlp(
     norm_bias: np.ndarray = _NO_BIAS, eps: float = 0.0, normed: np.ndarray = _NO_ROWS,
 ) -> np.ndarray:
     """``activation(x @ fc1_t + fc1_bias) @ fc2_t`` as ``(rows, out)``, with ``epilogue`` applied in place."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    code = activation_code(activation)
     x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     parts = numba.get_num_threads()
     if _BLAS is None or x.shape[0] < _MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
-        hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, ACTIVATIONS[activation])
+        hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, code)
         return _run_linear(hidden, fc2_t, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
     fc1_t = np.ascontiguousarray(fc1_t, dtype=np.float32)
     fc2_t = np.ascontiguousarray(fc2_t, dtype=np.float32)
@@ -727,7 +733,7 @@ def _run_mlp(
     hidden = np.empty((parts * block, fc1_t.shape[1]), np.float32)
     y = np.empty((x.shape[0], fc2_t.shape[1]), np.float32)
     with launching(), _BLAS.single_threaded():
-        _mlp(_BLAS.sgemm, parts, x, fc1_t, fc1_bias, ACTIVATIONS[activation], fc2_t, hidden, y, epilogue, bias,
+        _mlp(_BLAS.sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
              scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 

@@ -38,7 +38,7 @@ from numba import __version__ as numba_version, config, cuda, float32
 from numba.core.errors import NumbaPerformanceWarning
 
 from . import check_qkv_bias, check_window, cpu
-from .cpu import ACTIVATIONS
+from .cpu import ACTIVATIONS, activation_code
 
 __all__ = [
     "ACTIVATIONS", "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
@@ -508,12 +508,10 @@ def _product(x2d: Any, weight_t: Any, bias: Any, mode: int, activation: int, sca
 
 def linear(x: Any, weight_t: Any, bias: Any = None, activation: str = "identity") -> Any:
     """``activation(x @ weight_t + bias)`` over the last axis of ``x``; bias and activation fused in."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    code = activation_code(activation)
     with _LOCK:
         shape = tuple(x.shape)
-        y = _product(x.reshape(-1, shape[-1]), weight_t, bias, _EPILOGUE_ACTIVATION, ACTIVATIONS[activation],
-                     None, None)
+        y = _product(x.reshape(-1, shape[-1]), weight_t, bias, _EPILOGUE_ACTIVATION, code, None, None)
         return y.reshape(*(shape[:-1] + (y.shape[1],)))
 
 
@@ -529,10 +527,8 @@ def _mlp_product(
 ) -> Any:
     """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)`` as ``(rows, out)``: the
     two products one after the other, each with its epilogue fused in; the caller holds ``_LOCK``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     hidden = _product(x.reshape(-1, tuple(x.shape)[-1]), fc1_t, fc1_bias, _EPILOGUE_ACTIVATION,
-                      ACTIVATIONS[activation], None, None)
+                      activation_code(activation), None, None)
     return _residual_product(hidden, fc2_t, fc2_bias, scale, residual)
 
 
