@@ -69,7 +69,7 @@ PUBLIC_OPS = (
     "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 )
 PRIVATE_KERNELS = (
-    "_na_fused", "_na_whole_groups", "_layer_norm", "_linear", "_mlp", "_im2col_3x3_s2",
+    "_na_fused", "_na_whole_groups", "_layer_norm", "_linear", "_mlp", "_im2col_3x3_s2", "_conv3x3_s2",
 )
 # Ops that run a matrix product and its epilogue (one ``_linear`` kernel); their inputs give its shape.
 LINEAR_OPS = ("linear", "linear_residual_norm")
@@ -328,10 +328,13 @@ class OpProfiler:
         return timed
 
     def _record(self, name: str, outer: str, args: tuple) -> None:
-        if name in LINEAR_OPS:
+        if name == "conv3x3_stride2":  # its im2col product, whichever path runs it
+            batch, height, width, channels = args[0].shape
+            pixels = batch * ((height + 1) // 2) * ((width + 1) // 2)
+            self.products.append((pixels, 9 * channels, args[1].shape[1], "conv"))
+        elif name in LINEAR_OPS and outer != "conv3x3_stride2":
             x, weight_t = args[0], args[1]
-            context = "conv" if outer == "conv3x3_stride2" else "linear"
-            self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], context))
+            self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], "linear"))
         elif name in MLP_OPS:
             x, fc1_t, fc2_t = args[0], args[1], args[4]
             rows = x.size // x.shape[-1]

@@ -102,6 +102,35 @@ def test_mlp_refuses_an_unknown_activation():
                          np.ones(8, np.float32), np.ones(8, np.float32), x)
 
 
+def conv_reference(x, weight_cols, bias):
+    """3x3, stride 2, zero padding 1, channels-last, in float64: nine shifted products."""
+    batch, height, width, channels = x.shape
+    out_height, out_width = (height + 1) // 2, (width + 1) // 2
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 2), (1, 2), (0, 0)))
+    y = np.zeros((batch, out_height, out_width, weight_cols.shape[1]))
+    for di in range(3):
+        for dj in range(3):
+            patch = padded[:, di:di + 2 * out_height:2, dj:dj + 2 * out_width:2]
+            y += patch @ weight_cols[(di * 3 + dj) * channels:(di * 3 + dj + 1) * channels].astype(np.float64)
+    return y if bias is None else y + bias
+
+
+# 2 threads: below 256 output pixels all patches are gathered, then one product splits the columns; above,
+# each thread gathers and multiplies blocks of _CONV_BLOCK_ROWS pixels (here 64: several, and a remainder).
+@pytest.mark.parametrize("shape", [(1, 7, 9, 5), (1, 31, 32, 3), (2, 33, 30, 8), (3, 20, 21, 4)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, with_bias):
+    monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 64)
+    rng = np.random.default_rng(shape[1])
+    x = rng.standard_normal(shape, dtype=np.float32)
+    weight = rng.standard_normal((6, shape[3], 3, 3), dtype=np.float32)  # PyTorch's (out, in, 3, 3)
+    weight_cols = cpu.conv_weight(weight)
+    bias = rng.standard_normal(6, dtype=np.float32) if with_bias else None
+    y = cpu.conv3x3_stride2(x, weight_cols, bias)
+    assert y.dtype == np.float32 and y.shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 6)
+    np.testing.assert_allclose(y, conv_reference(x, weight_cols, bias), rtol=0, atol=3e-5)
+
+
 def test_float64_inputs_are_computed_in_float32(products):
     rng = np.random.default_rng(6)
     x, weight_t = rng.standard_normal((9, 16)), rng.standard_normal((16, 8))
@@ -158,7 +187,8 @@ def test_product_kernel_is_cached_on_disk(tmp_path):
     script = ("import numpy as np\nfrom dinat_np.kernels import cpu\n"
               "cpu.linear(np.ones((4, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32), 'gelu')\n"
               "x, w, v = np.ones((600, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32)\n"
-              "cpu.mlp_residual(x, w, v, 'gelu', w, v, v, x)\n")
+              "cpu.mlp_residual(x, w, v, 'gelu', w, v, v, x)\n"
+              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 3), np.float32), np.ones((27, 8), np.float32), None)\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     completed = subprocess.run([sys.executable, "-W", "error::numba.NumbaWarning", "-c", script], env=env,
                                capture_output=True, text=True, timeout=300)
@@ -167,6 +197,7 @@ def test_product_kernel_is_cached_on_disk(tmp_path):
     assert any(name.startswith("cpu._linear-") for name in cached)
     if cpu._BLAS is not None:
         assert any(name.startswith("cpu._mlp-") for name in cached)
+        assert any(name.startswith("cpu._conv3x3_s2-") for name in cached)
 
 
 def test_whole_model_agrees_on_both_product_paths(monkeypatch):
