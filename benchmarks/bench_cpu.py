@@ -9,7 +9,8 @@ One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
 * the BLAS floor: the model's own matrix products (q/k/v, attention output, MLP in/out, classifier,
   and the 3x3 stride-2 convolutions as their im2col products), shapes recorded from a real forward,
   replayed with NumPy on random data, each with its own weight as in the model (and, for comparison,
-  with one weight per shape, which stays in cache); the model's GFLOP;
+  with one weight per shape, which stays in cache), timed in alternation with the engine's forwards so
+  that the ratio holds while the machine's speed drifts; the model's GFLOP;
 * PyTorch eager (transformers' own DiNAT modeling code, the test-suite reference attention of
   ``tests/torch_natten.py``, the same weights and input, ``torch.set_num_threads`` matching) when
   torch and transformers are installed; run in a subprocess so its thread pools never compete with ours;
@@ -259,6 +260,23 @@ def time_calls(function: Callable[[], Any], repeats: int, warmup: int) -> list[f
     return times
 
 
+def time_interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int,
+                     warmup: int) -> tuple[list[float], list[float]]:
+    """Time two functions in alternation (AB, BA, AB, ...): both see the same machine state, so their
+    ratio holds while this VM's speed drifts (the same floor has measured 24.5-31 ms within an hour)."""
+    for _ in range(warmup):
+        first()
+        second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for repeat in range(repeats):
+        for index in (0, 1) if repeat % 2 == 0 else (1, 0):
+            function = (first, second)[index]
+            start = time.perf_counter()
+            function()
+            times[index].append(time.perf_counter() - start)
+    return times
+
+
 def summary(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {
@@ -395,9 +413,10 @@ def profile_forwards(model: Any, profiler: OpProfiler, batch: int, runs: int) ->
 # ---------------------------------------------------------------------------------------------------------
 # The BLAS floor: the model's matrix products replayed with NumPy
 # ---------------------------------------------------------------------------------------------------------
-def replay_products(products: list[tuple[int, int, int, str]], own_weights: bool, repeats: int,
-                    warmup: int) -> dict[str, float]:
-    """Time the sequence of products of one forward, in order, on random data, with NumPy.
+def product_replay(products: list[tuple[int, int, int, str]], own_weights: bool,
+                   context: str | None = None) -> Callable[[], None]:
+    """The sequence of products of one forward (those of ``context`` only, if given), in order, on random
+    data, with NumPy: a function that runs it once.
 
     With ``own_weights`` every product has its own ``(in, out)`` weight, as the model has: streaming the
     weights from memory is part of the work (about 80 MB for dinat-mini, ~5 ms at batch 1 here).
@@ -410,23 +429,22 @@ def replay_products(products: list[tuple[int, int, int, str]], own_weights: bool
     activations: dict[tuple[int, int], Any] = {}  # by shape: inputs and outputs
     weights: dict[tuple[int, ...], Any] = {}
     sequence = []
-    for m, k, n, context in products:
+    for m, k, n, kind in products:
+        if context is not None and kind != context:
+            continue
         if (m, k) not in activations:
             activations[(m, k)] = rng.standard_normal((m, k), dtype=np.float32)
         out = activations.setdefault((m, n), np.empty((m, n), np.float32))
         weight_key = (k, n, len(sequence)) if own_weights else (k, n)
         if weight_key not in weights:
             weights[weight_key] = rng.standard_normal((k, n), dtype=np.float32) * np.float32(k**-0.5)
-        sequence.append((activations[(m, k)], weights[weight_key], out, context))
-    conv_sequence = [item for item in sequence if item[3] == "conv"]
+        sequence.append((activations[(m, k)], weights[weight_key], out))
 
-    def run(items: list) -> None:
-        for a, w, out, _ in items:
+    def run() -> None:
+        for a, w, out in sequence:
             np.matmul(a, w, out=out)
 
-    total = summary(time_calls(lambda: run(sequence), repeats, warmup))
-    conv = summary(time_calls(lambda: run(conv_sequence), max(3, repeats // 2), 1)) if conv_sequence else None
-    return {"total": total["median"], "total_min": total["min"], "conv": conv["median"] if conv else 0.0}
+    return run
 
 
 def product_flop(products: list[tuple[int, int, int, str]], context: str | None = None) -> int:
@@ -797,11 +815,8 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
     results["threading_layer"] = numba.threading_layer()
     results["machine"] = machine_info(args.threads)
 
-    log(f"batch 1: {args.warmup} warm-up + {args.repeats} timed forwards")
-    results["batch1"] = summary(time_calls(lambda: model(x1), args.repeats, args.warmup))
     signatures_b1 = kernel_signatures(cpu)
-    log(f"batch 8: {args.batch_warmup} warm-up + {args.batch_repeats} timed forwards")
-    results["batch8"] = summary(time_calls(lambda: model(x8), args.batch_repeats, args.batch_warmup))
+    model(x8)
     signatures_b8 = kernel_signatures(cpu)
     results["batch8_added_signatures"] = {
         name: count - signatures_b1.get(name, 0) for name, count in signatures_b8.items()
@@ -815,7 +830,7 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
         profile8 = profile_forwards(model, profiler, 8, runs8)
     profile1["runs"], profile8["runs"] = args.profile_repeats, runs8
     results["profile1"], results["profile8"] = profile1, profile8
-    products1 = profile1["products"]
+    products1, products8 = profile1["products"], profile8["products"]
     gflop = {
         "linear": product_flop(products1, "linear") / 1e9,
         "conv": product_flop(products1, "conv") / 1e9,
@@ -826,12 +841,21 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
     results["gflop"] = gflop
     results["product_shapes"] = [list(p) for p in products1]
 
-    log("BLAS floor: replaying the model's products with NumPy")
-    own1, shared1 = (replay_products(products1, own, max(20, args.repeats), 2) for own in (True, False))
-    own8, shared8 = (replay_products(profile8["products"], own, max(5, args.batch_repeats), 1) for own in (True, False))
+    # The engine and its floor (the model's products replayed with NumPy) in alternation.
+    log(f"batch 1: {args.warmup} warm-up + {args.repeats} timed forwards, each followed or preceded by the floor")
+    engine1, floor1 = time_interleaved(lambda: model(x1), product_replay(products1, True), args.repeats, args.warmup)
+    log(f"batch 8: {args.batch_warmup} warm-up + {args.batch_repeats} timed forwards, likewise")
+    engine8, floor8 = time_interleaved(lambda: model(x8), product_replay(products8, True), args.batch_repeats,
+                                       args.batch_warmup)
+    results["batch1"], results["batch8"] = summary(engine1), summary(engine8)
+    log("BLAS floor variants: convolutions alone, one weight per shape")
     results["floor"] = {
-        "batch1": own1["total"], "batch1_conv": own1["conv"], "batch1_shared_weights": shared1["total"],
-        "batch8": own8["total"], "batch8_shared_weights": shared8["total"],
+        "batch1": statistics.median(floor1),
+        "batch1_conv": statistics.median(time_calls(product_replay(products1, True, "conv"), 10, 1)),
+        "batch1_shared_weights": statistics.median(time_calls(product_replay(products1, False), args.repeats, 2)),
+        "batch8": statistics.median(floor8),
+        "batch8_shared_weights": statistics.median(time_calls(product_replay(products8, False),
+                                                              args.batch_repeats, 1)),
     }
 
     log("recompilation check: new batch and input sizes")
