@@ -125,7 +125,7 @@ def _add_weighted(weight, values, at, count, low, high):
 # horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
 # flight (independent fma chains).
 @njit(parallel=True, **_FAST)
-def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn):
+def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, parts):
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     pixel_stride = 3 * channels
@@ -152,82 +152,85 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
                 count = min(LANES, kernel_size - kj)
                 store(bias_table, task * padded_window + ki * kernel_size + kj, count, load(rpb, at + kj, count))
 
+    # where each neighbour pixel starts in qkv, from the window's first pixel; the padding neighbours
+    # repeat the last, so that whole blocks of 16 are read with no test per row
+    neighbour_at = np.empty(padded_window, np.int64)
+    for n in range(padded_window):
+        neighbour = min(n, window - 1)
+        neighbour_at[n] = (neighbour // kernel_size * width + neighbour % kernel_size) * dilation * pixel_stride
+
     values = qkv.reshape(-1)
     context_out = out.reshape(-1)
-    for task in prange(batch * height * heads):
-        b, i, h = _batch_row_head(task, height, heads)
-        # where each neighbour pixel starts in qkv, from the window's first pixel; the padding neighbours
-        # repeat the last, so that whole blocks of 16 are read with no test per row
-        neighbour_at = np.empty(padded_window, np.int64)
-        for n in range(padded_window):
-            neighbour = min(n, window - 1)
-            neighbour_at[n] = (neighbour // kernel_size * width + neighbour % kernel_size) * dilation * pixel_stride
-        probabilities = np.full(padded_window, -np.inf, np.float32)
+    tasks = batch * height * heads
+    for part in prange(parts):  # a band of tasks per thread, so that its scratch is allocated once
+        probabilities = np.full(padded_window, -np.inf, np.float32)  # the padding neighbours' stay -inf
         query = np.empty(head_dim, np.float32)  # scaled, with its bias
-        head_at = h * head_dim
-        # one head of a query row at a time: the next query's window is mostly this one's, still in L1
-        for j in range(width):
-            pixel = (b * height + i) * width + j
-            query_at = pixel * pixel_stride
-            window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
-            bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
-            for t in range(0, head_dim, LANES):
-                count = min(LANES, head_dim - t)
-                store(query, t, count, fma(load(values, query_at + head_at + t, count), scale,
-                                           load(query_bias, head_at + t, count)))
-            largest = splat(-np.inf)
-            for n in range(0, blocks_end, LANES):
-                totals = zeros()
+        for task in range(tasks * part // parts, tasks * (part + 1) // parts):
+            b, i, h = _batch_row_head(task, height, heads)
+            head_at = h * head_dim
+            # one head of a query row at a time: the next query's window is mostly this one's, still in L1
+            for j in range(width):
+                pixel = (b * height + i) * width + j
+                query_at = pixel * pixel_stride
+                window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
+                bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
                 for t in range(0, head_dim, LANES):
                     count = min(LANES, head_dim - t)
-                    keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
-                    totals = fma_rows(keys, load(query, t, count), totals)
-                logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
-                store(probabilities, n, LANES, logits)
-                largest = maximum(largest, logits)
-            for n in range(blocks_end, window):  # a few last neighbours: one dot product each
+                    store(query, t, count, fma(load(values, query_at + head_at + t, count), scale,
+                                               load(query_bias, head_at + t, count)))
+                largest = splat(-np.inf)
+                for n in range(0, blocks_end, LANES):
+                    totals = zeros()
+                    for t in range(0, head_dim, LANES):
+                        count = min(LANES, head_dim - t)
+                        keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
+                        totals = fma_rows(keys, load(query, t, count), totals)
+                    logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
+                    store(probabilities, n, LANES, logits)
+                    largest = maximum(largest, logits)
+                for n in range(blocks_end, window):  # a few last neighbours: one dot product each
+                    total = splat(0.0)
+                    for t in range(0, head_dim, LANES):
+                        count = min(LANES, head_dim - t)
+                        keys_at = window_at + neighbour_at[n] + channels + head_at + t
+                        total = fma(load(query, t, count), load(values, keys_at, count), total)
+                    logit = lane_sum(total) + bias_table[bias_at + n]
+                    probabilities[n] = logit
+                    largest = maximum(largest, logit)
+                top = largest_lane(largest)
                 total = splat(0.0)
-                for t in range(0, head_dim, LANES):
-                    count = min(LANES, head_dim - t)
-                    keys_at = window_at + neighbour_at[n] + channels + head_at + t
-                    total = fma(load(query, t, count), load(values, keys_at, count), total)
-                logit = lane_sum(total) + bias_table[bias_at + n]
-                probabilities[n] = logit
-                largest = maximum(largest, logit)
-            top = largest_lane(largest)
-            total = splat(0.0)
-            for n in range(0, window, LANES):
-                # the padding neighbours keep their -inf; their e^-87 in the total is negligible
-                p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
-                store(probabilities, n, window - n, p)
-                total = add(total, p)
-            inverse = np.float32(1.0) / lane_sum(total)
-            if store_attn:
-                for n in range(window):
-                    attn[b, h, i, j, n] = probabilities[n] * inverse
+                for n in range(0, window, LANES):
+                    # the padding neighbours keep their -inf; their e^-87 in the total is negligible
+                    p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
+                    store(probabilities, n, window - n, p)
+                    total = add(total, p)
+                inverse = np.float32(1.0) / lane_sum(total)
+                if store_attn:
+                    for n in range(window):
+                        attn[b, h, i, j, n] = probabilities[n] * inverse
 
-            for t in range(0, head_dim, 2 * LANES):
-                count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
-                value_at = window_at + 2 * channels + head_at + t
-                low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
-                for n in range(0, window - 3, 4):
-                    low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
-                                                count, low0, high0)
-                    low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
-                                                neighbour_at[n + 1] + value_at, count, low1, high1)
-                    low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
-                                                neighbour_at[n + 2] + value_at, count, low2, high2)
-                    low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
-                                                neighbour_at[n + 3] + value_at, count, low3, high3)
-                for n in range(window // 4 * 4, window):
-                    low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
-                                                count, low0, high0)
-                out_at = pixel * channels + head_at + t
-                low = add(add(low0, low1), add(low2, low3))
-                high = add(add(high0, high1), add(high2, high3))
-                store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
-                store(context_out, out_at + LANES, count - LANES,
-                      fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
+                for t in range(0, head_dim, 2 * LANES):
+                    count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
+                    value_at = window_at + 2 * channels + head_at + t
+                    low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
+                    for n in range(0, window - 3, 4):
+                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                    count, low0, high0)
+                        low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
+                                                    neighbour_at[n + 1] + value_at, count, low1, high1)
+                        low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
+                                                    neighbour_at[n + 2] + value_at, count, low2, high2)
+                        low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
+                                                    neighbour_at[n + 3] + value_at, count, low3, high3)
+                    for n in range(window // 4 * 4, window):
+                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                    count, low0, high0)
+                    out_at = pixel * channels + head_at + t
+                    low = add(add(low0, low1), add(low2, low3))
+                    high = add(add(high0, high1), add(high2, high3))
+                    store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
+                    store(context_out, out_at + LANES, count - LANES,
+                          fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
 
 
 @njit(inline="always", **_FAST)
@@ -261,7 +264,8 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # key or value channel is read once, by a broadcast, for 64 queries. The queries are transposed in
 # registers to that layout (16 x 16 blocks), and the context back to pixels on the way out.
 @njit(parallel=True, **_FAST)
-def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn, store_attn):
+def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn,
+                     store_attn, parts):
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     window = kernel_size * kernel_size
@@ -288,111 +292,113 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
 
     values = qkv.reshape(-1)
     context_out = out.reshape(-1)
-    for task in prange(batch * groups * heads):
-        b = task // (groups * heads)
-        group_row = (task // heads) % groups // dilation
-        group_col = (task // heads) % dilation
-        h = task % heads
+    tasks = batch * groups * heads
+    for part in prange(parts):  # a band of tasks per thread, so that its scratch is allocated once
         pixel_at = np.zeros(padded_queries, np.int64)  # where the group's n-th pixel starts in qkv
         out_at = np.zeros(padded_queries, np.int64)  # and in the output
-        for n in range(window):
-            row = group_row + n // kernel_size * dilation
-            pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
-            pixel_at[n] = pixel * 3 * channels
-            out_at[n] = pixel * channels + h * head_dim
         queries = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
         logits = np.empty(window * padded_queries, np.float32)  # [key][query]
         context = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
-
-        for v in range(padded_queries // LANES):
-            rows = min(LANES, window - v * LANES)
-            for t in range(0, head_dim, LANES):
-                count = min(LANES, head_dim - t)
-                block = load_rows(values, pixel_at[v * LANES:], h * head_dim + t, rows, count)
-                block = fma_rows(block, splat(scale), load(query_bias, h * head_dim + t, count))
-                store_rows(queries, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES, transpose(block))
-
-        vector_stride = head_dim * LANES
-        key_channel = channels + h * head_dim
-        for v in range(0, padded_queries // LANES, 4):
-            for key in range(0, window, 4):
-                # a block past the last key recomputes that key, not stored
-                key1 = min(key + 1, window - 1)
-                key2 = min(key + 2, window - 1)
-                key3 = min(key + 3, window - 1)
-                logits0 = _load_four(bias_table, (h * window + key) * padded_queries + v * LANES, LANES)
-                logits1 = _load_four(bias_table, (h * window + key1) * padded_queries + v * LANES, LANES)
-                logits2 = _load_four(bias_table, (h * window + key2) * padded_queries + v * LANES, LANES)
-                logits3 = _load_four(bias_table, (h * window + key3) * padded_queries + v * LANES, LANES)
-                for t in range(head_dim):
-                    query = _load_four(queries, (v * head_dim + t) * LANES, vector_stride)
-                    logits0 = _fma_four(query, broadcast(values, pixel_at[key] + key_channel + t), logits0)
-                    logits1 = _fma_four(query, broadcast(values, pixel_at[key1] + key_channel + t), logits1)
-                    logits2 = _fma_four(query, broadcast(values, pixel_at[key2] + key_channel + t), logits2)
-                    logits3 = _fma_four(query, broadcast(values, pixel_at[key3] + key_channel + t), logits3)
-                _store_four(logits, key * padded_queries + v * LANES, LANES, logits0)
-                if key + 1 < window:
-                    _store_four(logits, key1 * padded_queries + v * LANES, LANES, logits1)
-                if key + 2 < window:
-                    _store_four(logits, key2 * padded_queries + v * LANES, LANES, logits2)
-                if key + 3 < window:
-                    _store_four(logits, key3 * padded_queries + v * LANES, LANES, logits3)
-
-        for v in range(padded_queries // LANES):
-            top = load(logits, v * LANES, LANES)
-            for key in range(1, window):
-                top = maximum(top, load(logits, key * padded_queries + v * LANES, LANES))
-            total = splat(0.0)
-            for key in range(window):
-                p = _exp_nonpositive(subtract(load(logits, key * padded_queries + v * LANES, LANES), top))
-                store(logits, key * padded_queries + v * LANES, LANES, p)
-                total = add(total, p)
-            inverse = divide(splat(1.0), total)
-            for key in range(window):
-                at = key * padded_queries + v * LANES
-                store(logits, at, LANES, multiply(load(logits, at, LANES), inverse))
-        if store_attn:
+        for task in range(tasks * part // parts, tasks * (part + 1) // parts):
+            b = task // (groups * heads)
+            group_row = (task // heads) % groups // dilation
+            group_col = (task // heads) % dilation
+            h = task % heads
             for n in range(window):
-                pixel = pixel_at[n] // (3 * channels)
-                for key in range(window):
-                    attn[b, h, pixel // width % height, pixel % width, key] = logits[key * padded_queries + n]
+                row = group_row + n // kernel_size * dilation
+                pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
+                pixel_at[n] = pixel * 3 * channels
+                out_at[n] = pixel * channels + h * head_dim
 
-        value_channel = 2 * channels + h * head_dim
-        for v in range(0, padded_queries // LANES, 4):
-            for t in range(0, head_dim, 4):
-                # a block past the last channel recomputes that channel, not stored
-                t1 = min(t + 1, head_dim - 1)
-                t2 = min(t + 2, head_dim - 1)
-                t3 = min(t + 3, head_dim - 1)
-                bias0 = splat(value_bias[h * head_dim + t])
-                bias1 = splat(value_bias[h * head_dim + t1])
-                bias2 = splat(value_bias[h * head_dim + t2])
-                bias3 = splat(value_bias[h * head_dim + t3])
-                context0 = (bias0, bias0, bias0, bias0)
-                context1 = (bias1, bias1, bias1, bias1)
-                context2 = (bias2, bias2, bias2, bias2)
-                context3 = (bias3, bias3, bias3, bias3)
-                for key in range(window):
-                    p = _load_four(logits, key * padded_queries + v * LANES, LANES)
-                    at = pixel_at[key] + value_channel
-                    context0 = _fma_four(p, broadcast(values, at + t), context0)
-                    context1 = _fma_four(p, broadcast(values, at + t1), context1)
-                    context2 = _fma_four(p, broadcast(values, at + t2), context2)
-                    context3 = _fma_four(p, broadcast(values, at + t3), context3)
-                _store_four(context, (v * head_dim + t) * LANES, vector_stride, context0)
-                if t + 1 < head_dim:
-                    _store_four(context, (v * head_dim + t1) * LANES, vector_stride, context1)
-                if t + 2 < head_dim:
-                    _store_four(context, (v * head_dim + t2) * LANES, vector_stride, context2)
-                if t + 3 < head_dim:
-                    _store_four(context, (v * head_dim + t3) * LANES, vector_stride, context3)
+            for v in range(padded_queries // LANES):
+                rows = min(LANES, window - v * LANES)
+                for t in range(0, head_dim, LANES):
+                    count = min(LANES, head_dim - t)
+                    block = load_rows(values, pixel_at[v * LANES:], h * head_dim + t, rows, count)
+                    block = fma_rows(block, splat(scale), load(query_bias, h * head_dim + t, count))
+                    store_rows(queries, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES, transpose(block))
 
-        for v in range(padded_queries // LANES):
-            rows = min(LANES, window - v * LANES)
-            for t in range(0, head_dim, LANES):
-                count = min(LANES, head_dim - t)
-                block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
-                store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
+            vector_stride = head_dim * LANES
+            key_channel = channels + h * head_dim
+            for v in range(0, padded_queries // LANES, 4):
+                for key in range(0, window, 4):
+                    # a block past the last key recomputes that key, not stored
+                    key1 = min(key + 1, window - 1)
+                    key2 = min(key + 2, window - 1)
+                    key3 = min(key + 3, window - 1)
+                    logits0 = _load_four(bias_table, (h * window + key) * padded_queries + v * LANES, LANES)
+                    logits1 = _load_four(bias_table, (h * window + key1) * padded_queries + v * LANES, LANES)
+                    logits2 = _load_four(bias_table, (h * window + key2) * padded_queries + v * LANES, LANES)
+                    logits3 = _load_four(bias_table, (h * window + key3) * padded_queries + v * LANES, LANES)
+                    for t in range(head_dim):
+                        query = _load_four(queries, (v * head_dim + t) * LANES, vector_stride)
+                        logits0 = _fma_four(query, broadcast(values, pixel_at[key] + key_channel + t), logits0)
+                        logits1 = _fma_four(query, broadcast(values, pixel_at[key1] + key_channel + t), logits1)
+                        logits2 = _fma_four(query, broadcast(values, pixel_at[key2] + key_channel + t), logits2)
+                        logits3 = _fma_four(query, broadcast(values, pixel_at[key3] + key_channel + t), logits3)
+                    _store_four(logits, key * padded_queries + v * LANES, LANES, logits0)
+                    if key + 1 < window:
+                        _store_four(logits, key1 * padded_queries + v * LANES, LANES, logits1)
+                    if key + 2 < window:
+                        _store_four(logits, key2 * padded_queries + v * LANES, LANES, logits2)
+                    if key + 3 < window:
+                        _store_four(logits, key3 * padded_queries + v * LANES, LANES, logits3)
+
+            for v in range(padded_queries // LANES):
+                top = load(logits, v * LANES, LANES)
+                for key in range(1, window):
+                    top = maximum(top, load(logits, key * padded_queries + v * LANES, LANES))
+                total = splat(0.0)
+                for key in range(window):
+                    p = _exp_nonpositive(subtract(load(logits, key * padded_queries + v * LANES, LANES), top))
+                    store(logits, key * padded_queries + v * LANES, LANES, p)
+                    total = add(total, p)
+                inverse = divide(splat(1.0), total)
+                for key in range(window):
+                    at = key * padded_queries + v * LANES
+                    store(logits, at, LANES, multiply(load(logits, at, LANES), inverse))
+            if store_attn:
+                for n in range(window):
+                    pixel = pixel_at[n] // (3 * channels)
+                    for key in range(window):
+                        attn[b, h, pixel // width % height, pixel % width, key] = logits[key * padded_queries + n]
+
+            value_channel = 2 * channels + h * head_dim
+            for v in range(0, padded_queries // LANES, 4):
+                for t in range(0, head_dim, 4):
+                    # a block past the last channel recomputes that channel, not stored
+                    t1 = min(t + 1, head_dim - 1)
+                    t2 = min(t + 2, head_dim - 1)
+                    t3 = min(t + 3, head_dim - 1)
+                    bias0 = splat(value_bias[h * head_dim + t])
+                    bias1 = splat(value_bias[h * head_dim + t1])
+                    bias2 = splat(value_bias[h * head_dim + t2])
+                    bias3 = splat(value_bias[h * head_dim + t3])
+                    context0 = (bias0, bias0, bias0, bias0)
+                    context1 = (bias1, bias1, bias1, bias1)
+                    context2 = (bias2, bias2, bias2, bias2)
+                    context3 = (bias3, bias3, bias3, bias3)
+                    for key in range(window):
+                        p = _load_four(logits, key * padded_queries + v * LANES, LANES)
+                        at = pixel_at[key] + value_channel
+                        context0 = _fma_four(p, broadcast(values, at + t), context0)
+                        context1 = _fma_four(p, broadcast(values, at + t1), context1)
+                        context2 = _fma_four(p, broadcast(values, at + t2), context2)
+                        context3 = _fma_four(p, broadcast(values, at + t3), context3)
+                    _store_four(context, (v * head_dim + t) * LANES, vector_stride, context0)
+                    if t + 1 < head_dim:
+                        _store_four(context, (v * head_dim + t1) * LANES, vector_stride, context1)
+                    if t + 2 < head_dim:
+                        _store_four(context, (v * head_dim + t2) * LANES, vector_stride, context2)
+                    if t + 3 < head_dim:
+                        _store_four(context, (v * head_dim + t3) * LANES, vector_stride, context3)
+
+            for v in range(padded_queries // LANES):
+                rows = min(LANES, window - v * LANES)
+                for t in range(0, head_dim, LANES):
+                    count = min(LANES, head_dim - t)
+                    block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
+                    store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
 
 
 @njit(parallel=True, **_FAST)
@@ -470,11 +476,13 @@ def neighborhood_attention(
     rpb = np.ascontiguousarray(rpb, dtype=np.float32)
     with launching():
         if height == width == kernel_size * dilation:
+            tasks = batch * dilation * dilation * heads
             _na_whole_groups(qkv, query_bias, value_bias, np.ascontiguousarray(rpb[:, ::-1, ::-1]), kernel_size,
-                             dilation, np.float32(scale), out, attn, return_attention)
+                             dilation, np.float32(scale), out, attn, return_attention,
+                             min(numba.get_num_threads(), tasks))
         else:
             _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn,
-                      return_attention)
+                      return_attention, min(numba.get_num_threads(), batch * height * heads))
     return out, (attn if return_attention else None)
 
 
