@@ -67,7 +67,7 @@ TARGET_RSS_BATCH1_MIB = 350.0
 # kernels are what those ops call by global name.
 PUBLIC_OPS = (
     "neighborhood_attention", "layer_norm", "linear", "linear_residual_norm", "mlp_residual", "mlp_residual_norm",
-    "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "upload_pixels",
+    "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 )
 PRIVATE_KERNELS = (
     "_na_fused", "_na_whole_groups", "_layer_norm", "_linear", "_mlp", "_im2col_3x3_s2", "_conv3x3_s2",

@@ -129,7 +129,7 @@ def timed(call: Callable[[], np.ndarray], warmup: int, repeats: int) -> dict[str
 
 
 PROFILED_OPS = (
-    "upload_pixels", "conv3x3_stride2", "layer_norm", "linear", "linear_residual_norm", "mlp_residual",
+    "nchw_to_nhwc", "conv3x3_stride2", "layer_norm", "linear", "linear_residual_norm", "mlp_residual",
     "mlp_residual_norm", "neighborhood_attention", "pad_bottom_right", "crop", "mean_pool", "upload", "download",
 )
 

@@ -187,8 +187,8 @@ class _Conv3x3Stride2:
         self.weight = weights.conv3x3(f"{name}.weight", in_channels, out_channels)
         self.bias = weights.vector(f"{name}.bias", out_channels) if bias else None
 
-    def __call__(self, x: Any, channels_first: bool = False) -> Any:
-        return self.ops.conv3x3_stride2(x, self.weight, self.bias, channels_first)
+    def __call__(self, x: Any) -> Any:
+        return self.ops.conv3x3_stride2(x, self.weight, self.bias)
 
 
 class DinatEmbeddings:
@@ -201,9 +201,8 @@ class DinatEmbeddings:
         self.conv2 = _Conv3x3Stride2(weights, f"{projection}.1", dim // 2, dim, bias=True)
         self.norm = _LayerNorm(weights, f"{name}.norm", dim, _DEFAULT_LAYER_NORM_EPS)
 
-    def __call__(self, pixels: Any) -> Any:
-        """``pixels`` as the backend's ``upload_pixels`` leaves them (channels first); returns a channels-last map."""
-        return self.norm(self.conv2(self.conv1(pixels, channels_first=True)))
+    def __call__(self, pixels_nhwc: Any) -> Any:
+        return self.norm(self.conv2(self.conv1(pixels_nhwc)))
 
 
 class NeighborhoodAttention:
@@ -448,7 +447,7 @@ class DinatPreTrainedModel:
             raise ValueError(f"pixel_values is empty: shape {pixel_values.shape}")
         if not np.isfinite(pixel_values).all():
             raise ValueError("pixel_values contains NaN or infinite values")
-        return self.ops.upload_pixels(pixel_values)
+        return self.ops.nchw_to_nhwc(pixel_values)
 
     def _resolve(self, value: bool | None, default: bool = False) -> bool:
         return default if value is None else bool(value)

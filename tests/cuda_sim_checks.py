@@ -57,7 +57,7 @@ def check_kernels() -> None:
     # data movement and layouts
     x = normal(2, 3, 5, 7)
     record("upload_download", gpu.download(up(x)), x)
-    record("upload_pixels", gpu.upload_pixels(x), cpu.upload_pixels(x))
+    record("nchw_to_nhwc", gpu.nchw_to_nhwc(x), cpu.nchw_to_nhwc(x))
     nhwc = normal(2, 5, 3, 6)
     record("pad_bottom_right", gpu.pad_bottom_right(up(nhwc), 7, 6), cpu.pad_bottom_right(nhwc, 7, 6))
     record("crop", gpu.crop(up(nhwc), 4, 2), cpu.crop(nhwc, 4, 2))
@@ -147,10 +147,6 @@ def check_kernels() -> None:
            cpu.conv3x3_stride2(x, cpu.conv_weight(weight), bias))
     record("conv3x3_stride2_nobias", gpu.conv3x3_stride2(up(x), gpu.conv_weight(weight), None),
            cpu.conv3x3_stride2(x, cpu.conv_weight(weight), None))
-    pixels = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    record("conv3x3_stride2_channels_first",
-           gpu.conv3x3_stride2(gpu.upload_pixels(pixels), gpu.conv_weight(weight), up(bias), channels_first=True),
-           cpu.conv3x3_stride2(x, cpu.conv_weight(weight), bias))
 
     # neighborhood attention: (batch, height, width, heads, head_dim, kernel_size, dilation)
     cases = [
@@ -309,10 +305,11 @@ def check_ptx() -> None:
     na = (array(6), array(1), flag, array(3)) + (array(1, i32),) * 4 + (i64, f32, array(5), array(5), flag)
     kernels = {
         "_smoke_kernel": (backend._smoke_kernel, (array(1),)),
+        "_nchw_to_nhwc_kernel": (backend._nchw_to_nhwc_kernel, (array(4), array(4))),
         "_top_left_kernel": (backend._top_left_kernel, (array(4), array(4))),
         "_mean_pool_kernel": (backend._mean_pool_kernel, (array(3), array(2))),
         "_epilogue_kernel": (backend._epilogue_kernel, (array(2), array(1), flag, i64, i64, array(1), array(2))),
-        "_im2col_kernel": (backend._im2col_kernel, (array(4), flag, array(2))),
+        "_im2col_kernel": (backend._im2col_kernel, (array(4), array(2))),
         "_na_qk_kernel": (backend._na_qk_kernel,
                           (array(5), array(5), array(3)) + (array(1, i32),) * 4 + (i64, i64, array(5))),
         "_na_av_kernel": (backend._na_av_kernel,

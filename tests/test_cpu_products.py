@@ -117,19 +117,16 @@ def conv_reference(x, weight_cols, bias):
 
 # 2 threads: below 256 output pixels all patches are gathered, then one product splits the columns; above,
 # each thread gathers and multiplies blocks of _CONV_BLOCK_ROWS pixels (here 64: several, and a remainder).
-# The input channels-last, or channels first as the model's pixel values are.
 @pytest.mark.parametrize("shape", [(1, 7, 9, 5), (1, 31, 32, 3), (2, 33, 30, 8), (3, 20, 21, 4)])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("channels_first", [False, True])
-def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, with_bias, channels_first):
+def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, with_bias):
     monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 64)
     rng = np.random.default_rng(shape[1])
     x = rng.standard_normal(shape, dtype=np.float32)
     weight = rng.standard_normal((6, shape[3], 3, 3), dtype=np.float32)  # PyTorch's (out, in, 3, 3)
     weight_cols = cpu.conv_weight(weight)
     bias = rng.standard_normal(6, dtype=np.float32) if with_bias else None
-    given = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if channels_first else x
-    y = cpu.conv3x3_stride2(given, weight_cols, bias, channels_first)
+    y = cpu.conv3x3_stride2(x, weight_cols, bias)
     assert y.dtype == np.float32 and y.shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 6)
     np.testing.assert_allclose(y, conv_reference(x, weight_cols, bias), rtol=0, atol=3e-5)
 

@@ -29,14 +29,13 @@ NA_CASES = [
     "b1_10x9_h2_d3_k3_dil3", "b1_8x9_h1_d33_k7_dil1",
 ]
 KERNEL_CHECKS = [
-    "upload_download", "upload_pixels", "pad_bottom_right", "crop", "mean_pool", "mean_pool_wide", "layer_norm_c5",
+    "upload_download", "nchw_to_nhwc", "pad_bottom_right", "crop", "mean_pool", "mean_pool_wide", "layer_norm_c5",
     "layer_norm_c70",
     "linear_identity", "linear_gelu", "linear_gelu_new", "linear_relu", "linear_selu",
     "linear_residual_norm_out", "linear_residual_norm_normed", "mlp_residual", "mlp_residual_norm_out",
     "mlp_residual_norm_normed", "linear_tile64_gelu", "external_gemm_selu",
     "external_gemm_residual", "external_gemm_residual_norm", "conv3x3_stride2",
-    "conv3x3_stride2_nobias", "conv3x3_stride2_channels_first", "na_fused_no_attn", "na_fused_no_attn_returns_none",
-    "two_threads_layer_norm_linear",
+    "conv3x3_stride2_nobias", "na_fused_no_attn", "na_fused_no_attn_returns_none", "two_threads_layer_norm_linear",
     "na_fused_qkv_bias_out", "na_fused_qkv_bias_attn", "na_fused_qkv_bias_no_attn", "na_kernel_size_limit_is_clear",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
 MODEL_CHECKS = (

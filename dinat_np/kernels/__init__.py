@@ -3,7 +3,7 @@
 ``upload``, ``download``, ``linear_weight``, ``conv_weight``, ``layer_norm``, ``linear``,
 ``linear_residual_norm``, ``mlp_residual``, ``mlp_residual_norm``, ``conv3x3_stride2``,
 ``neighborhood_attention``, ``na_qk``, ``na_av``, ``pad_bottom_right``, ``crop``, ``mean_pool``,
-``upload_pixels``.
+``nchw_to_nhwc``.
 The model only orchestrates these; it never touches backend arrays directly.
 """
 

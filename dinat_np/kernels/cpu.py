@@ -777,13 +777,10 @@ def mlp_residual_norm(
 # 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + BLAS products
 # ---------------------------------------------------------------------------------------------------
 @njit(inline="always", **_FAST)
-def _im2col_row(x, channels_first, pixel, cols, row):
+def _im2col_row(x, pixel, cols, row):
     # cols[row] = the zero-padded 3x3 patch under output ``pixel`` (flat over batch, rows, columns), in
-    # (row, column, channel) order; x is channels-last, or (batch, channels, height, width)
-    if channels_first:
-        batch, channels, height, width = x.shape
-    else:
-        batch, height, width, channels = x.shape
+    # (row, column, channel) order
+    batch, height, width, channels = x.shape
     out_height = (height + 1) // 2
     out_width = (width + 1) // 2
     b = pixel // (out_height * out_width)
@@ -794,21 +791,18 @@ def _im2col_row(x, channels_first, pixel, cols, row):
         for dj in range(3):
             j = 2 * oj + dj - 1
             base = (di * 3 + dj) * channels
-            if not (0 <= i < height and 0 <= j < width):
-                for c in range(channels):
-                    cols[row, base + c] = 0.0
-            elif channels_first:
-                for c in range(channels):
-                    cols[row, base + c] = x[b, c, i, j]
-            else:
+            if 0 <= i < height and 0 <= j < width:
                 for c in range(channels):
                     cols[row, base + c] = x[b, i, j, c]
+            else:
+                for c in range(channels):
+                    cols[row, base + c] = 0.0
 
 
 @njit(parallel=True, **_FAST)
-def _im2col_3x3_s2(x, channels_first, cols):
+def _im2col_3x3_s2(x, cols):
     for pixel in prange(cols.shape[0]):
-        _im2col_row(x, channels_first, pixel, cols, pixel)
+        _im2col_row(x, pixel, cols, pixel)
 
 
 # The patches of the tokenizer's second convolution are 29 MB at batch 8 (3136 x 288 floats per image),
@@ -821,7 +815,7 @@ _CONV_BLOCK_ROWS = 512
 
 
 @njit(parallel=True, **_FAST)
-def _conv3x3_s2(sgemm, parts, x, channels_first, weight_cols, bias, cols, y):
+def _conv3x3_s2(sgemm, parts, x, weight_cols, bias, cols, y):
     # ``cols`` holds one block of patches per thread; each task is one thread's band of output pixels
     pixels, out_channels = y.shape
     block = cols.shape[0] // parts
@@ -831,7 +825,7 @@ def _conv3x3_s2(sgemm, parts, x, channels_first, weight_cols, bias, cols, y):
         for start in range(pixels * part // parts, stop, block):
             count = min(block, stop - start)
             for row in range(count):
-                _im2col_row(x, channels_first, start + row, cols, own + row)
+                _im2col_row(x, start + row, cols, own + row)
             _product_block(sgemm, cols, own, weight_cols, y, start, count, 0, out_channels)
             if bias.size:
                 for row in range(start, start + count):
@@ -839,32 +833,26 @@ def _conv3x3_s2(sgemm, parts, x, channels_first, weight_cols, bias, cols, y):
                         y[row, c] += bias[c]
 
 
-def conv3x3_stride2(
-    x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | None, channels_first: bool = False
-) -> np.ndarray:
-    """3x3 convolution, stride 2, zero padding 1; returns channels-last. ``x`` is channels-last, or
-    ``(batch, channels, height, width)`` when ``channels_first`` (pixel values, read without a layout pass)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if channels_first:
-        batch, channels, height, width = x.shape
-    else:
-        batch, height, width, channels = x.shape
+def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns channels-last."""
+    batch, height, width, channels = x.shape
     out_height, out_width = (height + 1) // 2, (width + 1) // 2
     pixels = batch * out_height * out_width
     parts = numba.get_num_threads()
     if _BLAS is None or pixels < _MIN_ROWS_PER_THREAD * parts:  # few pixels: the product splits columns
         cols = np.empty((pixels, 9 * channels), np.float32)
         with launching():
-            _im2col_3x3_s2(x, channels_first, cols)
+            _im2col_3x3_s2(x, cols)
         y = linear(cols, weight_cols, bias)
         return y.reshape(batch, out_height, out_width, -1)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
     bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = np.empty((parts * block, 9 * channels), np.float32)
     y = np.empty((pixels, weight_cols.shape[1]), np.float32)
     with launching(), _BLAS.single_threaded():
-        _conv3x3_s2(_BLAS.sgemm, parts, x, channels_first, weight_cols, bias, cols, y)
+        _conv3x3_s2(_BLAS.sgemm, parts, x, weight_cols, bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
 
 
@@ -915,7 +903,6 @@ def mean_pool(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float32)
 
 
-def upload_pixels(x: np.ndarray) -> np.ndarray:
-    """Pixel values ``(batch, channels, height, width)`` as the first convolution reads them: C-contiguous
-    float32, channels first (no copy when they already are)."""
-    return np.ascontiguousarray(x, dtype=np.float32)
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    """Pixel values ``(batch, channels, height, width)`` -> contiguous channels-last float32."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)

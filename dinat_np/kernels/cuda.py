@@ -43,7 +43,7 @@ from .cpu import ACTIVATIONS, activation_code
 __all__ = [
     "ACTIVATIONS", "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
     "linear_residual_norm", "mlp_residual", "mlp_residual_norm", "conv3x3_stride2", "neighborhood_attention",
-    "na_qk", "na_av", "pad_bottom_right", "crop", "mean_pool", "upload_pixels",
+    "na_qk", "na_av", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 ]
 
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
@@ -191,11 +191,23 @@ def _unravel_nhwc(index, height, width, channels):
     return rest // height, rest % height, j, c
 
 
-def upload_pixels(x: np.ndarray) -> Any:
-    """Pixel values ``(batch, channels, height, width)`` (host) -> contiguous float32 device array, channels
-    first, as the first convolution reads them."""
+@cuda.jit
+def _nchw_to_nhwc_kernel(x, out):
+    batch, height, width, channels = out.shape
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for index in range(start, batch * height * width * channels, stride):
+        b, i, j, c = _unravel_nhwc(index, height, width, channels)
+        out[b, i, j, c] = x[b, c, i, j]
+
+
+def nchw_to_nhwc(x: np.ndarray) -> Any:
+    """Pixel values ``(batch, channels, height, width)`` (host) -> contiguous channels-last device array."""
     with _LOCK:
-        return cuda.to_device(np.ascontiguousarray(x, dtype=np.float32))
+        device = cuda.to_device(np.ascontiguousarray(x, dtype=np.float32))
+        batch, channels, height, width = device.shape
+        out = _empty((batch, height, width, channels))
+        _nchw_to_nhwc_kernel[_blocks(out.size), _THREADS](device, out)
+        return out
 
 
 @cuda.jit
@@ -561,11 +573,8 @@ def mlp_residual_norm(
 # 3x3 stride-2 convolution: im2col kernel + the matrix product
 # ---------------------------------------------------------------------------------------------------
 @cuda.jit
-def _im2col_kernel(x, channels_first, cols):
-    if channels_first:
-        batch, channels, height, width = x.shape
-    else:
-        batch, height, width, channels = x.shape
+def _im2col_kernel(x, cols):
+    batch, height, width, channels = x.shape
     out_height = (height + 1) // 2
     out_width = (width + 1) // 2
     patch = 9 * channels
@@ -582,25 +591,16 @@ def _im2col_kernel(x, channels_first, cols):
         b = rest // out_height
         i = 2 * oi + tap // 3 - 1
         j = 2 * oj + tap % 3 - 1
-        if not (0 <= i < height and 0 <= j < width):
-            cols[row, column] = _ZERO
-        elif channels_first:
-            cols[row, column] = x[b, c, i, j]
-        else:
-            cols[row, column] = x[b, i, j, c]
+        cols[row, column] = x[b, i, j, c] if 0 <= i < height and 0 <= j < width else _ZERO
 
 
-def conv3x3_stride2(x: Any, weight_cols: Any, bias: Any, channels_first: bool = False) -> Any:
-    """3x3 convolution, stride 2, zero padding 1; returns channels-last. ``x`` is channels-last, or
-    ``(batch, channels, height, width)`` when ``channels_first`` (pixel values, read without a layout pass)."""
+def conv3x3_stride2(x: Any, weight_cols: Any, bias: Any) -> Any:
+    """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns channels-last."""
     with _LOCK:
-        if channels_first:
-            batch, channels, height, width = x.shape
-        else:
-            batch, height, width, channels = x.shape
+        batch, height, width, channels = x.shape
         out_height, out_width = (height + 1) // 2, (width + 1) // 2
         cols = _empty((batch * out_height * out_width, 9 * channels))
-        _im2col_kernel[_blocks(cols.size), _THREADS](x, channels_first, cols)
+        _im2col_kernel[_blocks(cols.size), _THREADS](x, cols)
         y = _product(cols, weight_cols, bias, _EPILOGUE_ACTIVATION, 0, None, None)
         return y.reshape(batch, out_height, out_width, y.shape[1])
 
