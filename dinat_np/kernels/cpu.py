@@ -809,8 +809,8 @@ def _im2col_3x3_s2(x, cols):
 # written once and read back once by the product. Here each thread takes its output pixels in blocks of
 # this many, gathers a block's patches and multiplies them while they are still in L2, as _mlp does with
 # its hidden rows. dinat-mini at batch 8: its five convolutions 0.5 ms per image faster in the model (the
-# tokenizer's second 0.89 -> 0.58 ms), whole forwards 1.5-2.5% faster; batch 1 unchanged. Blocks of
-# 256-2048 pixels were within noise of each other.
+# tokenizer's second 0.89 -> 0.58 ms), whole forwards 1-2.5% faster; batch 1 unchanged. Blocks of
+# 256-2048 pixels were within noise of each other. The kernel adds ~3.5 s to a cold compile.
 _CONV_BLOCK_ROWS = 512
 
 
