@@ -37,6 +37,12 @@ MALLOC_TUNED = raise_thresholds()  # large activations reused from the heap, not
 # NaN and infinity semantics are kept (softmax starts from -inf).
 _FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
 
+# The parallel kernels keep their prange bodies small: a thread's share of the work is a call of a plain
+# njit function (a band of tasks, rows or pixels), and code shared by kernels is such a function rather
+# than inlined. Numba copies and re-analyses a prange body several times over, inlined code included, and
+# compiles an inlined helper once per call site: split this way, a cold compile of dinat-mini's kernels
+# took 18.6-19.2 s instead of 22.1-22.3 (interleaved runs), with the same run time.
+
 ACTIVATIONS = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3, "selu": 4}
 
 
@@ -124,8 +130,10 @@ def _add_weighted(weight, values, at, count, low, high):
 # the query's channels, and row_sums finishes the 16 dot products with a few shuffles instead of a
 # horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
 # flight (independent fma chains).
-@njit(parallel=True, **_FAST)
-def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, parts):
+@njit(**_FAST)
+def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
+                     store_attn, first_task, stop_task):
+    # _na_fused's tasks first_task..stop_task - 1, on one thread
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     pixel_stride = 3 * channels
@@ -133,9 +141,88 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
     padded_window = (window + LANES - 1) // LANES * LANES
     # neighbours computed as blocks of 16 dot products up to here; a remainder of under four one by one
     blocks_end = window if window % LANES >= 4 else window // LANES * LANES
-    bias_size = 2 * kernel_size - 1
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
+    values = qkv.reshape(-1)
+    context_out = out.reshape(-1)
+    probabilities = np.full(padded_window, -np.inf, np.float32)  # the padding neighbours' stay -inf
+    query = np.empty(head_dim, np.float32)  # scaled, with its bias
+    for task in range(first_task, stop_task):
+        b, i, h = _batch_row_head(task, height, heads)
+        head_at = h * head_dim
+        # one head of a query row at a time: the next query's window is mostly this one's, still in L1
+        for j in range(width):
+            pixel = (b * height + i) * width + j
+            query_at = pixel * pixel_stride
+            window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
+            bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
+            for t in range(0, head_dim, LANES):
+                count = min(LANES, head_dim - t)
+                store(query, t, count, fma(load(values, query_at + head_at + t, count), scale,
+                                           load(query_bias, head_at + t, count)))
+            largest = splat(-np.inf)
+            for n in range(0, blocks_end, LANES):
+                totals = zeros()
+                for t in range(0, head_dim, LANES):
+                    count = min(LANES, head_dim - t)
+                    keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
+                    totals = fma_rows(keys, load(query, t, count), totals)
+                logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
+                store(probabilities, n, LANES, logits)
+                largest = maximum(largest, logits)
+            for n in range(blocks_end, window):  # a few last neighbours: one dot product each
+                total = splat(0.0)
+                for t in range(0, head_dim, LANES):
+                    count = min(LANES, head_dim - t)
+                    keys_at = window_at + neighbour_at[n] + channels + head_at + t
+                    total = fma(load(query, t, count), load(values, keys_at, count), total)
+                logit = lane_sum(total) + bias_table[bias_at + n]
+                probabilities[n] = logit
+                largest = maximum(largest, logit)
+            top = largest_lane(largest)
+            total = splat(0.0)
+            for n in range(0, window, LANES):
+                # the padding neighbours keep their -inf; their e^-87 in the total is negligible
+                p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
+                store(probabilities, n, window - n, p)
+                total = add(total, p)
+            inverse = np.float32(1.0) / lane_sum(total)
+            if store_attn:
+                for n in range(window):
+                    attn[b, h, i, j, n] = probabilities[n] * inverse
+
+            for t in range(0, head_dim, 2 * LANES):
+                count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
+                value_at = window_at + 2 * channels + head_at + t
+                low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
+                for n in range(0, window - 3, 4):
+                    low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                count, low0, high0)
+                    low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
+                                                neighbour_at[n + 1] + value_at, count, low1, high1)
+                    low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
+                                                neighbour_at[n + 2] + value_at, count, low2, high2)
+                    low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
+                                                neighbour_at[n + 3] + value_at, count, low3, high3)
+                for n in range(window // 4 * 4, window):
+                    low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
+                                                count, low0, high0)
+                out_at = pixel * channels + head_at + t
+                low = add(add(low0, low1), add(low2, low3))
+                high = add(add(high0, high1), add(high2, high3))
+                store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
+                store(context_out, out_at + LANES, count - LANES,
+                      fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
+
+
+@njit(parallel=True, **_FAST)
+def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, parts):
+    batch, height, width, _, heads, head_dim = qkv.shape
+    channels = heads * head_dim
+    pixel_stride = 3 * channels
+    window = kernel_size * kernel_size
+    padded_window = (window + LANES - 1) // LANES * LANES
+    bias_size = 2 * kernel_size - 1
 
     # rpb as lane vectors: bias_table[((h * kernel_size + row_bias) * kernel_size + col_bias) * padded_window
     # + neighbour] for the bias indices of window_starts; -inf for the padding neighbours (never the maximum)
@@ -159,78 +246,10 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
         neighbour = min(n, window - 1)
         neighbour_at[n] = (neighbour // kernel_size * width + neighbour % kernel_size) * dilation * pixel_stride
 
-    values = qkv.reshape(-1)
-    context_out = out.reshape(-1)
     tasks = batch * height * heads
-    for part in prange(parts):  # a band of tasks per thread, so that its scratch is allocated once
-        probabilities = np.full(padded_window, -np.inf, np.float32)  # the padding neighbours' stay -inf
-        query = np.empty(head_dim, np.float32)  # scaled, with its bias
-        for task in range(tasks * part // parts, tasks * (part + 1) // parts):
-            b, i, h = _batch_row_head(task, height, heads)
-            head_at = h * head_dim
-            # one head of a query row at a time: the next query's window is mostly this one's, still in L1
-            for j in range(width):
-                pixel = (b * height + i) * width + j
-                query_at = pixel * pixel_stride
-                window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
-                bias_at = ((h * kernel_size + row_bias[i]) * kernel_size + col_bias[j]) * padded_window
-                for t in range(0, head_dim, LANES):
-                    count = min(LANES, head_dim - t)
-                    store(query, t, count, fma(load(values, query_at + head_at + t, count), scale,
-                                               load(query_bias, head_at + t, count)))
-                largest = splat(-np.inf)
-                for n in range(0, blocks_end, LANES):
-                    totals = zeros()
-                    for t in range(0, head_dim, LANES):
-                        count = min(LANES, head_dim - t)
-                        keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
-                        totals = fma_rows(keys, load(query, t, count), totals)
-                    logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
-                    store(probabilities, n, LANES, logits)
-                    largest = maximum(largest, logits)
-                for n in range(blocks_end, window):  # a few last neighbours: one dot product each
-                    total = splat(0.0)
-                    for t in range(0, head_dim, LANES):
-                        count = min(LANES, head_dim - t)
-                        keys_at = window_at + neighbour_at[n] + channels + head_at + t
-                        total = fma(load(query, t, count), load(values, keys_at, count), total)
-                    logit = lane_sum(total) + bias_table[bias_at + n]
-                    probabilities[n] = logit
-                    largest = maximum(largest, logit)
-                top = largest_lane(largest)
-                total = splat(0.0)
-                for n in range(0, window, LANES):
-                    # the padding neighbours keep their -inf; their e^-87 in the total is negligible
-                    p = _exp_nonpositive(subtract(load(probabilities, n, LANES), top))
-                    store(probabilities, n, window - n, p)
-                    total = add(total, p)
-                inverse = np.float32(1.0) / lane_sum(total)
-                if store_attn:
-                    for n in range(window):
-                        attn[b, h, i, j, n] = probabilities[n] * inverse
-
-                for t in range(0, head_dim, 2 * LANES):
-                    count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
-                    value_at = window_at + 2 * channels + head_at + t
-                    low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
-                    for n in range(0, window - 3, 4):
-                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
-                                                    count, low0, high0)
-                        low1, high1 = _add_weighted(broadcast(probabilities, n + 1), values,
-                                                    neighbour_at[n + 1] + value_at, count, low1, high1)
-                        low2, high2 = _add_weighted(broadcast(probabilities, n + 2), values,
-                                                    neighbour_at[n + 2] + value_at, count, low2, high2)
-                        low3, high3 = _add_weighted(broadcast(probabilities, n + 3), values,
-                                                    neighbour_at[n + 3] + value_at, count, low3, high3)
-                    for n in range(window // 4 * 4, window):
-                        low0, high0 = _add_weighted(broadcast(probabilities, n), values, neighbour_at[n] + value_at,
-                                                    count, low0, high0)
-                    out_at = pixel * channels + head_at + t
-                    low = add(add(low0, low1), add(low2, low3))
-                    high = add(add(high0, high1), add(high2, high3))
-                    store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
-                    store(context_out, out_at + LANES, count - LANES,
-                          fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
+    for part in prange(parts):
+        _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
+                         store_attn, tasks * part // parts, tasks * (part + 1) // parts)
 
 
 @njit(inline="always", **_FAST)
@@ -263,11 +282,128 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # (image, group, head) computes it with 16 queries per vector (a 7x7 group's 49 in four vectors): each
 # key or value channel is read once, by a broadcast, for 64 queries. The queries are transposed in
 # registers to that layout (16 x 16 blocks), and the context back to pixels on the way out.
+@njit(**_FAST)
+def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn, store_attn,
+                          first_task, stop_task):
+    # _na_whole_groups' tasks first_task..stop_task - 1, on one thread
+    batch, height, width, _, heads, head_dim = qkv.shape
+    channels = heads * head_dim
+    window = kernel_size * kernel_size
+    padded_queries = (window + 4 * LANES - 1) // (4 * LANES) * 4 * LANES  # whole groups of four vectors
+    groups = dilation * dilation
+    values = qkv.reshape(-1)
+    context_out = out.reshape(-1)
+    pixel_at = np.zeros(padded_queries, np.int64)  # where the group's n-th pixel starts in qkv
+    out_at = np.zeros(padded_queries, np.int64)  # and in the output
+    queries = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
+    logits = np.empty(window * padded_queries, np.float32)  # [key][query]
+    context = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
+    for task in range(first_task, stop_task):
+        b = task // (groups * heads)
+        group_row = (task // heads) % groups // dilation
+        group_col = (task // heads) % dilation
+        h = task % heads
+        for n in range(window):
+            row = group_row + n // kernel_size * dilation
+            pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
+            pixel_at[n] = pixel * 3 * channels
+            out_at[n] = pixel * channels + h * head_dim
+
+        for v in range(padded_queries // LANES):
+            rows = min(LANES, window - v * LANES)
+            for t in range(0, head_dim, LANES):
+                count = min(LANES, head_dim - t)
+                block = load_rows(values, pixel_at[v * LANES:], h * head_dim + t, rows, count)
+                block = fma_rows(block, splat(scale), load(query_bias, h * head_dim + t, count))
+                store_rows(queries, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES, transpose(block))
+
+        vector_stride = head_dim * LANES
+        key_channel = channels + h * head_dim
+        for v in range(0, padded_queries // LANES, 4):
+            for key in range(0, window, 4):
+                # a block past the last key recomputes that key, not stored
+                key1 = min(key + 1, window - 1)
+                key2 = min(key + 2, window - 1)
+                key3 = min(key + 3, window - 1)
+                logits0 = _load_four(bias_table, (h * window + key) * padded_queries + v * LANES, LANES)
+                logits1 = _load_four(bias_table, (h * window + key1) * padded_queries + v * LANES, LANES)
+                logits2 = _load_four(bias_table, (h * window + key2) * padded_queries + v * LANES, LANES)
+                logits3 = _load_four(bias_table, (h * window + key3) * padded_queries + v * LANES, LANES)
+                for t in range(head_dim):
+                    query = _load_four(queries, (v * head_dim + t) * LANES, vector_stride)
+                    logits0 = _fma_four(query, broadcast(values, pixel_at[key] + key_channel + t), logits0)
+                    logits1 = _fma_four(query, broadcast(values, pixel_at[key1] + key_channel + t), logits1)
+                    logits2 = _fma_four(query, broadcast(values, pixel_at[key2] + key_channel + t), logits2)
+                    logits3 = _fma_four(query, broadcast(values, pixel_at[key3] + key_channel + t), logits3)
+                _store_four(logits, key * padded_queries + v * LANES, LANES, logits0)
+                if key + 1 < window:
+                    _store_four(logits, key1 * padded_queries + v * LANES, LANES, logits1)
+                if key + 2 < window:
+                    _store_four(logits, key2 * padded_queries + v * LANES, LANES, logits2)
+                if key + 3 < window:
+                    _store_four(logits, key3 * padded_queries + v * LANES, LANES, logits3)
+
+        for v in range(padded_queries // LANES):
+            top = load(logits, v * LANES, LANES)
+            for key in range(1, window):
+                top = maximum(top, load(logits, key * padded_queries + v * LANES, LANES))
+            total = splat(0.0)
+            for key in range(window):
+                p = _exp_nonpositive(subtract(load(logits, key * padded_queries + v * LANES, LANES), top))
+                store(logits, key * padded_queries + v * LANES, LANES, p)
+                total = add(total, p)
+            inverse = divide(splat(1.0), total)
+            for key in range(window):
+                at = key * padded_queries + v * LANES
+                store(logits, at, LANES, multiply(load(logits, at, LANES), inverse))
+        if store_attn:
+            for n in range(window):
+                pixel = pixel_at[n] // (3 * channels)
+                for key in range(window):
+                    attn[b, h, pixel // width % height, pixel % width, key] = logits[key * padded_queries + n]
+
+        value_channel = 2 * channels + h * head_dim
+        for v in range(0, padded_queries // LANES, 4):
+            for t in range(0, head_dim, 4):
+                # a block past the last channel recomputes that channel, not stored
+                t1 = min(t + 1, head_dim - 1)
+                t2 = min(t + 2, head_dim - 1)
+                t3 = min(t + 3, head_dim - 1)
+                bias0 = splat(value_bias[h * head_dim + t])
+                bias1 = splat(value_bias[h * head_dim + t1])
+                bias2 = splat(value_bias[h * head_dim + t2])
+                bias3 = splat(value_bias[h * head_dim + t3])
+                context0 = (bias0, bias0, bias0, bias0)
+                context1 = (bias1, bias1, bias1, bias1)
+                context2 = (bias2, bias2, bias2, bias2)
+                context3 = (bias3, bias3, bias3, bias3)
+                for key in range(window):
+                    p = _load_four(logits, key * padded_queries + v * LANES, LANES)
+                    at = pixel_at[key] + value_channel
+                    context0 = _fma_four(p, broadcast(values, at + t), context0)
+                    context1 = _fma_four(p, broadcast(values, at + t1), context1)
+                    context2 = _fma_four(p, broadcast(values, at + t2), context2)
+                    context3 = _fma_four(p, broadcast(values, at + t3), context3)
+                _store_four(context, (v * head_dim + t) * LANES, vector_stride, context0)
+                if t + 1 < head_dim:
+                    _store_four(context, (v * head_dim + t1) * LANES, vector_stride, context1)
+                if t + 2 < head_dim:
+                    _store_four(context, (v * head_dim + t2) * LANES, vector_stride, context2)
+                if t + 3 < head_dim:
+                    _store_four(context, (v * head_dim + t3) * LANES, vector_stride, context3)
+
+        for v in range(padded_queries // LANES):
+            rows = min(LANES, window - v * LANES)
+            for t in range(0, head_dim, LANES):
+                count = min(LANES, head_dim - t)
+                block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
+                store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
+
+
 @njit(parallel=True, **_FAST)
 def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn,
                      store_attn, parts):
     batch, height, width, _, heads, head_dim = qkv.shape
-    channels = heads * head_dim
     window = kernel_size * kernel_size
     padded_queries = (window + 4 * LANES - 1) // (4 * LANES) * 4 * LANES  # whole groups of four vectors
     groups = dilation * dilation
@@ -290,115 +426,10 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
                 store(bias_table, task * padded_queries + query_row * kernel_size + column, count,
                       load(flipped_rpb, at + column, count))
 
-    values = qkv.reshape(-1)
-    context_out = out.reshape(-1)
     tasks = batch * groups * heads
-    for part in prange(parts):  # a band of tasks per thread, so that its scratch is allocated once
-        pixel_at = np.zeros(padded_queries, np.int64)  # where the group's n-th pixel starts in qkv
-        out_at = np.zeros(padded_queries, np.int64)  # and in the output
-        queries = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
-        logits = np.empty(window * padded_queries, np.float32)  # [key][query]
-        context = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
-        for task in range(tasks * part // parts, tasks * (part + 1) // parts):
-            b = task // (groups * heads)
-            group_row = (task // heads) % groups // dilation
-            group_col = (task // heads) % dilation
-            h = task % heads
-            for n in range(window):
-                row = group_row + n // kernel_size * dilation
-                pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
-                pixel_at[n] = pixel * 3 * channels
-                out_at[n] = pixel * channels + h * head_dim
-
-            for v in range(padded_queries // LANES):
-                rows = min(LANES, window - v * LANES)
-                for t in range(0, head_dim, LANES):
-                    count = min(LANES, head_dim - t)
-                    block = load_rows(values, pixel_at[v * LANES:], h * head_dim + t, rows, count)
-                    block = fma_rows(block, splat(scale), load(query_bias, h * head_dim + t, count))
-                    store_rows(queries, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES, transpose(block))
-
-            vector_stride = head_dim * LANES
-            key_channel = channels + h * head_dim
-            for v in range(0, padded_queries // LANES, 4):
-                for key in range(0, window, 4):
-                    # a block past the last key recomputes that key, not stored
-                    key1 = min(key + 1, window - 1)
-                    key2 = min(key + 2, window - 1)
-                    key3 = min(key + 3, window - 1)
-                    logits0 = _load_four(bias_table, (h * window + key) * padded_queries + v * LANES, LANES)
-                    logits1 = _load_four(bias_table, (h * window + key1) * padded_queries + v * LANES, LANES)
-                    logits2 = _load_four(bias_table, (h * window + key2) * padded_queries + v * LANES, LANES)
-                    logits3 = _load_four(bias_table, (h * window + key3) * padded_queries + v * LANES, LANES)
-                    for t in range(head_dim):
-                        query = _load_four(queries, (v * head_dim + t) * LANES, vector_stride)
-                        logits0 = _fma_four(query, broadcast(values, pixel_at[key] + key_channel + t), logits0)
-                        logits1 = _fma_four(query, broadcast(values, pixel_at[key1] + key_channel + t), logits1)
-                        logits2 = _fma_four(query, broadcast(values, pixel_at[key2] + key_channel + t), logits2)
-                        logits3 = _fma_four(query, broadcast(values, pixel_at[key3] + key_channel + t), logits3)
-                    _store_four(logits, key * padded_queries + v * LANES, LANES, logits0)
-                    if key + 1 < window:
-                        _store_four(logits, key1 * padded_queries + v * LANES, LANES, logits1)
-                    if key + 2 < window:
-                        _store_four(logits, key2 * padded_queries + v * LANES, LANES, logits2)
-                    if key + 3 < window:
-                        _store_four(logits, key3 * padded_queries + v * LANES, LANES, logits3)
-
-            for v in range(padded_queries // LANES):
-                top = load(logits, v * LANES, LANES)
-                for key in range(1, window):
-                    top = maximum(top, load(logits, key * padded_queries + v * LANES, LANES))
-                total = splat(0.0)
-                for key in range(window):
-                    p = _exp_nonpositive(subtract(load(logits, key * padded_queries + v * LANES, LANES), top))
-                    store(logits, key * padded_queries + v * LANES, LANES, p)
-                    total = add(total, p)
-                inverse = divide(splat(1.0), total)
-                for key in range(window):
-                    at = key * padded_queries + v * LANES
-                    store(logits, at, LANES, multiply(load(logits, at, LANES), inverse))
-            if store_attn:
-                for n in range(window):
-                    pixel = pixel_at[n] // (3 * channels)
-                    for key in range(window):
-                        attn[b, h, pixel // width % height, pixel % width, key] = logits[key * padded_queries + n]
-
-            value_channel = 2 * channels + h * head_dim
-            for v in range(0, padded_queries // LANES, 4):
-                for t in range(0, head_dim, 4):
-                    # a block past the last channel recomputes that channel, not stored
-                    t1 = min(t + 1, head_dim - 1)
-                    t2 = min(t + 2, head_dim - 1)
-                    t3 = min(t + 3, head_dim - 1)
-                    bias0 = splat(value_bias[h * head_dim + t])
-                    bias1 = splat(value_bias[h * head_dim + t1])
-                    bias2 = splat(value_bias[h * head_dim + t2])
-                    bias3 = splat(value_bias[h * head_dim + t3])
-                    context0 = (bias0, bias0, bias0, bias0)
-                    context1 = (bias1, bias1, bias1, bias1)
-                    context2 = (bias2, bias2, bias2, bias2)
-                    context3 = (bias3, bias3, bias3, bias3)
-                    for key in range(window):
-                        p = _load_four(logits, key * padded_queries + v * LANES, LANES)
-                        at = pixel_at[key] + value_channel
-                        context0 = _fma_four(p, broadcast(values, at + t), context0)
-                        context1 = _fma_four(p, broadcast(values, at + t1), context1)
-                        context2 = _fma_four(p, broadcast(values, at + t2), context2)
-                        context3 = _fma_four(p, broadcast(values, at + t3), context3)
-                    _store_four(context, (v * head_dim + t) * LANES, vector_stride, context0)
-                    if t + 1 < head_dim:
-                        _store_four(context, (v * head_dim + t1) * LANES, vector_stride, context1)
-                    if t + 2 < head_dim:
-                        _store_four(context, (v * head_dim + t2) * LANES, vector_stride, context2)
-                    if t + 3 < head_dim:
-                        _store_four(context, (v * head_dim + t3) * LANES, vector_stride, context3)
-
-            for v in range(padded_queries // LANES):
-                rows = min(LANES, window - v * LANES)
-                for t in range(0, head_dim, LANES):
-                    count = min(LANES, head_dim - t)
-                    block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
-                    store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
+    for part in prange(parts):
+        _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn,
+                              store_attn, tasks * part // parts, tasks * (part + 1) // parts)
 
 
 @njit(parallel=True, **_FAST)
