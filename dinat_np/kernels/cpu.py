@@ -624,16 +624,29 @@ def _product_block(sgemm, x, x_row, weight_t, y, y_row, rows, first_col, stop_co
     )
 
 
-@njit(inline="always", **_FAST)
-def _epilogue_row(y, row, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed):
-    if epilogue == _EPILOGUE_ACTIVATION:
+@njit(**_FAST)
+def _bias_activation_rows(y, first, stop, bias, activation):
+    for row in range(first, stop):
         for c in range(y.shape[1]):
             y[row, c] = _activate(y[row, c] + bias[c], activation)
-    elif epilogue >= _EPILOGUE_RESIDUAL:
+
+
+@njit(**_FAST)
+def _residual_rows(y, first, stop, bias, scale, residual, normalise, norm_weight, norm_bias, eps, normed):
+    for row in range(first, stop):
         for c in range(y.shape[1]):
             y[row, c] = residual[row, c] + scale[c] * (y[row, c] + bias[c])
-        if epilogue == _EPILOGUE_RESIDUAL_NORM:
+        if normalise:
             _normalise_row(y, row, norm_weight, norm_bias, eps, normed)
+
+
+@njit(**_FAST)
+def _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed):
+    if epilogue == _EPILOGUE_ACTIVATION:
+        _bias_activation_rows(y, first, stop, bias, activation)
+    elif epilogue >= _EPILOGUE_RESIDUAL:
+        _residual_rows(y, first, stop, bias, scale, residual, epilogue == _EPILOGUE_RESIDUAL_NORM, norm_weight,
+                       norm_bias, eps, normed)
 
 
 # Below this many rows per thread the threads split the product's columns instead of its rows: each
@@ -656,8 +669,9 @@ def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, res
         for part in prange(parts):
             _product_block(sgemm, x, 0, weight_t, y, 0, rows, columns * part // parts, columns * (part + 1) // parts)
         if epilogue != _EPILOGUE_NONE:
-            for row in prange(rows):
-                _epilogue_row(y, row, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
+            for part in prange(parts):
+                _epilogue_rows(y, rows * part // parts, rows * (part + 1) // parts, epilogue, bias, activation, scale,
+                               residual, norm_weight, norm_bias, eps, normed)
         return
     parts = min(parts, rows)
     for part in prange(parts):
@@ -665,8 +679,7 @@ def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, res
         stop = rows * (part + 1) // parts
         if sgemm is not None:
             _product_block(sgemm, x, first, weight_t, y, first, stop - first, 0, columns)
-        for row in range(first, stop):
-            _epilogue_row(y, row, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
+        _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
 
 
 _NO_BIAS = np.empty(0, np.float32)  # stand-ins for the operands an epilogue does not read
@@ -740,17 +753,15 @@ def _mlp(sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hidden, y, epilogu
     # ``hidden`` holds one block of rows per thread; each task is one thread's band of rows.
     rows = x.shape[0]
     block = hidden.shape[0] // parts
+    normalise = epilogue == _EPILOGUE_RESIDUAL_NORM
     for part in prange(parts):
         own = part * block  # this thread's first row in ``hidden``
         for start in range(rows * part // parts, rows * (part + 1) // parts, block):
             count = min(block, rows * (part + 1) // parts - start)
             _product_block(sgemm, x, start, fc1_t, hidden, own, count, 0, hidden.shape[1])
-            for row in range(own, own + count):
-                _epilogue_row(hidden, row, _EPILOGUE_ACTIVATION, fc1_bias, activation, scale, residual,
-                              norm_weight, norm_bias, eps, normed)
+            _bias_activation_rows(hidden, own, own + count, fc1_bias, activation)
             _product_block(sgemm, hidden, own, fc2_t, y, start, count, 0, y.shape[1])
-            for row in range(start, start + count):
-                _epilogue_row(y, row, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
+            _residual_rows(y, start, start + count, bias, scale, residual, normalise, norm_weight, norm_bias, eps, normed)
 
 
 def _run_mlp(
@@ -807,33 +818,38 @@ def mlp_residual_norm(
 # ---------------------------------------------------------------------------------------------------
 # 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + BLAS products
 # ---------------------------------------------------------------------------------------------------
-@njit(inline="always", **_FAST)
-def _im2col_row(x, pixel, cols, row):
-    # cols[row] = the zero-padded 3x3 patch under output ``pixel`` (flat over batch, rows, columns), in
-    # (row, column, channel) order
+@njit(**_FAST)
+def _im2col_rows(x, first_pixel, count, cols, first_row):
+    # cols[first_row + k] = the zero-padded 3x3 patch under output pixel first_pixel + k (flat over batch,
+    # rows, columns), in (row, column, channel) order, for k < count
     batch, height, width, channels = x.shape
     out_height = (height + 1) // 2
     out_width = (width + 1) // 2
-    b = pixel // (out_height * out_width)
-    oi = pixel // out_width % out_height
-    oj = pixel % out_width
-    for di in range(3):
-        i = 2 * oi + di - 1
-        for dj in range(3):
-            j = 2 * oj + dj - 1
-            base = (di * 3 + dj) * channels
-            if 0 <= i < height and 0 <= j < width:
-                for c in range(channels):
-                    cols[row, base + c] = x[b, i, j, c]
-            else:
-                for c in range(channels):
-                    cols[row, base + c] = 0.0
+    for k in range(count):
+        pixel = first_pixel + k
+        row = first_row + k
+        b = pixel // (out_height * out_width)
+        oi = pixel // out_width % out_height
+        oj = pixel % out_width
+        for di in range(3):
+            i = 2 * oi + di - 1
+            for dj in range(3):
+                j = 2 * oj + dj - 1
+                base = (di * 3 + dj) * channels
+                if 0 <= i < height and 0 <= j < width:
+                    for c in range(channels):
+                        cols[row, base + c] = x[b, i, j, c]
+                else:
+                    for c in range(channels):
+                        cols[row, base + c] = 0.0
 
 
 @njit(parallel=True, **_FAST)
-def _im2col_3x3_s2(x, cols):
-    for pixel in prange(cols.shape[0]):
-        _im2col_row(x, pixel, cols, pixel)
+def _im2col_3x3_s2(parts, x, cols):
+    pixels = cols.shape[0]
+    for part in prange(parts):
+        first = pixels * part // parts
+        _im2col_rows(x, first, pixels * (part + 1) // parts - first, cols, first)
 
 
 # The patches of the tokenizer's second convolution are 29 MB at batch 8 (3136 x 288 floats per image),
@@ -855,8 +871,7 @@ def _conv3x3_s2(sgemm, parts, x, weight_cols, bias, cols, y):
         stop = pixels * (part + 1) // parts
         for start in range(pixels * part // parts, stop, block):
             count = min(block, stop - start)
-            for row in range(count):
-                _im2col_row(x, start + row, cols, own + row)
+            _im2col_rows(x, start, count, cols, own)
             _product_block(sgemm, cols, own, weight_cols, y, start, count, 0, out_channels)
             if bias.size:
                 for row in range(start, start + count):
@@ -870,13 +885,17 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     out_height, out_width = (height + 1) // 2, (width + 1) // 2
     pixels = batch * out_height * out_width
     parts = numba.get_num_threads()
-    if _BLAS is None or pixels < _MIN_ROWS_PER_THREAD * parts:  # few pixels: the product splits columns
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    few = pixels < _MIN_ROWS_PER_THREAD * parts
+    if _BLAS is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
         cols = np.empty((pixels, 9 * channels), np.float32)
-        with launching():
-            _im2col_3x3_s2(x, cols)
+        if few:  # at most a few hundred patches, 10-30 us on this thread: not worth a parallel kernel to compile
+            _im2col_rows(x, 0, pixels, cols, 0)
+        else:
+            with launching():
+                _im2col_3x3_s2(parts, x, cols)
         y = linear(cols, weight_cols, bias)
         return y.reshape(batch, out_height, out_width, -1)
-    x = np.ascontiguousarray(x, dtype=np.float32)
     weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
     bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
