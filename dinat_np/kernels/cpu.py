@@ -41,7 +41,7 @@ _FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "
 # njit function (a band of tasks, rows or pixels), and code shared by kernels is such a function rather
 # than inlined. Numba copies and re-analyses a prange body several times over, inlined code included, and
 # compiles an inlined helper once per call site: split this way, a cold compile of dinat-mini's kernels
-# took 18.6-19.2 s instead of 22.1-22.3 (interleaved runs), with the same run time.
+# took 17.1-18.7 s instead of 21.7-24.1 (three interleaved pairs), with the same run time.
 
 ACTIVATIONS = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3, "selu": 4}
 
@@ -877,7 +877,7 @@ def _im2col_3x3_s2(parts, x, cols):
 # this many, gathers a block's patches and multiplies them while they are still in L2, as _mlp does with
 # its hidden rows. dinat-mini at batch 8: its five convolutions 0.5 ms per image faster in the model (the
 # tokenizer's second 0.89 -> 0.58 ms), whole forwards 1-2.5% faster; batch 1 unchanged. Blocks of
-# 256-2048 pixels were within noise of each other. The kernel adds ~3.5 s to a cold compile.
+# 256-2048 pixels were within noise of each other. The kernel adds ~2.5 s to a cold compile.
 _CONV_BLOCK_ROWS = 512
 
 
