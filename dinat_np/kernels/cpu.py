@@ -59,6 +59,35 @@ _SELU_SCALE = 1.0507009873554805
 
 
 # ---------------------------------------------------------------------------------------------------
+# Activations on cache-line boundaries
+# ---------------------------------------------------------------------------------------------------
+# The kernels read activations 16 floats (64 bytes) at a time, and a q/k/v row or a head within it starts
+# at a multiple of 16 floats. NumPy's arrays start on any 16-byte boundary (in a batch-8 forward, 3 of
+# the 9 stage-1 q/k/v arrays started on a cache line): from the others every such load straddles two
+# lines. The ops' outputs are allocated on 64-byte boundaries instead. dinat-mini at batch 8, interleaved
+# whole forwards: 1.4-2.3% faster (attention 4.45 -> 4.07 ms per image, mostly the sliding-window
+# layers); batch 1 unchanged.
+_LINE_FLOATS = 16  # floats per 64-byte cache line
+
+
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array of ``shape`` whose data starts on a 64-byte boundary."""
+    size = math.prod(shape)
+    buffer = np.empty(size + _LINE_FLOATS, np.float32)
+    first = -(buffer.ctypes.data // 4) % _LINE_FLOATS
+    return buffer[first : first + size].reshape(shape)
+
+
+@njit(**_FAST)
+def _scratch(size):
+    # Numba's own arrays start on 32-byte boundaries: half of them would split every 16-lane access
+    # (2-3% of an attention call)
+    buffer = np.empty(size + _LINE_FLOATS, np.float32)
+    first = -(buffer.ctypes.data // 4) % _LINE_FLOATS
+    return buffer[first : first + size]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Neighborhood geometry (NATTEN's rule)
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
@@ -146,8 +175,9 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     values = qkv.reshape(-1)
     context_out = out.reshape(-1)
-    probabilities = np.full(2 * padded_window, -np.inf, np.float32)  # two queries'; padding neighbours' stay -inf
-    query = np.empty(head_dim, np.float32)  # scaled, with its bias
+    probabilities = _scratch(2 * padded_window)  # two queries'; padding neighbours' stay -inf
+    probabilities[:] = -np.inf
+    query = _scratch(head_dim)  # scaled, with its bias
     for task in range(first_task, stop_task):
         b, i, h = _batch_row_head(task, height, heads)
         head_at = h * head_dim
@@ -241,7 +271,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
 
     # rpb as lane vectors: bias_table[((h * kernel_size + row_bias) * kernel_size + col_bias) * padded_window
     # + neighbour] for the bias indices of window_starts; -inf for the padding neighbours (never the maximum)
-    bias_table = np.empty(heads * window * padded_window, np.float32)
+    bias_table = _scratch(heads * window * padded_window)
     for task in prange(heads * kernel_size * kernel_size):
         h = task // (kernel_size * kernel_size)
         first_row = task // kernel_size % kernel_size
@@ -310,9 +340,9 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
     context_out = out.reshape(-1)
     pixel_at = np.zeros(padded_queries, np.int64)  # where the group's n-th pixel starts in qkv
     out_at = np.zeros(padded_queries, np.int64)  # and in the output
-    queries = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
-    logits = np.empty(window * padded_queries, np.float32)  # [key][query]
-    context = np.empty(padded_queries * head_dim, np.float32)  # [query vector][channel][lane]
+    queries = _scratch(padded_queries * head_dim)  # [query vector][channel][lane]
+    logits = _scratch(window * padded_queries)  # [key][query]
+    context = _scratch(padded_queries * head_dim)  # [query vector][channel][lane]
     for task in range(first_task, stop_task):
         b = task // (groups * heads)
         group_row = (task // heads) % groups // dilation
@@ -431,7 +461,7 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
     # towards key (ki, kj) is flipped_rpb[h, qi - ki + kernel_size - 1, qj - kj + kernel_size - 1]: a
     # query row's biases are contiguous there.
     bias_size = 2 * kernel_size - 1
-    bias_table = np.empty(heads * window * padded_queries, np.float32)
+    bias_table = _scratch(heads * window * padded_queries)
     for task in prange(heads * window):
         h = task // window
         key = task % window
@@ -518,7 +548,7 @@ def neighborhood_attention(
         qkv_bias = np.asarray(qkv_bias, dtype=np.float32)
         query_bias[:] = qkv_bias[:channels] * np.float32(scale)
         value_bias[:] = qkv_bias[2 * channels:]
-    out = np.empty((batch, height, width, heads, head_dim), np.float32)
+    out = _empty((batch, height, width, heads, head_dim))
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
     # the kernels address q/k/v, rpb and the output by flat offsets: C order
@@ -585,7 +615,7 @@ def _layer_norm(x, weight, bias, eps, out):
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis of ``x`` (any leading shape)."""
     rows = x.reshape(-1, x.shape[-1])
-    out = np.empty(rows.shape, np.float32)
+    out = _empty(rows.shape)
     with launching():
         _layer_norm(rows, weight, bias, eps, out)
     return out.reshape(x.shape)
@@ -715,7 +745,7 @@ def _run_linear(
     x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
     residual = np.ascontiguousarray(residual, dtype=np.float32)
-    y = np.empty((x.shape[0], weight_t.shape[1]), np.float32)
+    y = _empty((x.shape[0], weight_t.shape[1]))
     if _BLAS is None:
         np.matmul(x, weight_t, out=y)
         if epilogue == _EPILOGUE_NONE:
@@ -750,7 +780,7 @@ def linear_residual_norm(
     and ``eps``: a residual branch closed together with the LayerNorm that reads the new residual stream.
     """
     rows = residual.reshape(-1, residual.shape[-1])
-    normed = np.empty(rows.shape, np.float32)
+    normed = _empty(rows.shape)
     y = _run_linear(x, weight_t, _EPILOGUE_RESIDUAL_NORM, bias, 0, scale, rows, norm_weight, norm_bias, eps, normed)
     return y.reshape(residual.shape), normed.reshape(residual.shape)
 
@@ -800,8 +830,8 @@ def _run_mlp(
     fc2_t = np.ascontiguousarray(fc2_t, dtype=np.float32)
     residual = np.ascontiguousarray(residual, dtype=np.float32)
     block = min(_MLP_BLOCK_ROWS, -(-x.shape[0] // parts))
-    hidden = np.empty((parts * block, fc1_t.shape[1]), np.float32)
-    y = np.empty((x.shape[0], fc2_t.shape[1]), np.float32)
+    hidden = _empty((parts * block, fc1_t.shape[1]))
+    y = _empty((x.shape[0], fc2_t.shape[1]))
     with launching(), _BLAS.single_threaded():
         _mlp(_BLAS.sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
              scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
@@ -829,7 +859,7 @@ def mlp_residual_norm(
     """:func:`mlp_residual`, and :func:`layer_norm` of its result (``norm_weight``, ``norm_bias``, ``eps``) in the
     same pass: ``(out, normed)``, as :func:`linear_residual_norm` does for a single product."""
     rows = residual.reshape(-1, residual.shape[-1])
-    normed = np.empty(rows.shape, np.float32)
+    normed = _empty(rows.shape)
     y = _run_mlp(x, fc1_t, fc1_bias, activation, fc2_t, _EPILOGUE_RESIDUAL_NORM, fc2_bias, scale, rows,
                  norm_weight, norm_bias, eps, normed)
     return y.reshape(residual.shape), normed.reshape(residual.shape)
@@ -908,7 +938,7 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     x = np.ascontiguousarray(x, dtype=np.float32)
     few = pixels < _MIN_ROWS_PER_THREAD * parts
     if _BLAS is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
-        cols = np.empty((pixels, 9 * channels), np.float32)
+        cols = _empty((pixels, 9 * channels))
         if few:  # at most a few hundred patches, 10-30 us on this thread: not worth a parallel kernel to compile
             _im2col_rows(x, 0, pixels, cols, 0)
         else:
@@ -919,8 +949,8 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
     bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
-    cols = np.empty((parts * block, 9 * channels), np.float32)
-    y = np.empty((pixels, weight_cols.shape[1]), np.float32)
+    cols = _empty((parts * block, 9 * channels))
+    y = _empty((pixels, weight_cols.shape[1]))
     with launching(), _BLAS.single_threaded():
         _conv3x3_s2(_BLAS.sgemm, parts, x, weight_cols, bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
