@@ -115,20 +115,37 @@ def conv_reference(x, weight_cols, bias):
     return y if bias is None else y + bias
 
 
-# 2 threads: below 256 output pixels all patches are gathered, then one product splits the columns; above,
-# each thread gathers and multiplies blocks of _CONV_BLOCK_ROWS pixels (here 64: several, and a remainder).
-@pytest.mark.parametrize("shape", [(1, 7, 9, 5), (1, 31, 32, 3), (2, 33, 30, 8), (3, 20, 21, 4)])
+# Over _DIRECT_MAX_CHANNELS input channels, with 2 threads: below 256 output pixels all patches are
+# gathered, then one product splits the columns; above, each thread gathers and multiplies blocks of
+# _CONV_BLOCK_ROWS pixels (here 64: several, and a remainder). Up to it, the direct kernel: four pixels of
+# a row at a time (widths leaving 1-3 over), one or two vectors of output channels (6, 16, 20, 40).
+@pytest.mark.parametrize("shape, out_channels", [
+    ((1, 7, 9, 5), 6), ((1, 31, 32, 3), 40), ((2, 33, 30, 8), 16), ((3, 20, 21, 4), 20), ((1, 2, 1, 16), 6),
+    ((2, 9, 11, 17), 6), ((1, 40, 38, 20), 6)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, with_bias):
+def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, out_channels, with_bias):
     monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 64)
     rng = np.random.default_rng(shape[1])
     x = rng.standard_normal(shape, dtype=np.float32)
-    weight = rng.standard_normal((6, shape[3], 3, 3), dtype=np.float32)  # PyTorch's (out, in, 3, 3)
+    weight = rng.standard_normal((out_channels, shape[3], 3, 3), dtype=np.float32)  # PyTorch's (out, in, 3, 3)
     weight_cols = cpu.conv_weight(weight)
-    bias = rng.standard_normal(6, dtype=np.float32) if with_bias else None
+    bias = rng.standard_normal(out_channels, dtype=np.float32) if with_bias else None
     y = cpu.conv3x3_stride2(x, weight_cols, bias)
-    assert y.dtype == np.float32 and y.shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 6)
+    assert y.dtype == np.float32 and y.shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, out_channels)
     np.testing.assert_allclose(y, conv_reference(x, weight_cols, bias), rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("channels", [3, 20])  # the direct kernel and im2col
+def test_conv3x3_stride2_reads_channels_first_pixels_and_other_layouts(products, channels):
+    rng = np.random.default_rng(channels)
+    pixels = rng.standard_normal((2, channels, 13, 10), dtype=np.float32)  # NCHW, as the model gets them
+    weight_cols = cpu.conv_weight(rng.standard_normal((8, channels, 3, 3), dtype=np.float32))
+    bias = rng.standard_normal(8, dtype=np.float32)
+    expected = conv_reference(np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)), weight_cols, bias)
+    view = cpu.nchw_to_nhwc(pixels)
+    assert np.shares_memory(view, pixels)  # no layout pass
+    for x in (view, pixels.astype(np.float64).transpose(0, 2, 3, 1), np.asfortranarray(view)):
+        np.testing.assert_allclose(cpu.conv3x3_stride2(x, weight_cols, bias), expected, rtol=0, atol=3e-5)
 
 
 def test_float64_inputs_are_computed_in_float32(products):
@@ -188,13 +205,15 @@ def test_product_kernel_is_cached_on_disk(tmp_path):
               "cpu.linear(np.ones((4, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32), 'gelu')\n"
               "x, w, v = np.ones((600, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32)\n"
               "cpu.mlp_residual(x, w, v, 'gelu', w, v, v, x)\n"
-              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 3), np.float32), np.ones((27, 8), np.float32), None)\n")
+              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 3), np.float32), np.ones((27, 8), np.float32), None)\n"
+              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 20), np.float32), np.ones((180, 8), np.float32), None)\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     completed = subprocess.run([sys.executable, "-W", "error::numba.NumbaWarning", "-c", script], env=env,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     cached = [path.name for path in Path(tmp_path).rglob("*.nbi")]
     assert any(name.startswith("cpu._linear-") for name in cached)
+    assert any(name.startswith("cpu._conv3x3_s2_direct-") for name in cached)
     if cpu._BLAS is not None:
         assert any(name.startswith("cpu._mlp-") for name in cached)
         assert any(name.startswith("cpu._conv3x3_s2-") for name in cached)
