@@ -924,10 +924,12 @@ def mlp_residual_norm(
 # 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + BLAS products, or direct for few channels
 # ---------------------------------------------------------------------------------------------------
 @njit(**_FAST)
-def _im2col_rows(x, first_pixel, count, cols, first_row):
+def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):
     # cols[first_row + k] = the zero-padded 3x3 patch under output pixel first_pixel + k (flat over batch,
-    # rows, columns), in (row, column, channel) order, for k < count
-    batch, height, width, channels = x.shape
+    # rows, columns), in (row, column, channel) order, for k < count. The input's element (b, i, j, c) is
+    # x[b * strides[0] + i * strides[1] + j * strides[2] + c * strides[3]] (see _elements_and_strides).
+    _, height, width, channels = shape
+    batch_stride, row_stride, column_stride, channel_stride = strides
     out_height = (height + 1) // 2
     out_width = (width + 1) // 2
     for k in range(count):
@@ -942,19 +944,21 @@ def _im2col_rows(x, first_pixel, count, cols, first_row):
                 j = 2 * oj + dj - 1
                 base = (di * 3 + dj) * channels
                 if 0 <= i < height and 0 <= j < width:
+                    at = b * batch_stride + i * row_stride + j * column_stride
                     for c in range(channels):
-                        cols[row, base + c] = x[b, i, j, c]
+                        # an unsigned index: no negative-index wrap-around, so the copy vectorises (3x faster)
+                        cols[row, base + c] = x[np.uint64(at + c * channel_stride)]
                 else:
                     for c in range(channels):
                         cols[row, base + c] = 0.0
 
 
 @njit(parallel=True, **_FAST)
-def _im2col_3x3_s2(parts, x, cols):
+def _im2col_3x3_s2(parts, x, shape, strides, cols):
     pixels = cols.shape[0]
     for part in prange(parts):
         first = pixels * part // parts
-        _im2col_rows(x, first, pixels * (part + 1) // parts - first, cols, first)
+        _im2col_rows(x, shape, strides, first, pixels * (part + 1) // parts - first, cols, first)
 
 
 # The patches of the tokenizer's second convolution are 29 MB at batch 8 (3136 x 288 floats per image),
@@ -965,38 +969,20 @@ def _im2col_3x3_s2(parts, x, cols):
 # 256-2048 pixels were within noise of each other. The kernel adds ~2.5 s to a cold compile.
 _CONV_BLOCK_ROWS = 512
 
-
-@njit(parallel=True, **_FAST)
-def _conv3x3_s2(sgemm, parts, x, weight_cols, bias, cols, y):
-    # ``cols`` holds one block of patches per thread; each task is one thread's band of output pixels
-    pixels, out_channels = y.shape
-    block = cols.shape[0] // parts
-    for part in prange(parts):
-        own = part * block  # this thread's first row in ``cols``
-        stop = pixels * (part + 1) // parts
-        for start in range(pixels * part // parts, stop, block):
-            count = min(block, stop - start)
-            _im2col_rows(x, start, count, cols, own)
-            _product_block(sgemm, cols, own, weight_cols, y, start, count, 0, out_channels)
-            if bias.size:
-                for row in range(start, start + count):
-                    for c in range(out_channels):
-                        y[row, c] += bias[c]
-
-
 # A convolution with few input channels (the first one's 3) runs directly instead. Its im2col product
 # would have K = 9 x channels (27), far too short for BLAS's speed, and patches 2.25x the image's size.
-# Here four output pixels of a row share each weight row, held in two vectors of output channels, and
-# the input is read in place through its strides, so the model's channels-first pixel values need no
-# layout pass. dinat-mini's first convolution at batch 8: 0.33 -> 0.12-0.14 ms per image; with 16 input
-# channels still 0.25 -> 0.18 (one-off timings, in alternation).
+# Here four output pixels of a row share each weight row, held in two vectors of output channels. Both
+# ways read the input in place through its strides, so the model's channels-first pixel values need no
+# layout pass. dinat-mini's first convolution, layout pass included, at batch 8: 0.50 -> 0.13 ms per
+# image (0.62 -> 0.23 at batch 1); with 16 input channels still 0.25 -> 0.18 (in alternation). Both ways
+# share one parallel kernel (a kernel of its own cost ~0.6 s more of cold compile); the direct way adds
+# ~1.5 s to it.
 _DIRECT_MAX_CHANNELS = 16
 
 
 @njit(**_FAST)
 def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_row):
-    # output rows first_row..stop_row - 1 (flat over images and rows) of the convolution of the input
-    # whose element (b, i, j, c) is x[b * strides[0] + i * strides[1] + j * strides[2] + c * strides[3]]
+    # output rows first_row..stop_row - 1 (flat over images and rows); x read as in _im2col_rows
     _, height, width, channels = shape
     batch_stride, row_stride, column_stride, channel_stride = strides
     out_height = (height + 1) // 2
@@ -1048,10 +1034,28 @@ def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_r
 
 
 @njit(parallel=True, **_FAST)
-def _conv3x3_s2_direct(parts, x, shape, strides, weight_cols, bias, y):
+def _conv3x3_s2(sgemm, parts, x, shape, strides, weight_cols, bias, cols, y):
+    # One task per thread. Without ``cols`` (few input channels) a band of output rows computed directly;
+    # otherwise a band of output pixels, in blocks whose patches are gathered into this thread's block of
+    # ``cols`` and multiplied by BLAS (``sgemm`` None: the direct way only, for want of BLAS).
+    pixels, out_channels = y.shape
     rows = shape[0] * ((shape[1] + 1) // 2)
+    block = cols.shape[0] // parts
     for part in prange(parts):
-        _direct_conv_rows(x, shape, strides, weight_cols, bias, y, rows * part // parts, rows * (part + 1) // parts)
+        if block == 0:
+            _direct_conv_rows(x, shape, strides, weight_cols, bias, y, rows * part // parts,
+                              rows * (part + 1) // parts)
+        elif sgemm is not None:
+            own = part * block  # this thread's first row in ``cols``
+            stop = pixels * (part + 1) // parts
+            for start in range(pixels * part // parts, stop, block):
+                count = min(block, stop - start)
+                _im2col_rows(x, shape, strides, start, count, cols, own)
+                _product_block(sgemm, cols, own, weight_cols, y, start, count, 0, out_channels)
+                if bias.size:
+                    for row in range(start, start + count):
+                        for c in range(out_channels):
+                            y[row, c] += bias[c]
 
 
 def _elements_and_strides(x: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -1067,38 +1071,36 @@ def _elements_and_strides(x: np.ndarray) -> tuple[np.ndarray, tuple[int, int, in
 
 def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns contiguous channels-last.
-    With few input channels ``x`` may be the channels-last view of NCHW pixel values: it is read in place."""
+    ``x`` may be the channels-last view of NCHW pixel values (as :func:`nchw_to_nhwc` gives): it is read
+    in place."""
     batch, height, width, channels = x.shape
     out_height, out_width = (height + 1) // 2, (width + 1) // 2
     pixels = batch * out_height * out_width
+    out_channels = weight_cols.shape[1]
     parts = numba.get_num_threads()
+    elements, strides = _elements_and_strides(x)
+    weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
+    y = _empty((pixels, out_channels))
     if channels <= _DIRECT_MAX_CHANNELS:
-        elements, strides = _elements_and_strides(x)
-        out_channels = weight_cols.shape[1]
         bias = np.zeros(out_channels, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-        y = _empty((pixels, out_channels))
         with launching():
-            _conv3x3_s2_direct(min(parts, batch * out_height), elements, x.shape, strides,
-                               np.ascontiguousarray(weight_cols, dtype=np.float32), bias, y)
+            _conv3x3_s2(None if _BLAS is None else _BLAS.sgemm, min(parts, batch * out_height), elements, x.shape,
+                        strides, weight_cols, bias, _NO_ROWS, y)
         return y.reshape(batch, out_height, out_width, out_channels)
-    x = np.ascontiguousarray(x, dtype=np.float32)
     few = pixels < _MIN_ROWS_PER_THREAD * parts
     if _BLAS is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
         cols = _empty((pixels, 9 * channels))
         if few:  # at most a few hundred patches, 10-30 us on this thread: not worth a parallel kernel to compile
-            _im2col_rows(x, 0, pixels, cols, 0)
+            _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)
         else:
             with launching():
-                _im2col_3x3_s2(parts, x, cols)
-        y = linear(cols, weight_cols, bias)
-        return y.reshape(batch, out_height, out_width, -1)
-    weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
+                _im2col_3x3_s2(parts, elements, x.shape, strides, cols)
+        return linear(cols, weight_cols, bias).reshape(batch, out_height, out_width, -1)
     bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = _empty((parts * block, 9 * channels))
-    y = _empty((pixels, weight_cols.shape[1]))
     with launching(), _BLAS.single_threaded():
-        _conv3x3_s2(_BLAS.sgemm, parts, x, weight_cols, bias, cols, y)
+        _conv3x3_s2(_BLAS.sgemm, parts, elements, x.shape, strides, weight_cols, bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
 
 
