@@ -232,3 +232,18 @@ def test_whole_model_agrees_on_both_product_paths(monkeypatch):
     through_numpy = model(pixels).logits
     assert np.abs(through_kernels).max() > 1e-3  # a real comparison, not of zeros
     np.testing.assert_allclose(through_kernels, through_numpy, rtol=0, atol=1e-5)
+
+
+def test_op_outputs_start_on_cache_lines(products):
+    # the kernels' 16-lane loads of q/k/v rows must not straddle cache lines (see cpu._empty)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((50, 32), dtype=np.float32)
+    weight_t = rng.standard_normal((32, 96), dtype=np.float32)
+    qkv = cpu.linear(x, weight_t)
+    rpb = rng.standard_normal((2, 5, 5), dtype=np.float32)
+    context, _ = cpu.neighborhood_attention(qkv.reshape(1, 5, 10, 3, 2, 16), rpb, 3, 1, 0.25)
+    ones, zeros = np.ones(32, np.float32), np.zeros(32, np.float32)
+    closed = cpu.linear_residual_norm(x, weight_t[:, :32], zeros, ones, x, ones, zeros, 1e-5)
+    conv = cpu.conv3x3_stride2(x.reshape(1, 5, 10, 32), rng.standard_normal((288, 8), dtype=np.float32), None)
+    for output in (qkv, context, cpu.layer_norm(x, ones, zeros, 1e-5), *closed, conv):
+        assert output.ctypes.data % 64 == 0 and output.flags.c_contiguous

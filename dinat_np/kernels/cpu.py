@@ -64,27 +64,24 @@ _SELU_SCALE = 1.0507009873554805
 # The kernels read activations 16 floats (64 bytes) at a time, and a q/k/v row or a head within it starts
 # at a multiple of 16 floats. NumPy's arrays start on any 16-byte boundary (in a batch-8 forward, 3 of
 # the 9 stage-1 q/k/v arrays started on a cache line): from the others every such load straddles two
-# lines. The ops' outputs are allocated on 64-byte boundaries instead. dinat-mini at batch 8, interleaved
-# whole forwards: 1.4-2.3% faster (attention 4.45 -> 4.07 ms per image, mostly the sliding-window
-# layers); batch 1 unchanged.
+# lines. The ops' outputs are allocated on 64-byte boundaries instead, and so is the attention kernels'
+# scratch (Numba's own arrays start on 32-byte boundaries: 2-3% of an attention call). dinat-mini at
+# batch 8, five interleaved runs of whole forwards: 0.7-1.8% faster (attention 4.45 -> 4.07 ms per
+# image, mostly the sliding-window layers); batch 1 unchanged.
 _LINE_FLOATS = 16  # floats per 64-byte cache line
-
-
-def _empty(shape: tuple[int, ...]) -> np.ndarray:
-    """An uninitialised float32 array of ``shape`` whose data starts on a 64-byte boundary."""
-    size = math.prod(shape)
-    buffer = np.empty(size + _LINE_FLOATS, np.float32)
-    first = -(buffer.ctypes.data // 4) % _LINE_FLOATS
-    return buffer[first : first + size].reshape(shape)
 
 
 @njit(**_FAST)
 def _scratch(size):
-    # Numba's own arrays start on 32-byte boundaries: half of them would split every 16-lane access
-    # (2-3% of an attention call)
+    # ``size`` uninitialised float32 starting on a cache line
     buffer = np.empty(size + _LINE_FLOATS, np.float32)
     first = -(buffer.ctypes.data // 4) % _LINE_FLOATS
     return buffer[first : first + size]
+
+
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array of ``shape`` whose data starts on a 64-byte boundary."""
+    return _scratch(math.prod(shape)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------
