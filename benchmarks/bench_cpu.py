@@ -81,7 +81,7 @@ CATEGORY_LABELS = {
     "attention": "attention (fused NA kernel)",
     "layernorm": "layernorm (on its own)",
     "products": "products + epilogues (bias/GELU, residual, LayerNorm)",
-    "convolutions": "convolutions (im2col+product)",
+    "convolutions": "convolutions (direct, or im2col+product)",
     "rest": "rest (layout, pad/crop, pool, Python)",
 }
 
