@@ -1077,9 +1077,9 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     parts = numba.get_num_threads()
     elements, strides = _elements_and_strides(x)
     weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
-    y = _empty((pixels, out_channels))
     if channels <= _DIRECT_MAX_CHANNELS:
         bias = np.zeros(out_channels, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        y = _empty((pixels, out_channels))
         with launching():
             _conv3x3_s2(None if _BLAS is None else _BLAS.sgemm, min(parts, batch * out_height), elements, x.shape,
                         strides, weight_cols, bias, _NO_ROWS, y)
@@ -1096,6 +1096,7 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = _empty((parts * block, 9 * channels))
+    y = _empty((pixels, out_channels))
     with launching(), _BLAS.single_threaded():
         _conv3x3_s2(_BLAS.sgemm, parts, elements, x.shape, strides, weight_cols, bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
