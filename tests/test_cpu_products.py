@@ -120,7 +120,7 @@ def conv_reference(x, weight_cols, bias):
 # _CONV_BLOCK_ROWS pixels (here 64: several, and a remainder). Up to it, the direct kernel: four pixels of
 # a row at a time (widths leaving 1-3 over), one or two vectors of output channels (6, 16, 20, 40).
 @pytest.mark.parametrize("shape, out_channels", [
-    ((1, 7, 9, 5), 6), ((1, 31, 32, 3), 40), ((2, 33, 30, 8), 16), ((3, 20, 21, 4), 20), ((1, 2, 1, 16), 6),
+    ((1, 7, 9, 5), 6), ((1, 31, 32, 3), 40), ((2, 33, 30, 8), 16), ((3, 20, 21, 4), 20), ((1, 2, 3, 16), 6),
     ((2, 9, 11, 17), 6), ((1, 40, 38, 20), 6)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, out_channels, with_bias):
