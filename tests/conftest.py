@@ -57,14 +57,14 @@ def http_file_server(files: dict[str, bytes]) -> Iterator[http.server.ThreadingH
         httpd.server_close()
 
 
-@pytest.fixture(params=["openblas", "numpy"])
+@pytest.fixture(params=["own", "openblas", "numpy"])
 def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the CPU products on both paths: NumPy's OpenBLAS called from the kernels, and
-    NumPy's matmul (the fallback where that OpenBLAS cannot be found)."""
+    """Runs a test with the CPU products on each path (``cpu_gemm.PRODUCTS``): the kernels' own product
+    (correct on any CPU, used where it is the faster), NumPy's OpenBLAS called from the kernels, and
+    NumPy's matmul (the fallback)."""
     from dinat_np.kernels import cpu
 
     if request.param == "openblas" and cpu._BLAS is None:
         pytest.skip("NumPy's bundled OpenBLAS (with openblas_set_num_threads_local) is not available here")
-    if request.param == "numpy":
-        monkeypatch.setattr(cpu, "_BLAS", None)
+    monkeypatch.setattr(cpu, "_PRODUCTS", request.param)
     return request.param

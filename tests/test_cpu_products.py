@@ -1,4 +1,5 @@
-"""The CPU products: NumPy's OpenBLAS called from inside the kernels, and the NumPy fallback."""
+"""The CPU products: the kernels' own product, NumPy's OpenBLAS called from inside the kernels, and the
+NumPy fallback."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinat_np.kernels import cpu, cpu_blas
+from dinat_np.kernels import cpu, cpu_blas, cpu_gemm
 
 
 def reference(x, weight_t, bias=None, scale=None, residual=None):
@@ -157,7 +158,8 @@ def test_float64_inputs_are_computed_in_float32(products):
 
 
 @pytest.mark.skipif(cpu._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
-def test_openblas_thread_count_is_restored_after_each_launch():
+def test_openblas_thread_count_is_restored_after_each_launch(monkeypatch):
+    monkeypatch.setattr(cpu, "_PRODUCTS", "openblas")
     blas = cpu._BLAS
     original = blas.set_num_threads(3)
     try:
@@ -168,7 +170,8 @@ def test_openblas_thread_count_is_restored_after_each_launch():
 
 
 @pytest.mark.skipif(cpu._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
-def test_concurrent_callers_get_their_own_results_and_the_thread_count_survives():
+def test_concurrent_callers_get_their_own_results_and_the_thread_count_survives(monkeypatch):
+    monkeypatch.setattr(cpu, "_PRODUCTS", "openblas")
     blas = cpu._BLAS
     original = blas.set_num_threads(2)
     rng = np.random.default_rng(7)
@@ -213,25 +216,41 @@ def test_product_kernel_is_cached_on_disk(tmp_path):
     assert completed.returncode == 0, completed.stderr
     cached = [path.name for path in Path(tmp_path).rglob("*.nbi")]
     assert any(name.startswith("cpu._linear-") for name in cached)
-    if cpu._BLAS is not None:
+    if cpu_gemm.PRODUCTS != "numpy":
         assert any(name.startswith("cpu._mlp-") for name in cached)
         assert any(name.startswith("cpu._conv3x3_s2-") for name in cached)
 
 
-def test_whole_model_agrees_on_both_product_paths(monkeypatch):
+def test_whole_model_agrees_on_every_product_path(monkeypatch):
     from dinat_np import DinatConfig, DinatForImageClassification
 
-    if cpu._BLAS is None:
-        pytest.skip("NumPy's bundled OpenBLAS is not available here: only one path to compare")
     config = DinatConfig(embed_dim=16, depths=[2, 2], num_heads=[2, 4], dilations=[[1, 2], [1, 1]], kernel_size=3,
                          num_labels=5)
     model = DinatForImageClassification(config, seed=3)
     pixels = np.random.default_rng(8).standard_normal((2, 3, 40, 36)).astype(np.float32)
-    through_kernels = model(pixels).logits
-    monkeypatch.setattr(cpu, "_BLAS", None)
+    monkeypatch.setattr(cpu, "_PRODUCTS", "numpy")
     through_numpy = model(pixels).logits
-    assert np.abs(through_kernels).max() > 1e-3  # a real comparison, not of zeros
-    np.testing.assert_allclose(through_kernels, through_numpy, rtol=0, atol=1e-5)
+    assert np.abs(through_numpy).max() > 1e-3  # a real comparison, not of zeros
+    for path in ("own", "openblas") if cpu._BLAS is not None else ("own",):
+        monkeypatch.setattr(cpu, "_PRODUCTS", path)
+        np.testing.assert_allclose(model(pixels).logits, through_numpy, rtol=0, atol=1e-5, err_msg=path)
+
+
+# Tiles of 6 rows x 64 columns, panels 128 deep, chunks of rows: shapes with remainders of each, and
+# products written into a part of a larger output (the MLP's blocks, the few-row column split).
+@pytest.mark.parametrize("rows, depth, columns", [(1, 1, 1), (5, 3, 17), (6, 64, 64), (13, 129, 65), (50, 300, 200),
+                                                  (700, 16, 48), (9, 1536, 40), (4, 0, 9)])
+def test_own_sgemm_equals_float64_reference(rows, depth, columns):
+    rng = np.random.default_rng(depth)
+    x = rng.standard_normal((rows + 3, depth), dtype=np.float32)
+    weight_t = rng.standard_normal((depth, columns + 20), dtype=np.float32)
+    y = np.full((rows + 5, columns + 20), 7.0, np.float32)
+    cpu_gemm.sgemm()(cpu_blas.ROW_MAJOR, cpu_blas.NO_TRANS, cpu_blas.NO_TRANS, rows, columns, depth, 1.0,
+                   x.ctypes.data + 3 * depth * 4, depth, weight_t.ctypes.data + 20 * 4, columns + 20, 0.0,
+                   y.ctypes.data + (5 * (columns + 20) + 20) * 4, columns + 20)
+    expected = x[3:].astype(np.float64) @ weight_t[:, 20:].astype(np.float64)
+    np.testing.assert_allclose(y[5:, 20:], expected, rtol=0, atol=1e-5 * max(depth, 1) ** 0.5)
+    assert (y[:5] == 7.0).all() and (y[:, :20] == 7.0).all()  # nothing written outside its rows and columns
 
 
 def test_op_outputs_start_on_cache_lines(products):

@@ -85,13 +85,13 @@ needs_proc_maps = pytest.mark.skipif(not LINUX, reason="the child reads /proc/se
 
 @needs_proc_maps
 def test_fresh_process_follows_the_rule_and_passes_it_on():
-    from dinat_np.kernels.cpu_blas import NUMPY_OPENBLAS
+    from dinat_np.kernels.cpu_gemm import PRODUCTS
 
     report = run_child()
     layer = expected_layer(report)
     assert report["layer"] == report["env_layer"] == layer  # written down for Numba and child processes
     # a longer spin only where the products run inside the kernels, with no OpenBLAS pool to yield to
-    spin = "30000" if NUMPY_OPENBLAS is not None else "3000"
+    spin = "3000" if PRODUCTS == "numpy" else "30000"
     assert report["spin"] == (spin if layer == "omp" else None)
 
 

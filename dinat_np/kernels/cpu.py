@@ -1,5 +1,5 @@
-"""CPU backend: Numba kernels for every op of the forward pass; matrix products by NumPy's OpenBLAS,
-called from inside the kernels (``dinat_np.kernels.cpu_blas``), or by NumPy where that is not possible.
+"""CPU backend: Numba kernels for every op of the forward pass; matrix products called from inside the
+kernels, the own (``dinat_np.kernels.cpu_gemm``) or NumPy's OpenBLAS (``cpu_blas``), else by NumPy.
 
 Layout conventions shared by all backends (see ``dinat_np.kernels``):
 - activations are channels-last, ``(rows, channels)`` or ``(batch, height, width, channels)``;
@@ -24,18 +24,15 @@ from numba import njit, prange
 
 from . import check_qkv_bias, check_window
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
+from .cpu_gemm import PRODUCTS, sgemm
 from .cpu_malloc import raise_thresholds
-from .cpu_simd import (LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
-                       load_rows, maximum, multiply, power_of_two, row_sums, splat, store, store_rows, subtract,
-                       transpose, zeros)
+from .cpu_simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
+                       load_rows, maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows,
+                       subtract, transpose, zeros)
 from .cpu_threading import launching
 
 MALLOC_TUNED = raise_thresholds()  # large activations reused from the heap, not faulted in: see cpu_malloc
 
-# Lets LLVM vectorise reductions and divisions: reassociation and contraction of float32 arithmetic,
-# reciprocals, and NumPy's division semantics instead of Python's ZeroDivisionError branch.
-# NaN and infinity semantics are kept (softmax starts from -inf).
-_FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
 
 # The parallel kernels keep their prange bodies small: a thread's share of the work is a call of a plain
 # njit function (a band of tasks, rows or pixels), and code shared by kernels is such a function rather
@@ -68,20 +65,9 @@ _SELU_SCALE = 1.0507009873554805
 # scratch (Numba's own arrays start on 32-byte boundaries: 2-3% of an attention call). dinat-mini at
 # batch 8, five interleaved runs of whole forwards: 0.7-1.8% faster (attention 4.45 -> 4.07 ms per
 # image, mostly the sliding-window layers); batch 1 unchanged.
-_LINE_FLOATS = 16  # floats per 64-byte cache line
-
-
-@njit(**_FAST)
-def _scratch(size):
-    # ``size`` uninitialised float32 starting on a cache line
-    buffer = np.empty(size + _LINE_FLOATS, np.float32)
-    first = -(buffer.ctypes.data // 4) % _LINE_FLOATS
-    return buffer[first : first + size]
-
-
 def _empty(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialised float32 array of ``shape`` whose data starts on a 64-byte boundary."""
-    return _scratch(math.prod(shape)).reshape(shape)
+    return scratch(math.prod(shape)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +107,7 @@ _LN2_LOW = np.float32(-2.12194440e-4)
 _EXP_TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _exp_nonpositive(x):
     x = maximum(x, np.float32(-87.0))
     n = floor(fma(x, _LOG2E, np.float32(0.5)))
@@ -131,13 +117,13 @@ def _exp_nonpositive(x):
     return multiply(p, power_of_two(n))
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _batch_row_head(task, height, heads):
     # one task per (batch, query row, head)
     return task // (height * heads), (task // heads) % height, task % heads
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _add_weighted(weight, values, at, count, low, high):
     # (low, high) + weight * the channels values.flat[at:at + count], as two vectors
     return fma(weight, load(values, at, count), low), fma(weight, load(values, at + LANES, count - LANES), high)
@@ -157,7 +143,7 @@ def _add_weighted(weight, values, at, count, low, high):
 # horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
 # flight (independent fma chains). Consecutive queries overlap (see the step loop): 7-13% faster per call
 # than one query after the other (dinat-mini's three sliding-window shapes at batch 8).
-@njit(**_FAST)
+@njit(**FAST)
 def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
                      store_attn, first_task, stop_task):
     # _na_fused's tasks first_task..stop_task - 1, on one thread
@@ -172,9 +158,9 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     values = qkv.reshape(-1)
     context_out = out.reshape(-1)
-    probabilities = _scratch(2 * padded_window)  # two queries'; padding neighbours' stay -inf
+    probabilities = scratch(2 * padded_window)  # two queries'; padding neighbours' stay -inf
     probabilities[:] = -np.inf
-    query = _scratch(head_dim)  # scaled, with its bias
+    query = scratch(head_dim)  # scaled, with its bias
     for task in range(first_task, stop_task):
         b, i, h = _batch_row_head(task, height, heads)
         head_at = h * head_dim
@@ -257,7 +243,7 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                           fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, parts):
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
@@ -268,7 +254,7 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
 
     # rpb as lane vectors: bias_table[((h * kernel_size + row_bias) * kernel_size + col_bias) * padded_window
     # + neighbour] for the bias indices of window_starts; -inf for the padding neighbours (never the maximum)
-    bias_table = _scratch(heads * window * padded_window)
+    bias_table = scratch(heads * window * padded_window)
     for task in prange(heads * kernel_size * kernel_size):
         h = task // (kernel_size * kernel_size)
         first_row = task // kernel_size % kernel_size
@@ -294,25 +280,25 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
                          store_attn, tasks * part // parts, tasks * (part + 1) // parts)
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _load_three(array, at, stride):
     return load(array, at, LANES), load(array, at + stride, LANES), load(array, at + 2 * stride, LANES)
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _store_three(array, at, stride, vectors):
     store(array, at, LANES, vectors[0])
     store(array, at + stride, LANES, vectors[1])
     store(array, at + 2 * stride, LANES, vectors[2])
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _fma_three(weights, value, totals):
     # totals[v] + weights[v] * value for three vectors of queries
     return fma(weights[0], value, totals[0]), fma(weights[1], value, totals[1]), fma(weights[2], value, totals[2])
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _whole_group_layout(window):
     # (queries in vectors, their lanes: whole groups of three vectors, the bias table's query columns).
     # Odd squares leave 1 or 9 over whole vectors of 16: a remainder of under four queries (the 49th of a
@@ -333,7 +319,7 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # layout (16 x 16 blocks), and the context back to pixels on the way out. A 7x7 group's 49th query is
 # computed on its own: in a fourth vector, 15 of its 16 lanes were padding, and every step paid for them
 # (dinat-mini's four whole-group shapes at batch 8: 10-15% faster per call, in alternation).
-@njit(**_FAST)
+@njit(**FAST)
 def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn, store_attn,
                           first_task, stop_task):
     # _na_whole_groups' tasks first_task..stop_task - 1, on one thread
@@ -347,11 +333,11 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
     context_out = out.reshape(-1)
     pixel_at = np.zeros(table_queries, np.int64)  # where the group's n-th pixel starts in qkv
     out_at = np.zeros(table_queries, np.int64)  # and in the output
-    queries = _scratch(padded_queries * head_dim)  # [query vector][channel][lane]
-    logits = _scratch(window * padded_queries)  # [key][query]
-    context = _scratch(padded_queries * head_dim)  # [query vector][channel][lane]
-    query = _scratch(head_dim)  # a query on its own, scaled, with its bias
-    probabilities = _scratch(key_lanes)  # its logits, then probabilities; the padding keys' stay -inf
+    queries = scratch(padded_queries * head_dim)  # [query vector][channel][lane]
+    logits = scratch(window * padded_queries)  # [key][query]
+    context = scratch(padded_queries * head_dim)  # [query vector][channel][lane]
+    query = scratch(head_dim)  # a query on its own, scaled, with its bias
+    probabilities = scratch(key_lanes)  # its logits, then probabilities; the padding keys' stay -inf
     probabilities[:] = -np.inf
     for task in range(first_task, stop_task):
         b = task // (groups * heads)
@@ -501,7 +487,7 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
                       fma(add(high0, high1), inverse, load(value_bias, h * head_dim + t + LANES, count - LANES)))
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn,
                      store_attn, parts):
     batch, height, width, _, heads, head_dim = qkv.shape
@@ -513,7 +499,7 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
     # towards key (ki, kj) is flipped_rpb[h, qi - ki + kernel_size - 1, qj - kj + kernel_size - 1]: a
     # query row's biases are contiguous there.
     bias_size = 2 * kernel_size - 1
-    bias_table = _scratch(heads * window * table_queries)
+    bias_table = scratch(heads * window * table_queries)
     for task in prange(heads * window):
         h = task // window
         key = task % window
@@ -533,7 +519,7 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
                               store_attn, tasks * part // parts, tasks * (part + 1) // parts)
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _na_qk(query, key, rpb, kernel_size, dilation, logits):
     batch, height, width, heads, head_dim = query.shape
     row_start, row_bias = window_starts(height, kernel_size, dilation)
@@ -551,7 +537,7 @@ def _na_qk(query, key, rpb, kernel_size, dilation, logits):
                     logits[b, h, i, j, ki * kernel_size + kj] = dot + rpb[h, row_bias[i] + ki, col_bias[j] + kj]
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _na_av(attn, value, kernel_size, dilation, out):
     batch, height, width, heads, head_dim = value.shape
     row_start, _ = window_starts(height, kernel_size, dilation)
@@ -640,7 +626,7 @@ def na_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int) 
 # ---------------------------------------------------------------------------------------------------
 # Normalisation, activations and epilogues
 # ---------------------------------------------------------------------------------------------------
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _normalise_row(x, row, weight, bias, eps, out):
     # float32 sums: they vectorise twice as wide as float64 ones (a row's arithmetic 2-3x faster on
     # the model's shapes); with the two-pass variance the error is that of PyTorch's float32 LayerNorm.
@@ -658,7 +644,7 @@ def _normalise_row(x, row, weight, bias, eps, out):
         out[row, c] = (x[row, c] - mean) * inverse * weight[c] + bias[c]
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _layer_norm(x, weight, bias, eps, out):
     for row in prange(x.shape[0]):
         _normalise_row(x, row, weight, bias, eps, out)
@@ -678,7 +664,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 _ERF_A = tuple(np.float32(a) for a in (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638))
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _erf(x):
     a1, a2, a3, a4, a5, a6 = _ERF_A
     s = abs(x)
@@ -690,7 +676,7 @@ def _erf(x):
     return math.copysign(np.float32(1.0) - np.float32(1.0) / p, x)
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _activate(x, activation):
     if activation == 1:
         return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(_SQRT_HALF)))
@@ -704,16 +690,29 @@ def _activate(x, activation):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Matrix products with their epilogues (see dinat_np.kernels.cpu_blas for why BLAS is called from here)
+# Matrix products with their epilogues: computed inside the kernels by an sgemm, cpu_gemm's own or NumPy's
+# OpenBLAS (see cpu_blas for why it is called from here), so that a thread applies the epilogue to rows
+# it has just written; else by NumPy's matmul first. Which: cpu_gemm.PRODUCTS.
 # ---------------------------------------------------------------------------------------------------
-_BLAS = NUMPY_OPENBLAS  # None: products through NumPy's matmul
+_BLAS = NUMPY_OPENBLAS
+_PRODUCTS = PRODUCTS  # "own", "openblas" or "numpy" (the tests switch it)
+
+
+def _sgemm():
+    """The kernels' ``sgemm`` argument: cpu_gemm's, OpenBLAS's, or None (NumPy multiplies first)."""
+    return sgemm() if _PRODUCTS == "own" else _BLAS.sgemm if _PRODUCTS == "openblas" else None
+
+
+def _products_launch():
+    """The context of a kernel launch that multiplies: OpenBLAS kept single-threaded where it is used."""
+    return _BLAS.single_threaded() if _PRODUCTS == "openblas" else nullcontext()
 
 _EPILOGUE_NONE, _EPILOGUE_ACTIVATION, _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = 0, 1, 2, 3
 
 
-@njit(inline="always", **_FAST)
+@njit(inline="always", **FAST)
 def _product_block(sgemm, x, x_row, weight_t, y, y_row, rows, first_col, stop_col):
-    # y[y_row : y_row + rows, cols] = x[x_row : x_row + rows] @ weight_t[:, cols] by one BLAS call on this
+    # y[y_row : y_row + rows, cols] = x[x_row : x_row + rows] @ weight_t[:, cols] by one sgemm call on this
     # thread (OpenBLAS is kept single-threaded meanwhile). Pointers are computed, not sliced: a view
     # would be counted and freed.
     in_features = x.shape[1]
@@ -725,14 +724,14 @@ def _product_block(sgemm, x, x_row, weight_t, y, y_row, rows, first_col, stop_co
     )
 
 
-@njit(**_FAST)
+@njit(**FAST)
 def _bias_activation_rows(y, first, stop, bias, activation):
     for row in range(first, stop):
         for c in range(y.shape[1]):
             y[row, c] = _activate(y[row, c] + bias[c], activation)
 
 
-@njit(**_FAST)
+@njit(**FAST)
 def _residual_rows(y, first, stop, bias, scale, residual, normalise, norm_weight, norm_bias, eps, normed):
     for row in range(first, stop):
         for c in range(y.shape[1]):
@@ -741,7 +740,7 @@ def _residual_rows(y, first, stop, bias, scale, residual, normalise, norm_weight
             _normalise_row(y, row, norm_weight, norm_bias, eps, normed)
 
 
-@njit(**_FAST)
+@njit(**FAST)
 def _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed):
     if epilogue == _EPILOGUE_ACTIVATION:
         _bias_activation_rows(y, first, stop, bias, activation)
@@ -757,7 +756,7 @@ def _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, 
 _MIN_ROWS_PER_THREAD = 128
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps,
             normed):
     # One task per thread (``parts`` of them). Many rows: each task takes a band of rows, multiplies it
@@ -798,12 +797,13 @@ def _run_linear(
     weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
     residual = np.ascontiguousarray(residual, dtype=np.float32)
     y = _empty((x.shape[0], weight_t.shape[1]))
-    if _BLAS is None:
+    sgemm = _sgemm()
+    if sgemm is None:
         np.matmul(x, weight_t, out=y)
         if epilogue == _EPILOGUE_NONE:
             return y
-    with launching(), nullcontext() if _BLAS is None else _BLAS.single_threaded():
-        _linear(None if _BLAS is None else _BLAS.sgemm, numba.get_num_threads(), x, weight_t, y, epilogue, bias,
+    with launching(), _products_launch():
+        _linear(sgemm, numba.get_num_threads(), x, weight_t, y, epilogue, bias,
                 activation, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
@@ -848,7 +848,7 @@ def linear_residual_norm(
 _MLP_BLOCK_ROWS = 512
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _mlp(sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hidden, y, epilogue, bias, scale, residual,
          norm_weight, norm_bias, eps, normed):
     # ``hidden`` holds one block of rows per thread; each task is one thread's band of rows.
@@ -875,7 +875,7 @@ def _run_mlp(
     code = activation_code(activation)
     x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     parts = numba.get_num_threads()
-    if _BLAS is None or x.shape[0] < _MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
+    if _sgemm() is None or x.shape[0] < _MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
         hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, code)
         return _run_linear(hidden, fc2_t, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
     fc1_t = np.ascontiguousarray(fc1_t, dtype=np.float32)
@@ -884,8 +884,8 @@ def _run_mlp(
     block = min(_MLP_BLOCK_ROWS, -(-x.shape[0] // parts))
     hidden = _empty((parts * block, fc1_t.shape[1]))
     y = _empty((x.shape[0], fc2_t.shape[1]))
-    with launching(), _BLAS.single_threaded():
-        _mlp(_BLAS.sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
+    with launching(), _products_launch():
+        _mlp(_sgemm(), parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
              scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
@@ -920,7 +920,7 @@ def mlp_residual_norm(
 # ---------------------------------------------------------------------------------------------------
 # 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + BLAS products, or direct for few channels
 # ---------------------------------------------------------------------------------------------------
-@njit(**_FAST)
+@njit(**FAST)
 def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):
     # cols[first_row + k] = the zero-padded 3x3 patch under output pixel first_pixel + k (flat over batch,
     # rows, columns), in (row, column, channel) order, for k < count. The input's element (b, i, j, c) is
@@ -950,7 +950,7 @@ def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):
                         cols[row, base + c] = 0.0
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _im2col_3x3_s2(parts, x, shape, strides, cols):
     pixels = cols.shape[0]
     for part in prange(parts):
@@ -977,7 +977,7 @@ _CONV_BLOCK_ROWS = 512
 _DIRECT_MAX_CHANNELS = 16
 
 
-@njit(**_FAST)
+@njit(**FAST)
 def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_row):
     # output rows first_row..stop_row - 1 (flat over images and rows); x read as in _im2col_rows
     _, height, width, channels = shape
@@ -1030,7 +1030,7 @@ def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_r
                     store(out, at + 3 * out_channels + LANES, count - LANES, high3)
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, **FAST)
 def _conv3x3_s2(sgemm, parts, x, shape, strides, weight_cols, bias, cols, y):
     # One task per thread. Without ``cols`` (few input channels) a band of output rows computed directly;
     # otherwise a band of output pixels, in blocks whose patches are gathered into this thread's block of
@@ -1081,11 +1081,11 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
         bias = np.zeros(out_channels, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         y = _empty((pixels, out_channels))
         with launching():
-            _conv3x3_s2(None if _BLAS is None else _BLAS.sgemm, min(parts, batch * out_height), elements, x.shape,
+            _conv3x3_s2(_sgemm(), min(parts, batch * out_height), elements, x.shape,
                         strides, weight_cols, bias, _NO_ROWS, y)
         return y.reshape(batch, out_height, out_width, out_channels)
     few = pixels < _MIN_ROWS_PER_THREAD * parts
-    if _BLAS is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
+    if _sgemm() is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
         cols = _empty((pixels, 9 * channels))
         if few:  # at most a few hundred patches, 10-30 us on this thread: not worth a parallel kernel to compile
             _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)
@@ -1097,8 +1097,8 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = _empty((parts * block, 9 * channels))
     y = _empty((pixels, out_channels))
-    with launching(), _BLAS.single_threaded():
-        _conv3x3_s2(_BLAS.sgemm, parts, elements, x.shape, strides, weight_cols, bias, cols, y)
+    with launching(), _products_launch():
+        _conv3x3_s2(_sgemm(), parts, elements, x.shape, strides, weight_cols, bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
 
 

@@ -49,7 +49,8 @@ class Blas(NamedTuple):
             self.set_num_threads(previous)
 
 
-def _sgemm_prototype(integer: type) -> type:
+def sgemm_prototype(integer: type) -> type:
+    """The ctypes prototype of ``cblas_sgemm`` with integers of type ``integer``."""
     return ctypes.CFUNCTYPE(
         None, ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
         ctypes.c_void_p, integer, ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer,
@@ -84,7 +85,7 @@ def find_blas() -> Blas | None:
             continue
         for symbol, integer in _SGEMM_SYMBOLS:
             if hasattr(library, symbol):
-                sgemm = _sgemm_prototype(integer)((symbol, library))
+                sgemm = sgemm_prototype(integer)((symbol, library))
                 set_num_threads = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
                 return Blas(sgemm, set_num_threads(("openblas_set_num_threads_local", library)))
     return None

@@ -16,12 +16,18 @@ transposed (16 x 16, in registers), or summed row by row (16 dot products finish
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
+
+# The kernels' compile options. They let LLVM vectorise reductions and divisions: reassociation and
+# contraction of float32 arithmetic, reciprocals, and NumPy's division semantics instead of Python's
+# ZeroDivisionError branch. NaN and infinity semantics are kept (softmax starts from -inf).
+FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
 _FLOAT = ir.FloatType()
 _VECTOR = ir.VectorType(_FLOAT, LANES)
 _I32 = ir.IntType(32)
@@ -333,3 +339,12 @@ def largest_lane(typingctx, a):
         return builder.extract_element(value, ir.Constant(_I32, 0))
 
     return types.float32(a), codegen
+
+
+@njit(**FAST)
+def scratch(size):
+    """``size`` uninitialised float32 starting on a 64-byte boundary (a cache line): 16-lane loads from
+    it never straddle two lines. (NumPy's arrays start on 16-byte boundaries, Numba's on 32-byte ones.)"""
+    buffer = np.empty(size + LANES, np.float32)
+    first = -(buffer.ctypes.data // 4) % LANES
+    return buffer[first : first + size]

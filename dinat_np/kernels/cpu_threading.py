@@ -31,18 +31,18 @@ from typing import Iterator
 
 import numba
 
-from .cpu_blas import NUMPY_OPENBLAS
+from .cpu_gemm import PRODUCTS
 
 # Spin iterations of an idle GNU OpenMP thread before it sleeps (3000 is ~0.2 ms on this Skylake VM):
 # long enough to bridge the Python between two kernels. Where the products run on OpenBLAS's own
-# threads (NumPy's matmul, see cpu_blas) it must also be short next to a product, or the spinning
+# threads (NumPy's matmul, see cpu_gemm.PRODUCTS) it must also be short next to a product, or the spinning
 # threads take the cores from OpenBLAS; measured at batch 1 (dinat-mini, 2 cores): 300 -> 62 ms,
 # 1000 -> 59, 3000 -> 55, 10000 -> 63, 30000 -> 73. With the products inside the kernels no other pool
 # waits for the cores: 3000 -> 55.6 ms, 10000 -> 53.0, 30000 -> 52.0, 100000 -> 52.4 (means of 2-5
 # interleaved runs, +-5% noise); 30000 (~2 ms) still lets a caller's own NumPy products have the cores
 # soon after a forward.
 def _spin_count() -> str:
-    return "30000" if NUMPY_OPENBLAS is not None else "3000"
+    return "3000" if PRODUCTS == "numpy" else "30000"
 
 
 def _libgomp_loaded() -> bool:
