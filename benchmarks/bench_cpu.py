@@ -172,6 +172,14 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def engine_products() -> str:
+    """Where the engine's matrix products run (``dinat_np.kernels.cpu_gemm.PRODUCTS``), in words."""
+    from dinat_np.kernels import cpu
+
+    return {"own": "its own kernel (cpu_gemm; AVX-512)", "openblas": "NumPy's OpenBLAS, called from the kernels",
+            "numpy": "NumPy's matmul"}[cpu._PRODUCTS]
+
+
 def blas_info() -> str:
     """BLAS library, version and the kernel family OpenBLAS picked at run time (when it can be asked)."""
     text = "unknown"
@@ -232,6 +240,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "blas": blas_info(),
+        "products": engine_products(),
         "threads": threads,
         "numba_threads_max": numba.config.NUMBA_NUM_THREADS,
         "numba_threads": numba.get_num_threads(),
@@ -646,7 +655,8 @@ def _machine_section(results: dict[str, Any]) -> list[str]:
         ["CPU", f"{info['cpu']} ({info['cores']} cores, {info['usable_cpus']} usable)"],
         ["threads", f"{info['threads']} (numba {info['numba_threads']}, layer {results['threading_layer']})"],
         ["python / numpy / numba", f"{info['python']} / {info['numpy']} / {info['numba']}"],
-        ["BLAS", info["blas"]],
+        ["BLAS (the floor's products)", info["blas"]],
+        ["engine's products", info["products"]],
         ["torch", str(info["torch"])],
         ["env", ", ".join(f"{k}={v}" for k, v in env.items() if v is not None) or "(none set)"],
         ["OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE",

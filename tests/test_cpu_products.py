@@ -216,6 +216,8 @@ def test_product_kernel_is_cached_on_disk(tmp_path):
     assert completed.returncode == 0, completed.stderr
     cached = [path.name for path in Path(tmp_path).rglob("*.nbi")]
     assert any(name.startswith("cpu._linear-") for name in cached)
+    if cpu_gemm.PRODUCTS == "own":  # the own product too: a C function, cached like the kernels
+        assert any(name.startswith("cpu_gemm._sgemm-") for name in cached)
     if cpu_gemm.PRODUCTS != "numpy":
         assert any(name.startswith("cpu._mlp-") for name in cached)
         assert any(name.startswith("cpu._conv3x3_s2-") for name in cached)
