@@ -22,9 +22,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import check_qkv_bias, check_window
+from . import check_qkv_bias, check_window, cpu_gemm
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
-from .cpu_gemm import PRODUCTS, sgemm
 from .cpu_malloc import raise_thresholds
 from .cpu_simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
                        load_rows, maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows,
@@ -695,17 +694,18 @@ def _activate(x, activation):
 # it has just written; else by NumPy's matmul first. Which: cpu_gemm.PRODUCTS.
 # ---------------------------------------------------------------------------------------------------
 _BLAS = NUMPY_OPENBLAS
-_PRODUCTS = PRODUCTS  # "own", "openblas" or "numpy" (the tests switch it)
+_PRODUCTS = cpu_gemm.PRODUCTS  # "own", "openblas" or "numpy" (the tests switch it)
 
 
 def _sgemm():
     """The kernels' ``sgemm`` argument: cpu_gemm's, OpenBLAS's, or None (NumPy multiplies first)."""
-    return sgemm() if _PRODUCTS == "own" else _BLAS.sgemm if _PRODUCTS == "openblas" else None
+    return cpu_gemm.sgemm() if _PRODUCTS == "own" else _BLAS.sgemm if _PRODUCTS == "openblas" else None
 
 
 def _products_launch():
     """The context of a kernel launch that multiplies: OpenBLAS kept single-threaded where it is used."""
     return _BLAS.single_threaded() if _PRODUCTS == "openblas" else nullcontext()
+
 
 _EPILOGUE_NONE, _EPILOGUE_ACTIVATION, _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = 0, 1, 2, 3
 
@@ -875,7 +875,8 @@ def _run_mlp(
     code = activation_code(activation)
     x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     parts = numba.get_num_threads()
-    if _sgemm() is None or x.shape[0] < _MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
+    sgemm = _sgemm()
+    if sgemm is None or x.shape[0] < _MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
         hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, code)
         return _run_linear(hidden, fc2_t, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
     fc1_t = np.ascontiguousarray(fc1_t, dtype=np.float32)
@@ -885,7 +886,7 @@ def _run_mlp(
     hidden = _empty((parts * block, fc1_t.shape[1]))
     y = _empty((x.shape[0], fc2_t.shape[1]))
     with launching(), _products_launch():
-        _mlp(_sgemm(), parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
+        _mlp(sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
              scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
@@ -918,7 +919,7 @@ def mlp_residual_norm(
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + BLAS products, or direct for few channels
+# 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + products, or direct for few channels
 # ---------------------------------------------------------------------------------------------------
 @njit(**FAST)
 def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):

@@ -72,9 +72,14 @@ def _bundled_openblas() -> list[Path]:
     )
 
 
+def numpy_products_asked() -> bool:
+    """Whether ``DINAT_NP_NUMPY_BLAS`` asks for the products through NumPy's matmul."""
+    return os.environ.get("DINAT_NP_NUMPY_BLAS", "") not in ("", "0")
+
+
 def find_blas() -> Blas | None:
     """NumPy's bundled OpenBLAS, or None where it cannot be used from the kernels (see the module docstring)."""
-    if os.environ.get("DINAT_NP_NUMPY_BLAS", "") not in ("", "0"):
+    if numpy_products_asked():
         return None
     for path in _bundled_openblas():
         try:

@@ -28,7 +28,7 @@ import os
 from llvmlite import binding
 from numba import carray, cfunc, njit, types
 
-from .cpu_blas import NUMPY_OPENBLAS, sgemm_prototype
+from .cpu_blas import NUMPY_OPENBLAS, numpy_products_asked, sgemm_prototype
 from .cpu_simd import FAST, LANES, broadcast, fma, load, scratch, splat, store
 
 
@@ -42,7 +42,7 @@ WIDE_VECTORS = _has_wide_vectors()
 
 
 def _products() -> str:
-    if os.environ.get("DINAT_NP_NUMPY_BLAS", "") not in ("", "0"):
+    if numpy_products_asked():
         return "numpy"
     if WIDE_VECTORS:
         return "own"
@@ -66,8 +66,8 @@ _CHUNK_FLOATS = 65536  # a chunk's rows of x, one panel deep: 256 KiB, in L2
 @njit(inline="always", **FAST)
 def _load_row(array, at, lanes):
     # up to 64 floats from array.flat[at:], zeros beyond ``lanes``
-    return (load(array, at, lanes), load(array, at + LANES, lanes - LANES), load(array, at + 2 * LANES, lanes - 2 * LANES),
-            load(array, at + 3 * LANES, lanes - 3 * LANES))
+    return (load(array, at, lanes), load(array, at + LANES, lanes - LANES),
+            load(array, at + 2 * LANES, lanes - 2 * LANES), load(array, at + 3 * LANES, lanes - 3 * LANES))
 
 
 @njit(inline="always", **FAST)
