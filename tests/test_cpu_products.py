@@ -268,3 +268,24 @@ def test_op_outputs_start_on_cache_lines(products):
     conv = cpu.conv3x3_stride2(x.reshape(1, 5, 10, 32), rng.standard_normal((288, 8), dtype=np.float32), None)
     for output in (qkv, context, cpu.layer_norm(x, ones, zeros, 1e-5), *closed, conv):
         assert output.ctypes.data % 64 == 0 and output.flags.c_contiguous
+
+
+def test_products_run_where_they_are_fastest(monkeypatch):
+    """Own product with 512-bit vectors, else NumPy's OpenBLAS from the kernels, else NumPy's matmul;
+    DINAT_NP_NUMPY_BLAS=1 asks for NumPy's matmul whatever the CPU."""
+    monkeypatch.delenv("DINAT_NP_NUMPY_BLAS", raising=False)
+    blas = object()
+    for wide, openblas, expected in ((True, blas, "own"), (True, None, "own"), (False, blas, "openblas"),
+                                     (False, None, "numpy")):
+        monkeypatch.setattr(cpu_gemm, "WIDE_VECTORS", wide)
+        monkeypatch.setattr(cpu_gemm, "NUMPY_OPENBLAS", openblas)
+        assert cpu_gemm._products() == expected
+    monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "1")
+    assert cpu_gemm._products() == "numpy"
+
+
+def test_wide_vectors_follow_the_features_numba_compiles_for(monkeypatch):
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert not cpu_gemm._has_wide_vectors()
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512f,+fma")
+    assert cpu_gemm._has_wide_vectors()
