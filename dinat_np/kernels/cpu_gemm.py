@@ -128,7 +128,7 @@ def _one_row(x, x_at, panel, first_k, stop_k, y, y_at, lanes):
     _store_row(y, y_at, lanes, row)
 
 
-@njit(**FAST)
+@njit(inline="always", **FAST)
 def _product(x, x_stride, weight_t, weight_stride, y, y_stride, rows, columns, depth):
     # y[r * y_stride + c] = sum over k of x[r * x_stride + k] * weight_t[k * weight_stride + c], r < rows, c < columns
     panel = scratch(max(1, min(depth, _PANEL_DEPTH)) * _TILE_COLUMNS)
