@@ -289,3 +289,18 @@ def test_wide_vectors_follow_the_features_numba_compiles_for(monkeypatch):
     assert not cpu_gemm._has_wide_vectors()
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512f,+fma")
     assert cpu_gemm._has_wide_vectors()
+
+
+def test_own_sgemm_is_compiled_once_and_kept_alive():
+    """Every caller gets the same C function, which stays valid after a garbage collection (its code lives
+    as long as the compiled object that cpu_gemm keeps)."""
+    import gc
+
+    first = cpu_gemm.sgemm()
+    gc.collect()
+    assert cpu_gemm.sgemm() is first
+    x, weight_t = np.ones((7, 3), np.float32), np.full((3, 5), 2.0, np.float32)
+    y = np.zeros((7, 5), np.float32)
+    first(cpu_blas.ROW_MAJOR, cpu_blas.NO_TRANS, cpu_blas.NO_TRANS, 7, 5, 3, 1.0, x.ctypes.data, 3,
+          weight_t.ctypes.data, 5, 0.0, y.ctypes.data, 5)
+    assert (y == 6.0).all()

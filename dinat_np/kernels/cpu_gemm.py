@@ -22,8 +22,8 @@ thread count, chunking or panel depth.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
+import threading
 
 from llvmlite import binding
 from numba import carray, cfunc, njit, types
@@ -162,7 +162,10 @@ def _sgemm(order, trans_a, trans_b, rows, columns, depth, alpha, x, x_stride, we
                  carray(y, (rows - 1) * y_stride + columns), y_stride, rows, columns, depth)
 
 
-@functools.cache
+_COMPILING = threading.Lock()
+_compiled = None  # (the compiled C function, a pointer to it): its machine code lives as long as the first
+
+
 def sgemm() -> ctypes._CFuncPtr:
     """This module's product as a ``cblas_sgemm`` with 64-bit integers, as in the OpenBLAS that NumPy >= 2
     bundles (so the kernels' calls through either compile alike). Only what the kernels ask for is
@@ -170,9 +173,15 @@ def sgemm() -> ctypes._CFuncPtr:
 
     A C function rather than a Numba one: the kernels call it through a pointer, so its code is compiled
     once, not again inside each kernel that calls it (3.5 s more of a cold compile of dinat-mini); and
-    only when first asked for (on the CPUs that use it).
+    only when first asked for (on the CPUs that use it), by one thread.
     """
-    floats = types.CPointer(types.float32)
-    signature = types.void(types.intc, types.intc, types.intc, types.int64, types.int64, types.int64, types.float32,
-                           floats, types.int64, floats, types.int64, types.float32, floats, types.int64)
-    return sgemm_prototype(ctypes.c_int64)(cfunc(signature, **FAST)(_sgemm).address)
+    global _compiled
+    with _COMPILING:
+        if _compiled is None:
+            floats = types.CPointer(types.float32)
+            signature = types.void(types.intc, types.intc, types.intc, types.int64, types.int64, types.int64,
+                                   types.float32, floats, types.int64, floats, types.int64, types.float32, floats,
+                                   types.int64)
+            function = cfunc(signature, **FAST)(_sgemm)
+            _compiled = (function, sgemm_prototype(ctypes.c_int64)(function.address))
+        return _compiled[1]
