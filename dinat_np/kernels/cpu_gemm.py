@@ -94,29 +94,29 @@ def _start_row(y, at, lanes, first_k):
 
 
 @njit(**FAST)
-def _six_rows(x, x_at, depth, panel, first_k, stop_k, y, y_at, width, lanes):
-    # y's six rows from y_at (row length ``width``), ``lanes`` columns: += x's six rows from x_at
-    # (row length ``depth``) times the panel (k = first_k..stop_k - 1)
+def _six_rows(x, x_at, x_stride, panel, first_k, stop_k, y, y_at, y_stride, lanes):
+    # y's six rows from y_at (``y_stride`` apart), ``lanes`` columns: += x's six rows from x_at
+    # (``x_stride`` apart) times the panel (k = first_k..stop_k - 1)
     row0 = _start_row(y, y_at, lanes, first_k)
-    row1 = _start_row(y, y_at + width, lanes, first_k)
-    row2 = _start_row(y, y_at + 2 * width, lanes, first_k)
-    row3 = _start_row(y, y_at + 3 * width, lanes, first_k)
-    row4 = _start_row(y, y_at + 4 * width, lanes, first_k)
-    row5 = _start_row(y, y_at + 5 * width, lanes, first_k)
+    row1 = _start_row(y, y_at + y_stride, lanes, first_k)
+    row2 = _start_row(y, y_at + 2 * y_stride, lanes, first_k)
+    row3 = _start_row(y, y_at + 3 * y_stride, lanes, first_k)
+    row4 = _start_row(y, y_at + 4 * y_stride, lanes, first_k)
+    row5 = _start_row(y, y_at + 5 * y_stride, lanes, first_k)
     for k in range(first_k, stop_k):
         panel_row = _load_row(panel, (k - first_k) * _TILE_COLUMNS, _TILE_COLUMNS)
         row0 = _multiply_add(broadcast(x, x_at + k), panel_row, row0)
-        row1 = _multiply_add(broadcast(x, x_at + depth + k), panel_row, row1)
-        row2 = _multiply_add(broadcast(x, x_at + 2 * depth + k), panel_row, row2)
-        row3 = _multiply_add(broadcast(x, x_at + 3 * depth + k), panel_row, row3)
-        row4 = _multiply_add(broadcast(x, x_at + 4 * depth + k), panel_row, row4)
-        row5 = _multiply_add(broadcast(x, x_at + 5 * depth + k), panel_row, row5)
+        row1 = _multiply_add(broadcast(x, x_at + x_stride + k), panel_row, row1)
+        row2 = _multiply_add(broadcast(x, x_at + 2 * x_stride + k), panel_row, row2)
+        row3 = _multiply_add(broadcast(x, x_at + 3 * x_stride + k), panel_row, row3)
+        row4 = _multiply_add(broadcast(x, x_at + 4 * x_stride + k), panel_row, row4)
+        row5 = _multiply_add(broadcast(x, x_at + 5 * x_stride + k), panel_row, row5)
     _store_row(y, y_at, lanes, row0)
-    _store_row(y, y_at + width, lanes, row1)
-    _store_row(y, y_at + 2 * width, lanes, row2)
-    _store_row(y, y_at + 3 * width, lanes, row3)
-    _store_row(y, y_at + 4 * width, lanes, row4)
-    _store_row(y, y_at + 5 * width, lanes, row5)
+    _store_row(y, y_at + y_stride, lanes, row1)
+    _store_row(y, y_at + 2 * y_stride, lanes, row2)
+    _store_row(y, y_at + 3 * y_stride, lanes, row3)
+    _store_row(y, y_at + 4 * y_stride, lanes, row4)
+    _store_row(y, y_at + 5 * y_stride, lanes, row5)
 
 
 @njit(**FAST)
