@@ -131,8 +131,9 @@ def _one_row(x, x_at, panel, first_k, stop_k, y, y_at, lanes):
 @njit(inline="always", **FAST)
 def _product(x, x_stride, weight_t, weight_stride, y, y_stride, rows, columns, depth):
     # y[r * y_stride + c] = sum over k of x[r * x_stride + k] * weight_t[k * weight_stride + c], r < rows, c < columns
-    panel = scratch(max(1, min(depth, _PANEL_DEPTH)) * _TILE_COLUMNS)
-    chunk = max(_TILE_ROWS, _CHUNK_FLOATS // max(1, min(depth, _PANEL_DEPTH)) // _TILE_ROWS * _TILE_ROWS)
+    panel_depth = max(1, min(depth, _PANEL_DEPTH))
+    panel = scratch(panel_depth * _TILE_COLUMNS)
+    chunk = max(_TILE_ROWS, _CHUNK_FLOATS // panel_depth // _TILE_ROWS * _TILE_ROWS)
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         for col in range(0, columns, _TILE_COLUMNS):
@@ -151,9 +152,6 @@ def _product(x, x_stride, weight_t, weight_stride, y, y_stride, rows, columns, d
                     _one_row(x, row * x_stride, panel, first_k, stop_k, y, row * y_stride + col, lanes)
 
 
-_FLOATS = types.CPointer(types.float32)
-
-
 def _sgemm(order, trans_a, trans_b, rows, columns, depth, alpha, x, x_stride, weight_t, weight_stride, beta, y,
            y_stride):
     if rows > 0 and columns > 0:
@@ -163,7 +161,7 @@ def _sgemm(order, trans_a, trans_b, rows, columns, depth, alpha, x, x_stride, we
 
 
 _COMPILING = threading.Lock()
-_compiled = None  # (the compiled C function, a pointer to it): its machine code lives as long as the first
+_compiled = None  # (the compiled C function, a pointer to it): the code lives as long as that function object
 
 
 def sgemm() -> ctypes._CFuncPtr:
@@ -176,6 +174,8 @@ def sgemm() -> ctypes._CFuncPtr:
     only when first asked for (on the CPUs that use it), by one thread.
     """
     global _compiled
+    if _compiled is not None:  # every product op asks: no lock once compiled
+        return _compiled[1]
     with _COMPILING:
         if _compiled is None:
             floats = types.CPointer(types.float32)

@@ -28,6 +28,7 @@ LANES = 16
 # contraction of float32 arithmetic, reciprocals, and NumPy's division semantics instead of Python's
 # ZeroDivisionError branch. NaN and infinity semantics are kept (softmax starts from -inf).
 FAST = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
+
 _FLOAT = ir.FloatType()
 _VECTOR = ir.VectorType(_FLOAT, LANES)
 _I32 = ir.IntType(32)
