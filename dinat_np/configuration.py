@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from .kernels.common import ACTIVATIONS
+
 CONFIG_NAME = "config.json"
 
 # Every field of transformers' DinatConfig, with its default (the dinat-mini architecture).
@@ -31,7 +33,7 @@ _DEFAULTS: dict[str, Any] = {
     "layer_scale_init_value": 0.0,
 }
 
-SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "selu")
+SUPPORTED_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "identity")  # what the kernels implement
 _MODEL_TYPES = {"dinat": "Dinat", "nat": "Nat"}
 
 

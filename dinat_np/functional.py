@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import check_window, cpu
+from .kernels import check_window, get_backend
 
 __all__ = ["na2d_qk", "na2d_av", "na2d"]
 
@@ -54,7 +54,7 @@ def na2d_qk(
     key = _as_tensor("key", key, query.shape)
     check_window(query.shape[2], query.shape[3], kernel_size, dilation)
     bias = _bias(rpb, query.shape[1], kernel_size)
-    return cpu.na_qk(_channels_last(query), _channels_last(key), bias, kernel_size, dilation)
+    return get_backend("cpu").na_qk(_channels_last(query), _channels_last(key), bias, kernel_size, dilation)
 
 
 def na2d_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int = 1) -> np.ndarray:
@@ -68,7 +68,7 @@ def na2d_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int
     expected = value.shape[:4] + (kernel_size * kernel_size,)
     if attn.shape != expected:
         raise ValueError(f"attn has shape {attn.shape}, expected {expected}")
-    out = cpu.na_av(
+    out = get_backend("cpu").na_av(
         np.ascontiguousarray(attn, dtype=np.float32), _channels_last(value), int(kernel_size), int(dilation)
     )
     return out.transpose(0, 3, 1, 2, 4)
@@ -95,5 +95,5 @@ def na2d(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     qkv = np.stack([_channels_last(query), _channels_last(key), _channels_last(value)], axis=3)
-    out, _ = cpu.neighborhood_attention(qkv, bias, int(kernel_size), int(dilation), float(scale))
+    out, _ = get_backend("cpu").neighborhood_attention(qkv, bias, int(kernel_size), int(dilation), float(scale))
     return out.transpose(0, 3, 1, 2, 4)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .configuration import DinatConfig
-from .kernels import get_backend
+from .kernels import Conv, Linear, Norm, get_backend
 from .state_dict import WEIGHTS_NAME, WeightsMismatchError, read_safetensors, write_safetensors
 
 # HF builds these LayerNorms with PyTorch's default eps, not config.layer_norm_eps.
@@ -161,34 +161,23 @@ class _RandomWeights(_Weights):
 # ---------------------------------------------------------------------------------------------------
 class _LayerNorm:
     def __init__(self, weights: _Weights, name: str, dim: int, eps: float) -> None:
-        self.weight = weights.vector(f"{name}.weight", dim, init=1.0)
-        self.bias = weights.vector(f"{name}.bias", dim)
-        self.eps, self.ops = eps, weights.backend
+        self.params = Norm(weights.vector(f"{name}.weight", dim, init=1.0), weights.vector(f"{name}.bias", dim), eps)
+        self.ops = weights.backend
 
     def __call__(self, x: Any) -> Any:
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-    def with_residual(self, x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any) -> tuple[Any, Any]:
-        """``residual + scale * (x @ weight_t + bias)`` and this LayerNorm of it, in one pass over the rows."""
-        return self.ops.linear_residual_norm(x, weight_t, bias, scale, residual, self.weight, self.bias, self.eps)
-
-    def with_mlp_residual(
-        self, x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any
-    ) -> tuple[Any, Any]:
-        """``residual + scale * MLP(x)`` and this LayerNorm of it (MLP: fc1, ``activation``, fc2), in one launch."""
-        return self.ops.mlp_residual_norm(
-            x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual, self.weight, self.bias, self.eps
-        )
+        return self.ops.layer_norm(x, self.params)
 
 
 class _Conv3x3Stride2:
     def __init__(self, weights: _Weights, name: str, in_channels: int, out_channels: int, bias: bool) -> None:
         self.ops = weights.backend
-        self.weight = weights.conv3x3(f"{name}.weight", in_channels, out_channels)
-        self.bias = weights.vector(f"{name}.bias", out_channels) if bias else None
+        self.params = Conv(
+            weights.conv3x3(f"{name}.weight", in_channels, out_channels),
+            weights.vector(f"{name}.bias", out_channels) if bias else None,
+        )
 
     def __call__(self, x: Any) -> Any:
-        return self.ops.conv3x3_stride2(x, self.weight, self.bias)
+        return self.ops.conv3x3_stride2(x, self.params)
 
 
 class DinatEmbeddings:
@@ -217,11 +206,12 @@ class NeighborhoodAttention:
         span = 2 * config.kernel_size - 1
         # Queries, keys and values come from one product of the input: three weights side by side.
         roles = [f"{name}.self.{role}" for role in ("query", "key", "value")]
-        self.qkv = weights.linears_side_by_side([f"{role}.weight" for role in roles], dim, dim)
+        self.qkv = Linear(weights.linears_side_by_side([f"{role}.weight" for role in roles], dim, dim))
         self.qkv_bias = weights.vectors_side_by_side([f"{role}.bias" for role in roles], dim) if config.qkv_bias else None
         self.rpb = weights.tensor(f"{name}.self.rpb", (num_heads, span, span), init=0.0)
-        self.dense = weights.linear(f"{name}.output.dense.weight", dim, dim)
-        self.dense_bias = weights.vector(f"{name}.output.dense.bias", dim)
+        self.output = Linear(
+            weights.linear(f"{name}.output.dense.weight", dim, dim), weights.vector(f"{name}.output.dense.bias", dim)
+        )
 
     def __call__(self, x: Any, output_attentions: bool) -> tuple[Any, Any]:
         """Context ``(batch, height, width, dim)`` before the output projection, and the attention weights."""
@@ -250,10 +240,13 @@ class DinatLayer:
         self.layernorm_before = _LayerNorm(weights, f"{name}.layernorm_before", dim, config.layer_norm_eps)
         self.attention = NeighborhoodAttention(config, weights, f"{name}.attention", dim, num_heads, dilation)
         self.layernorm_after = _LayerNorm(weights, f"{name}.layernorm_after", dim, config.layer_norm_eps)
-        self.intermediate = weights.linear(f"{name}.intermediate.dense.weight", dim, hidden)
-        self.intermediate_bias = weights.vector(f"{name}.intermediate.dense.bias", hidden)
-        self.output = weights.linear(f"{name}.output.dense.weight", hidden, dim)
-        self.output_bias = weights.vector(f"{name}.output.dense.bias", dim)
+        self.intermediate = Linear(
+            weights.linear(f"{name}.intermediate.dense.weight", dim, hidden),
+            weights.vector(f"{name}.intermediate.dense.bias", hidden),
+        )
+        self.output = Linear(
+            weights.linear(f"{name}.output.dense.weight", hidden, dim), weights.vector(f"{name}.output.dense.bias", dim)
+        )
         self.activation = config.hidden_act
         if config.layer_scale_init_value > 0:
             gamma = weights.tensor(f"{name}.layer_scale_parameters", (2, dim), init=config.layer_scale_init_value)
@@ -278,13 +271,13 @@ class DinatLayer:
         context, attention = self.attention(normed, output_attentions)
         if (padded_height, padded_width) != (height, width):
             context = self.ops.crop(context, height, width)
-        x, normed = self.layernorm_after.with_residual(
-            context, self.attention.dense, self.attention.dense_bias, self.layer_scale[0], x
+        x, normed = self.ops.linear_residual(
+            context, self.attention.output, self.layer_scale[0], x, norm=self.layernorm_after.params
         )
-        mlp = (normed, self.intermediate, self.intermediate_bias, self.activation, self.output, self.output_bias)
-        if next_norm is None:
-            return self.ops.mlp_residual(*mlp, self.layer_scale[1], x), None, attention
-        x, next_normed = next_norm.with_mlp_residual(*mlp, self.layer_scale[1], x)
+        x, next_normed = self.ops.mlp_residual(
+            normed, self.intermediate, self.activation, self.output, self.layer_scale[1], x,
+            norm=None if next_norm is None else next_norm.params,
+        )
         return x, next_normed, attention
 
 
@@ -514,8 +507,9 @@ class DinatForImageClassification(DinatModel):
         super()._build(weights, prefix=f"{self.config.weights_prefix}.")
         labels, features = self.config.num_labels, self.config.hidden_size
         if labels > 0:
-            self.classifier = weights.linear("classifier.weight", features, labels)
-            self.classifier_bias = weights.vector("classifier.bias", labels)
+            self.classifier = Linear(
+                weights.linear("classifier.weight", features, labels), weights.vector("classifier.bias", labels)
+            )
 
     def __call__(
         self,
@@ -528,7 +522,7 @@ class DinatForImageClassification(DinatModel):
         """Class scores for ``(batch, channels, height, width)`` pixels, and the loss when ``labels`` are given."""
         base, pooled = self._forward(pixel_values, self._resolve(output_hidden_states), self._resolve(output_attentions))
         if self.config.num_labels > 0:
-            logits = self.ops.download(self.ops.linear(pooled, self.classifier, self.classifier_bias))
+            logits = self.ops.download(self.ops.linear(pooled, self.classifier))
         else:
             logits = base.pooler_output
         output = DinatImageClassifierOutput(

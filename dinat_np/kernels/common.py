@@ -11,7 +11,6 @@ import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import njit
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,7 +81,6 @@ def conv_weight_layout(weight: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Neighborhood geometry (NATTEN's rule) and the checks every backend runs before launching
 # ---------------------------------------------------------------------------------------------------
-@njit(cache=True)
 def window_starts(length: int, kernel_size: int, dilation: int) -> tuple[np.ndarray, np.ndarray]:
     """First key position and first relative-position-bias index of each query along one axis.
 
@@ -90,6 +88,7 @@ def window_starts(length: int, kernel_size: int, dilation: int) -> tuple[np.ndar
     of ``group_length`` positions the window starts at ``clamp(i - kernel_size // 2, 0,
     group_length - kernel_size)``, so it is shifted inward at the borders instead of being padded. The
     bias index is the key's offset from the query in sub-grid units, shifted by ``kernel_size - 1``.
+    Plain Python, so that both backends use this one copy: the CPU backend compiles it with Numba.
     """
     window_start = np.empty(length, np.int64)
     bias_start = np.empty(length, np.int64)

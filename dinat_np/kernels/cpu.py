@@ -22,15 +22,19 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import check_qkv_bias, check_window, cpu_gemm
+from . import cpu_gemm
 from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
 from .cpu_malloc import raise_thresholds
 from .cpu_simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
                        load_rows, maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows,
                        subtract, transpose, zeros)
+from . import common
+from .common import (Conv, Epilogue, Linear, Norm, activation_code, check_qkv_bias, check_window, conv_weight_layout,
+                     linear_weight_layout)
 from .cpu_threading import launching
 
-MALLOC_TUNED = raise_thresholds()  # large activations reused from the heap, not faulted in: see cpu_malloc
+window_starts = njit(cache=True)(common.window_starts)  # NATTEN's border rule, called from the kernels
+
 
 
 # The parallel kernels keep their prange bodies small: a thread's share of the work is a call of a plain
@@ -38,15 +42,6 @@ MALLOC_TUNED = raise_thresholds()  # large activations reused from the heap, not
 # than inlined. Numba copies and re-analyses a prange body several times over, inlined code included, and
 # compiles an inlined helper once per call site: split this way, a cold compile of dinat-mini's kernels
 # took 17.1-18.7 s instead of 21.7-24.1 (three interleaved pairs), with the same run time.
-
-ACTIVATIONS = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3, "selu": 4}
-
-
-def activation_code(activation: str) -> int:
-    """The kernels' number for ``activation`` (an HF ``hidden_act`` name); a clear error for any other."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[activation]
 
 _SQRT_HALF = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -72,27 +67,6 @@ def _empty(shape: tuple[int, ...]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Neighborhood geometry (NATTEN's rule)
 # ---------------------------------------------------------------------------------------------------
-@njit(cache=True)
-def window_starts(length: int, kernel_size: int, dilation: int) -> tuple[np.ndarray, np.ndarray]:
-    """First key position and first relative-position-bias index of each query along one axis.
-
-    Dilated NA is plain NA on each of the ``dilation`` interleaved sub-grids of the axis: in a sub-grid
-    of ``group_length`` positions the window starts at ``clamp(i - kernel_size // 2, 0,
-    group_length - kernel_size)``, so it is shifted inward at the borders instead of being padded. The
-    bias index is the key's offset from the query in sub-grid units, shifted by ``kernel_size - 1``.
-    """
-    window_start = np.empty(length, np.int64)
-    bias_start = np.empty(length, np.int64)
-    for position in range(length):
-        group = position % dilation
-        index_in_group = position // dilation
-        group_length = (length - group + dilation - 1) // dilation
-        start = min(max(index_in_group - kernel_size // 2, 0), group_length - kernel_size)
-        window_start[position] = start * dilation + group
-        bias_start[position] = start - index_in_group + kernel_size - 1
-    return window_start, bias_start
-
-
 # ---------------------------------------------------------------------------------------------------
 # Neighborhood attention
 # ---------------------------------------------------------------------------------------------------
@@ -649,12 +623,12 @@ def _layer_norm(x, weight, bias, eps, out):
         _normalise_row(x, row, weight, bias, eps, out)
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, norm: Norm) -> np.ndarray:
     """LayerNorm over the last axis of ``x`` (any leading shape)."""
     rows = x.reshape(-1, x.shape[-1])
     out = _empty(rows.shape)
     with launching():
-        _layer_norm(rows, weight, bias, eps, out)
+        _layer_norm(rows, norm.weight, norm.bias, norm.eps, out)
     return out.reshape(x.shape)
 
 
@@ -707,7 +681,8 @@ def _products_launch():
     return _BLAS.single_threaded() if _PRODUCTS == "openblas" else nullcontext()
 
 
-_EPILOGUE_NONE, _EPILOGUE_ACTIVATION, _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = 0, 1, 2, 3
+_EPILOGUE_NONE, _EPILOGUE_ACTIVATION = int(Epilogue.NONE), int(Epilogue.ACTIVATION)
+_EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = int(Epilogue.RESIDUAL), int(Epilogue.RESIDUAL_NORM)
 
 
 @njit(inline="always", **FAST)
@@ -808,33 +783,35 @@ def _run_linear(
     return y
 
 
-def linear(
-    x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None = None, activation: str = "identity"
-) -> np.ndarray:
-    """``activation(x @ weight_t + bias)`` over the last axis of ``x``; bias and activation in one pass."""
+def linear(x: np.ndarray, linear: Linear, activation: str = "identity") -> np.ndarray:
+    """``activation(x @ linear.weight + linear.bias)`` over the last axis of ``x``; bias and activation in one pass."""
+    weight_t, bias = linear
     if bias is None and activation == "identity":
         y = _run_linear(x, weight_t, _EPILOGUE_NONE)
     else:
         if bias is None:
             bias = np.zeros(weight_t.shape[1], np.float32)
-        y = _run_linear(x, weight_t, _EPILOGUE_ACTIVATION, bias, ACTIVATIONS[activation])
+        y = _run_linear(x, weight_t, _EPILOGUE_ACTIVATION, bias, activation_code(activation))
     return y.reshape(x.shape[:-1] + (y.shape[1],))
 
 
-def linear_residual_norm(
-    x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, scale: np.ndarray, residual: np.ndarray,
-    norm_weight: np.ndarray, norm_bias: np.ndarray, eps: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A projection closing a residual branch, and :func:`layer_norm` of its result, in one pass over the rows.
+def _norm_operands(norm: Norm | None, rows: np.ndarray) -> tuple[int, tuple]:
+    """The epilogue that closes a residual branch, and its LayerNorm operands (stand-ins without ``norm``)."""
+    if norm is None:
+        return _EPILOGUE_RESIDUAL, (_NO_BIAS, _NO_BIAS, 0.0, _NO_ROWS)
+    return _EPILOGUE_RESIDUAL_NORM, (norm.weight, norm.bias, norm.eps, _empty(rows.shape))
 
-    Returns ``(out, normed)``: ``out = residual + scale * (x @ weight_t + bias)`` (layer scale ``scale``;
-    shaped like ``residual``) and ``normed = LayerNorm(out)`` over the last axis with ``norm_weight``, ``norm_bias``
-    and ``eps``: a residual branch closed together with the LayerNorm that reads the new residual stream.
-    """
+
+def linear_residual(
+    x: np.ndarray, linear: Linear, scale: np.ndarray, residual: np.ndarray, norm: Norm | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``out = residual + scale * (x @ linear.weight + linear.bias)``, and ``layer_norm(out, norm)`` in the same
+    pass over the rows when ``norm`` is given: ``(out, normed or None)``, shaped like ``residual``."""
     rows = residual.reshape(-1, residual.shape[-1])
-    normed = _empty(rows.shape)
-    y = _run_linear(x, weight_t, _EPILOGUE_RESIDUAL_NORM, bias, 0, scale, rows, norm_weight, norm_bias, eps, normed)
-    return y.reshape(residual.shape), normed.reshape(residual.shape)
+    epilogue, (norm_weight, norm_bias, eps, normed) = _norm_operands(norm, rows)
+    bias = np.zeros(linear.weight.shape[1], np.float32) if linear.bias is None else linear.bias
+    y = _run_linear(x, linear.weight, epilogue, bias, 0, scale, rows, norm_weight, norm_bias, eps, normed)
+    return y.reshape(residual.shape), None if norm is None else normed.reshape(residual.shape)
 
 
 # A transformer MLP is two products around an activation on rows four times as wide as the stream: in
@@ -892,30 +869,18 @@ def _run_mlp(
 
 
 def mlp_residual(
-    x: np.ndarray, fc1_t: np.ndarray, fc1_bias: np.ndarray, activation: str, fc2_t: np.ndarray,
-    fc2_bias: np.ndarray, scale: np.ndarray, residual: np.ndarray,
-) -> np.ndarray:
-    """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)``: a transformer MLP
-    closing its residual branch (layer scale ``scale``). Where the products run inside the kernels and
-    there are enough rows, its hidden activation is never in memory whole (see ``_MLP_BLOCK_ROWS``)."""
+    x: np.ndarray, fc1: Linear, activation: str, fc2: Linear, scale: np.ndarray, residual: np.ndarray,
+    norm: Norm | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``out = residual + scale * (activation(x @ fc1.weight + fc1.bias) @ fc2.weight + fc2.bias)``: a transformer
+    MLP closing its residual branch, and ``layer_norm(out, norm)`` in the same pass when ``norm`` is given:
+    ``(out, normed or None)``. Where the products run inside the kernels and there are enough rows, its
+    hidden activation is never in memory whole (see ``_MLP_BLOCK_ROWS``)."""
     rows = residual.reshape(-1, residual.shape[-1])
-    return _run_mlp(x, fc1_t, fc1_bias, activation, fc2_t, _EPILOGUE_RESIDUAL, fc2_bias, scale, rows).reshape(
-        residual.shape
-    )
-
-
-def mlp_residual_norm(
-    x: np.ndarray, fc1_t: np.ndarray, fc1_bias: np.ndarray, activation: str, fc2_t: np.ndarray,
-    fc2_bias: np.ndarray, scale: np.ndarray, residual: np.ndarray, norm_weight: np.ndarray, norm_bias: np.ndarray,
-    eps: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`mlp_residual`, and :func:`layer_norm` of its result (``norm_weight``, ``norm_bias``, ``eps``) in the
-    same pass: ``(out, normed)``, as :func:`linear_residual_norm` does for a single product."""
-    rows = residual.reshape(-1, residual.shape[-1])
-    normed = _empty(rows.shape)
-    y = _run_mlp(x, fc1_t, fc1_bias, activation, fc2_t, _EPILOGUE_RESIDUAL_NORM, fc2_bias, scale, rows,
+    epilogue, (norm_weight, norm_bias, eps, normed) = _norm_operands(norm, rows)
+    y = _run_mlp(x, fc1.weight, fc1.bias, activation, fc2.weight, epilogue, fc2.bias, scale, rows,
                  norm_weight, norm_bias, eps, normed)
-    return y.reshape(residual.shape), normed.reshape(residual.shape)
+    return y.reshape(residual.shape), None if norm is None else normed.reshape(residual.shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1067,10 +1032,11 @@ def _elements_and_strides(x: np.ndarray) -> tuple[np.ndarray, tuple[int, int, in
     return x.reshape(-1), tuple(stride // 4 for stride in x.strides)
 
 
-def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns contiguous channels-last.
     ``x`` may be the channels-last view of NCHW pixel values (as :func:`nchw_to_nhwc` gives): it is read
     in place."""
+    weight_cols, bias = conv
     batch, height, width, channels = x.shape
     out_height, out_width = (height + 1) // 2, (width + 1) // 2
     pixels = batch * out_height * out_width
@@ -1093,7 +1059,7 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
         else:
             with launching():
                 _im2col_3x3_s2(parts, elements, x.shape, strides, cols)
-        return linear(cols, weight_cols, bias).reshape(batch, out_height, out_width, -1)
+        return linear(cols, Linear(weight_cols, bias)).reshape(batch, out_height, out_width, -1)
     bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = _empty((parts * block, 9 * channels))
@@ -1101,6 +1067,18 @@ def conv3x3_stride2(x: np.ndarray, weight_cols: np.ndarray, bias: np.ndarray | N
     with launching(), _products_launch():
         _conv3x3_s2(_sgemm(), parts, elements, x.shape, strides, weight_cols, bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
+
+
+_process_set_up = False
+
+
+def set_up_process() -> None:
+    """The CPU backend's process-wide set-up, done once: glibc's malloc thresholds raised, so that large
+    activations are reused from the heap instead of faulted in again (see cpu_malloc)."""
+    global _process_set_up
+    if not _process_set_up:
+        raise_thresholds()
+        _process_set_up = True
 
 
 def set_num_threads(threads: int) -> None:
@@ -1122,15 +1100,14 @@ def download(array: np.ndarray) -> np.ndarray:
 
 
 def linear_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in)`` PyTorch weight -> contiguous ``(in, out)``, copied once at load: BLAS could read the
-    transposed view directly, but the products run 7-10% slower on it (up to 1.4x for small maps)."""
-    return np.ascontiguousarray(np.asarray(weight, np.float32).T)
+    """``(out, in)`` PyTorch weight -> contiguous ``(in, out)``, copied once at load (the products run slower
+    on the transposed view)."""
+    return linear_weight_layout(weight)
 
 
 def conv_weight(weight: np.ndarray) -> np.ndarray:
     """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` rows in im2col (row, column, channel) order."""
-    out_channels = weight.shape[0]
-    return np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 1, 0).reshape(-1, out_channels))
+    return conv_weight_layout(weight)
 
 
 def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:

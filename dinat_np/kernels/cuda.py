@@ -15,7 +15,7 @@ Kernels:
   importable, the epilogue then runs as its own kernel;
 - LayerNorm, the 3x3 stride-2 convolution (im2col kernel + the product), pad/crop/mean-pool/layout kernels.
 
-The window geometry comes from ``cpu.window_starts`` (run on the host, cached on the device per
+The window geometry comes from ``common.window_starts`` (run on the host, cached on the device per
 ``(length, kernel_size, dilation)``), so both backends follow one copy of NATTEN's border rule.
 
 Every op holds ``_LOCK`` while it allocates and launches: numba-cuda's allocation/deallocation
@@ -37,12 +37,12 @@ import numba_cuda  # noqa: F401  (the NVIDIA-maintained CUDA target: without it,
 from numba import __version__ as numba_version, config, cuda, float32
 from numba.core.errors import NumbaPerformanceWarning
 
-from . import check_qkv_bias, check_window, cpu
-from .cpu import ACTIVATIONS, activation_code
+from .common import (Conv, Epilogue, Linear, Norm, activation_code, check_qkv_bias, check_window, conv_weight_layout,
+                     linear_weight_layout, window_starts)
 
 __all__ = [
-    "ACTIVATIONS", "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
-    "linear_residual_norm", "mlp_residual", "mlp_residual_norm", "conv3x3_stride2", "neighborhood_attention",
+    "require_gpu", "upload", "download", "linear_weight", "conv_weight", "layer_norm", "linear",
+    "linear_residual", "mlp_residual", "conv3x3_stride2", "neighborhood_attention",
     "na_qk", "na_av", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 ]
 
@@ -150,12 +150,12 @@ def download(array: Any) -> np.ndarray:
 
 def linear_weight(weight: np.ndarray) -> Any:
     """``(out, in)`` PyTorch weight -> ``(in, out)`` on the device, so a product is ``x @ weight_t``."""
-    return upload(np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T))
+    return upload(linear_weight_layout(weight))
 
 
 def conv_weight(weight: np.ndarray) -> Any:
     """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` on the device, rows in im2col order."""
-    return upload(cpu.conv_weight(weight))
+    return upload(conv_weight_layout(weight))
 
 
 def _empty(shape: tuple[int, ...]) -> Any:
@@ -329,11 +329,11 @@ def _layer_norm_rows(rows: Any, weight: Any, bias: Any, eps: float) -> Any:
     return out
 
 
-def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+def layer_norm(x: Any, norm: Norm) -> Any:
     """LayerNorm over the last axis of ``x`` (any leading shape)."""
     with _LOCK:
         shape = tuple(x.shape)
-        return _layer_norm_rows(x.reshape(-1, shape[-1]), weight, bias, eps).reshape(*shape)
+        return _layer_norm_rows(x.reshape(-1, shape[-1]), norm.weight, norm.bias, norm.eps).reshape(*shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,8 +352,8 @@ def _activate(x, activation):
     return x
 
 
-_EPILOGUE_ACTIVATION = 0  # out = activation(acc + bias)
-_EPILOGUE_RESIDUAL = 1  # out = residual + scale * (acc + bias)
+_EPILOGUE_ACTIVATION = int(Epilogue.ACTIVATION)  # out = activation(acc + bias)
+_EPILOGUE_RESIDUAL = int(Epilogue.RESIDUAL)  # out = residual + scale * (acc + bias)
 
 
 @cuda.jit(device=True)
@@ -506,67 +506,45 @@ def _product(x2d: Any, weight_t: Any, bias: Any, mode: int, activation: int, sca
     return out
 
 
-def linear(x: Any, weight_t: Any, bias: Any = None, activation: str = "identity") -> Any:
-    """``activation(x @ weight_t + bias)`` over the last axis of ``x``; bias and activation fused in."""
+def linear(x: Any, linear: Linear, activation: str = "identity") -> Any:
+    """``activation(x @ linear.weight + linear.bias)`` over the last axis of ``x``; bias and activation fused in."""
     code = activation_code(activation)
     with _LOCK:
         shape = tuple(x.shape)
-        y = _product(x.reshape(-1, shape[-1]), weight_t, bias, _EPILOGUE_ACTIVATION, code, None, None)
+        y = _product(x.reshape(-1, shape[-1]), linear.weight, linear.bias, _EPILOGUE_ACTIVATION, code, None, None)
         return y.reshape(*(shape[:-1] + (y.shape[1],)))
 
 
-def _residual_product(x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any) -> Any:
-    """``residual + scale * (x @ weight_t + bias)`` as ``(rows, out)``; the caller holds ``_LOCK``."""
+def _residual_product(x: Any, linear: Linear, scale: Any, residual: Any) -> Any:
+    """``residual + scale * linear(x)`` as ``(rows, out)``; the caller holds ``_LOCK``."""
     x2d = x.reshape(-1, tuple(x.shape)[-1])
-    rows = residual.reshape(x2d.shape[0], weight_t.shape[1])
-    return _product(x2d, weight_t, bias, _EPILOGUE_RESIDUAL, 0, scale, rows)
+    rows = residual.reshape(x2d.shape[0], linear.weight.shape[1])
+    return _product(x2d, linear.weight, linear.bias, _EPILOGUE_RESIDUAL, 0, scale, rows)
 
 
-def _mlp_product(
-    x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any
-) -> Any:
-    """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)`` as ``(rows, out)``: the
-    two products one after the other, each with its epilogue fused in; the caller holds ``_LOCK``."""
-    hidden = _product(x.reshape(-1, tuple(x.shape)[-1]), fc1_t, fc1_bias, _EPILOGUE_ACTIVATION,
-                      activation_code(activation), None, None)
-    return _residual_product(hidden, fc2_t, fc2_bias, scale, residual)
+def _closing(y: Any, shape: tuple[int, ...], norm: Norm | None) -> tuple[Any, Any]:
+    """``(y, layer_norm(y) or None)``, both shaped ``shape``: here the LayerNorm is a kernel of its own."""
+    normed = None if norm is None else _layer_norm_rows(y, norm.weight, norm.bias, norm.eps).reshape(*shape)
+    return y.reshape(*shape), normed
 
 
-def _with_norm(y: Any, shape: tuple[int, ...], norm_weight: Any, norm_bias: Any, eps: float) -> tuple[Any, Any]:
-    """``(y, layer_norm(y))``, both shaped ``shape``: two kernels back to back. The ops that return this exist
-    for the CPU backend, where the LayerNorm in the product's pass over the rows saves a parallel launch."""
-    normed = _layer_norm_rows(y, norm_weight, norm_bias, eps)
-    return y.reshape(*shape), normed.reshape(*shape)
-
-
-def linear_residual_norm(
-    x: Any, weight_t: Any, bias: Any, scale: Any, residual: Any, norm_weight: Any, norm_bias: Any, eps: float,
+def linear_residual(
+    x: Any, linear: Linear, scale: Any, residual: Any, norm: Norm | None = None
 ) -> tuple[Any, Any]:
-    """``out = residual + scale * (x @ weight_t + bias)`` and :func:`layer_norm` of it: ``(out, normed)``,
-    as the CPU backend."""
+    """``out = residual + scale * linear(x)`` and ``layer_norm(out, norm)`` when given: ``(out, normed or None)``."""
     with _LOCK:
-        y = _residual_product(x, weight_t, bias, scale, residual)
-        return _with_norm(y, tuple(residual.shape), norm_weight, norm_bias, eps)
+        return _closing(_residual_product(x, linear, scale, residual), tuple(residual.shape), norm)
 
 
 def mlp_residual(
-    x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any
-) -> Any:
-    """``residual + scale * (activation(x @ fc1_t + fc1_bias) @ fc2_t + fc2_bias)``, as the CPU backend."""
-    with _LOCK:
-        return _mlp_product(x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual).reshape(
-            *residual.shape
-        )
-
-
-def mlp_residual_norm(
-    x: Any, fc1_t: Any, fc1_bias: Any, activation: str, fc2_t: Any, fc2_bias: Any, scale: Any, residual: Any,
-    norm_weight: Any, norm_bias: Any, eps: float,
+    x: Any, fc1: Linear, activation: str, fc2: Linear, scale: Any, residual: Any, norm: Norm | None = None
 ) -> tuple[Any, Any]:
-    """:func:`mlp_residual` and :func:`layer_norm` of its result: ``(out, normed)``, as the CPU backend."""
+    """``out = residual + scale * fc2(activation(fc1(x)))`` and ``layer_norm(out, norm)`` when given: the two
+    products one after the other, each with its epilogue fused in."""
     with _LOCK:
-        y = _mlp_product(x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residual)
-        return _with_norm(y, tuple(residual.shape), norm_weight, norm_bias, eps)
+        hidden = _product(x.reshape(-1, tuple(x.shape)[-1]), fc1.weight, fc1.bias, _EPILOGUE_ACTIVATION,
+                          activation_code(activation), None, None)
+        return _closing(_residual_product(hidden, fc2, scale, residual), tuple(residual.shape), norm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -594,14 +572,14 @@ def _im2col_kernel(x, cols):
         cols[row, column] = x[b, i, j, c] if 0 <= i < height and 0 <= j < width else _ZERO
 
 
-def conv3x3_stride2(x: Any, weight_cols: Any, bias: Any) -> Any:
+def conv3x3_stride2(x: Any, conv: Conv) -> Any:
     """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns channels-last."""
     with _LOCK:
         batch, height, width, channels = x.shape
         out_height, out_width = (height + 1) // 2, (width + 1) // 2
         cols = _empty((batch * out_height * out_width, 9 * channels))
         _im2col_kernel[_blocks(cols.size), _THREADS](x, cols)
-        y = _product(cols, weight_cols, bias, _EPILOGUE_ACTIVATION, 0, None, None)
+        y = _product(cols, conv.weight, conv.bias, _EPILOGUE_ACTIVATION, 0, None, None)
         return y.reshape(batch, out_height, out_width, y.shape[1])
 
 
@@ -616,11 +594,11 @@ _window_cache: dict[tuple[int, int, int], tuple[Any, Any]] = {}
 
 
 def _window_tables(length: int, kernel_size: int, dilation: int) -> tuple[Any, Any]:
-    """Device copies of ``cpu.window_starts`` (NATTEN's border rule), cached per geometry."""
+    """Device copies of ``common.window_starts`` (NATTEN's border rule), cached per geometry."""
     key = (length, kernel_size, dilation)
     tables = _window_cache.get(key)
     if tables is None:
-        start, bias = cpu.window_starts(length, kernel_size, dilation)
+        start, bias = window_starts(length, kernel_size, dilation)
         tables = _window_cache[key] = (
             cuda.to_device(start.astype(np.int32)), cuda.to_device(bias.astype(np.int32))
         )
