@@ -1,0 +1,123 @@
+"""What every CUDA op uses: the GPU check, the lock around launches, allocation and launch sizes.
+
+Every op holds ``LOCK`` while it allocates and launches: numba-cuda's allocation/deallocation
+bookkeeping and its simulator are not made for concurrent use, and two model calls from two Python
+threads then interleave op by op on the (ordered) default stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+import numba_cuda  # noqa: F401  (the NVIDIA-maintained CUDA target: without it, ImportError -> clear error)
+from numba import __version__ as numba_version, config, cuda
+from numba.core.errors import NumbaPerformanceWarning
+
+SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
+
+LOCK = threading.RLock()
+
+# Small feature maps (late stages, batch 1) launch fewer blocks than the GPU has SMs; that is expected
+# and numba's per-launch warning about it would only be noise for users.
+# (The message may start with terminal colour codes, hence the leading ".*".)
+warnings.filterwarnings("ignore", message=r".*Grid size .* low occupancy", category=NumbaPerformanceWarning)
+
+# Element-wise kernels loop over their elements with a grid stride, so any launch covers them; the grid
+# is capped to keep blocks busy on the GPU. The simulator runs every thread as a Python thread: there
+# smaller launches keep the tests quick while still exercising the stride loops across blocks.
+THREADS = 64 if SIMULATOR else 256
+_MAX_BLOCKS = 2 if SIMULATOR else 8192
+
+# float32 constants: a bare Python float would turn the kernels' arithmetic into float64.
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Availability
+# ---------------------------------------------------------------------------------------------------
+_gpu_checked = False
+
+
+@cuda.jit
+def _smoke_kernel(x):
+    index = cuda.grid(1)
+    if index < x.shape[0]:
+        x[index] = x[index] * np.float32(2.0) + ONE
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()).rstrip(" :") or type(error).__name__
+
+
+def require_gpu() -> None:
+    """Raise a clear RuntimeError unless a CUDA GPU can compile and run this backend's kernels.
+
+    Checked once per process: the driver must find a device, and a tiny kernel must compile (NVVM and
+    libdevice present) and give the right numbers.
+    """
+    global _gpu_checked
+    if _gpu_checked or SIMULATOR:
+        return
+    with LOCK:
+        if _gpu_checked:
+            return
+        try:
+            cuda.current_context()
+        except Exception as error:  # CudaSupportError and driver errors: no usable GPU here
+            raise RuntimeError(
+                f"device='cuda' needs an NVIDIA GPU with a working driver, and numba-cuda found none "
+                f"({_one_line(error)}). Use device='cpu' instead."
+            ) from None
+        try:
+            probe = cuda.to_device(np.arange(4, dtype=np.float32))
+            _smoke_kernel[1, 32](probe)
+            result = probe.copy_to_host()
+        except Exception as error:
+            raise RuntimeError(
+                f"device='cuda': a GPU was found but numba-cuda could not compile or run a kernel on it "
+                f"({_one_line(error)}). The usual causes: the CUDA toolkit wheels are missing or do not match "
+                "the driver (pip install 'numba-cuda[cu12]', or 'numba-cuda[cu13]' for CUDA 13 drivers), or "
+                f"numba {numba_version} does not support numpy {np.__version__} (install a numpy it supports)"
+            ) from None
+        if not np.array_equal(result, np.arange(4, dtype=np.float32) * 2 + 1):
+            raise RuntimeError(f"the GPU returned wrong numbers from a test kernel: {result}")
+        _gpu_checked = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Allocation, launch sizes, indexing
+# ---------------------------------------------------------------------------------------------------
+def empty(shape: tuple[int, ...]) -> Any:
+    """An uninitialised float32 device array (the caller holds ``LOCK``)."""
+    return cuda.device_array(tuple(int(s) for s in shape), dtype=np.float32)
+
+
+_placeholders: dict[int, Any] = {}
+
+
+def placeholder(ndim: int) -> Any:
+    """A one-element device array standing for an absent optional argument (no bias, no attention)."""
+    array = _placeholders.get(ndim)
+    if array is None:
+        array = _placeholders[ndim] = cuda.to_device(np.zeros((1,) * ndim, np.float32))
+    return array
+
+
+def grid_blocks(count: int, threads: int = THREADS) -> int:
+    """Blocks for a grid-stride launch over ``count`` items, ``threads`` per block."""
+    return max(1, min(_MAX_BLOCKS, (count + threads - 1) // threads))
+
+
+@cuda.jit(device=True)
+def unravel_nhwc(index, height, width, channels):
+    """Position (b, i, j, c) of a flat index into a channels-last (batch, height, width, channels) array."""
+    c = index % channels
+    rest = index // channels
+    j = rest % width
+    rest //= width
+    return rest // height, rest % height, j, c
