@@ -36,8 +36,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -129,18 +130,20 @@ def timed(call: Callable[[], np.ndarray], warmup: int, repeats: int) -> dict[str
 
 
 PROFILED_OPS = (
-    "nchw_to_nhwc", "conv3x3_stride2", "layer_norm", "linear", "linear_residual_norm", "mlp_residual",
-    "mlp_residual_norm", "neighborhood_attention", "pad_bottom_right", "crop", "mean_pool", "upload", "download",
+    "nchw_to_nhwc", "conv3x3_stride2", "layer_norm", "linear", "linear_residual", "mlp_residual",
+    "neighborhood_attention", "pad_bottom_right", "crop", "mean_pool", "upload", "download",
 )
 
 
-def profile_ops(model: Any, pixels: np.ndarray, synchronise: Callable[[], None]) -> dict[str, dict[str, float]]:
-    """Milliseconds per backend op over one forward, each op timed between two calls of ``synchronise``.
+def profile_ops(
+    backend: Any, model: Any, pixels: np.ndarray, synchronise: Callable[[], None]
+) -> dict[str, dict[str, float]]:
+    """Milliseconds per op of ``backend`` over one forward of ``model``, each op timed between two calls of
+    ``synchronise``.
 
     With the device's synchronisation the times are the ops' whole cost; with a no-op they are what the
     host spends launching them (kernels run asynchronously), unless an op waits for the GPU itself.
     """
-    backend = model.ops
     totals: dict[str, dict[str, float]] = {}
     originals = {name: getattr(backend, name) for name in PROFILED_OPS}
 
@@ -156,7 +159,7 @@ def profile_ops(model: Any, pixels: np.ndarray, synchronise: Callable[[], None])
             return result
         return timed_op
 
-    try:  # the model calls its ops through the module, so replacing the attributes reaches every call
+    try:  # the model calls its ops through the backend object, so replacing its attributes reaches every call
         for name, op in originals.items():
             setattr(backend, name, timer(name, op))
         model(pixels)
@@ -170,6 +173,7 @@ def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(REPO))
     from dinat_np import DinatForImageClassification as NpModel
+    from dinat_np.kernels import get_backend
 
     report: dict[str, Any] = {"versions": versions(), "image_size": args.image_size, "model": "dinat-mini",
                               "device": args.device, "results": []}
@@ -204,24 +208,24 @@ def main() -> None:
     if args.device == "cuda":
         from numba import cuda
 
-        from dinat_np.kernels import cuda as backend
+        from dinat_np.kernels.cuda import products
 
         name = cuda.get_current_device().name
         report["numba_device_name"] = name.decode() if isinstance(name, bytes) else str(name)
-        report["dinat_np_matmul"] = "cuBLAS via CuPy" if backend._external_gemm is not None else "numba tiled kernel"
+        report["dinat_np_matmul"] = "cuBLAS via CuPy" if products._external_gemm is not None else "numba tiled kernel"
         synchronise = cuda.synchronize
 
     rng = np.random.default_rng(0)
     for batch in args.batch_sizes:
         pixels = rng.normal(size=(batch, 3, args.image_size, args.image_size)).astype(np.float32)
         row: dict[str, Any] = {"batch": batch}
-        ours = timed(lambda: np_model(pixels).logits, args.warmup, args.repeats)
+        ours = timed(lambda pixels=pixels: np_model(pixels).logits, args.warmup, args.repeats)
         row["dinat_np"] = {k: v for k, v in ours.items() if k != "logits"}
         row["dinat_np"]["images_per_s"] = batch / ours["median_ms"] * 1e3
         if torch_model is not None:
             import torch
 
-            def torch_forward() -> np.ndarray:
+            def torch_forward(pixels: np.ndarray = pixels) -> np.ndarray:
                 with torch.inference_mode():
                     inputs = torch.from_numpy(pixels).to(args.device)
                     return torch_model(pixel_values=inputs).logits.float().cpu().numpy()
@@ -232,9 +236,10 @@ def main() -> None:
             row["max_abs_logit_difference"] = float(np.max(np.abs(ours["logits"] - theirs["logits"])))
             row["speedup_vs_torch"] = theirs["median_ms"] / ours["median_ms"]
         if args.profile:
-            row["dinat_np_ops"] = profile_ops(np_model, pixels, synchronise)
+            backend = get_backend(args.device)
+            row["dinat_np_ops"] = profile_ops(backend, np_model, pixels, synchronise)
             if args.device == "cuda":
-                row["dinat_np_ops_host"] = profile_ops(np_model, pixels, lambda: None)
+                row["dinat_np_ops_host"] = profile_ops(backend, np_model, pixels, lambda: None)
         report["results"].append(row)
         print(json.dumps(row), flush=True)
 

@@ -32,9 +32,10 @@ KERNEL_CHECKS = [
     "upload_download", "nchw_to_nhwc", "pad_bottom_right", "crop", "mean_pool", "mean_pool_wide", "layer_norm_c5",
     "layer_norm_c70",
     "linear_identity", "linear_gelu", "linear_gelu_new", "linear_relu", "linear_selu",
-    "linear_residual_norm_out", "linear_residual_norm_normed", "mlp_residual", "mlp_residual_norm_out",
-    "mlp_residual_norm_normed", "linear_tile64_gelu", "external_gemm_selu",
-    "external_gemm_residual", "external_gemm_residual_norm", "conv3x3_stride2",
+    "linear_residual_out", "linear_residual_normed", "linear_residual_no_norm_out",
+    "linear_residual_no_norm_normed_is_none", "mlp_residual_out", "mlp_residual_normed", "mlp_residual_no_norm_out",
+    "mlp_residual_no_norm_normed_is_none", "linear_tile64_gelu", "external_gemm_selu",
+    "external_gemm_residual_out", "external_gemm_residual_normed", "conv3x3_stride2",
     "conv3x3_stride2_nobias", "na_fused_no_attn", "na_fused_no_attn_returns_none", "two_threads_layer_norm_linear",
     "na_fused_qkv_bias_out", "na_fused_qkv_bias_attn", "na_fused_qkv_bias_no_attn", "na_kernel_size_limit_is_clear",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
@@ -184,13 +185,13 @@ def test_gpu_that_cannot_compile_is_a_clear_error() -> None:
     # As on a machine whose numpy was newer than its numba supported: the driver sees a GPU, the first
     # kernel fails. The error must carry the cause and name both usual fixes.
     script = (
-        "import dinat_np.kernels.cuda as backend\n"
+        "from dinat_np.kernels.cuda import device\n"
         "def broken(*args, **kwargs):\n"
         "    raise AttributeError(\"module 'numpy' has no attribute 'row_stack'\")\n"
-        "backend.cuda.current_context = lambda: None\n"
-        "backend.cuda.to_device = broken\n"
+        "device.cuda.current_context = lambda: None\n"
+        "device.cuda.to_device = broken\n"
         "try:\n"
-        "    backend.require_gpu()\n"
+        "    device.require_gpu()\n"
         "except RuntimeError as error:\n"
         "    print('RuntimeError:', error)\n"
     )
