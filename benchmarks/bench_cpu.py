@@ -14,8 +14,9 @@ One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
 * PyTorch eager (transformers' own DiNAT modeling code, the test-suite reference attention of
   ``tests/torch_natten.py``, the same weights and input, ``torch.set_num_threads`` matching) when
   torch and transformers are installed; run in a subprocess so its thread pools never compete with ours;
-* a per-op breakdown of the engine, taken by wrapping the functions of ``dinat_np.kernels.cpu`` with
-  timers at run time (the library is not changed), achieved GFLOP/s, peak RSS (this process, and a
+* a per-op breakdown of the engine, taken by wrapping the functions of the CPU backend
+  (``dinat_np.kernels.cpu`` and its modules) with timers at run time (the library is not changed),
+  achieved GFLOP/s, peak RSS (this process, and a
   separate batch-1-only process);
 * start-up: the first forward in a process whose Numba cache is empty (``NUMBA_CACHE_DIR`` = a new
   temporary folder), and a fresh ``dinat-classify IMAGE`` process with the cache warm;
@@ -28,6 +29,7 @@ Numbers are only comparable on an otherwise idle machine: the load average is pr
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -39,8 +41,9 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTED_VARIABLES = (
@@ -62,20 +65,25 @@ TARGET_CLASSIFY_WALL_S = 1.5
 TARGET_COLD_COMPILE_S = 25.0
 TARGET_RSS_BATCH1_MIB = 350.0
 
-# Functions of dinat_np.kernels.cpu wrapped with timers for the per-op breakdown. The public ops are what
-# the model calls (through the module, so replacing the module attribute reaches every call); the private
-# kernels are what those ops call by global name.
+# Functions of the CPU backend wrapped with timers for the per-op breakdown. The public ops are what the
+# model calls (through the package, ``dinat_np.kernels.cpu``); the private kernels are what those ops call
+# by global name in their own modules (``dinat_np.kernels.cpu.<module>``, one of OP_MODULES). A function
+# is replaced wherever the package or one of those modules binds it (conv3x3_stride2 calls ``linear``
+# through conv's globals), so that every call is timed.
+OP_MODULES = ("attention", "conv", "layout", "norm", "products")
 PUBLIC_OPS = (
-    "neighborhood_attention", "layer_norm", "linear", "linear_residual_norm", "mlp_residual", "mlp_residual_norm",
-    "conv3x3_stride2", "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
+    "neighborhood_attention", "layer_norm", "linear", "linear_residual", "mlp_residual", "conv3x3_stride2",
+    "pad_bottom_right", "crop", "mean_pool", "nchw_to_nhwc",
 )
 PRIVATE_KERNELS = (
     "_na_fused", "_na_whole_groups", "_layer_norm", "_linear", "_mlp", "_im2col_3x3_s2", "_conv3x3_s2",
 )
 # Ops that run a matrix product and its epilogue (one ``_linear`` kernel); their inputs give its shape.
-LINEAR_OPS = ("linear", "linear_residual_norm")
+LINEAR_OPS = ("linear", "linear_residual")
 # Ops that run an MLP's two products with their epilogues (one ``_mlp`` kernel, or two ``_linear`` ones).
-MLP_OPS = ("mlp_residual", "mlp_residual_norm")
+MLP_OPS = ("mlp_residual",)
+# The modules whose compiled functions the recompilation check counts: the ops' and those they call.
+KERNEL_MODULES = OP_MODULES + ("gemm", "simd")
 CATEGORIES = ("attention", "layernorm", "products", "convolutions", "rest")
 CATEGORY_LABELS = {
     "attention": "attention (fused NA kernel)",
@@ -99,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Numba and BLAS threads (default: the CPUs this process may use)")
     parser.add_argument("--threading-layer", choices=("default", "omp", "workqueue", "tbb"), default="default",
                         help="Numba threading layer, set as NUMBA_THREADING_LAYER before Numba loads "
-                             "(default: dinat-np's own choice, see dinat_np/kernels/cpu_threading.py, or "
+                             "(default: dinat-np's own choice, see dinat_np/kernels/cpu/threads.py, or "
                              "the variable as already set; 'omp' given here keeps libgomp's default spin "
                              "unless GOMP_SPINCOUNT is set)")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 forwards (>= 20; default 20)")
@@ -173,11 +181,11 @@ def cpu_model_name() -> str:
 
 
 def engine_products() -> str:
-    """Where the engine's matrix products run (``dinat_np.kernels.cpu_gemm.PRODUCTS``), in words."""
-    from dinat_np.kernels import cpu
+    """Where the engine's matrix products run (``dinat_np.kernels.cpu.gemm.PRODUCTS``), in words."""
+    from dinat_np.kernels.cpu import products
 
-    return {"own": "its own kernel (cpu_gemm; AVX-512)", "openblas": "NumPy's OpenBLAS, called from the kernels",
-            "numpy": "NumPy's matmul"}[cpu._PRODUCTS]
+    return {"own": "its own kernel (cpu/gemm.py; AVX-512)", "openblas": "NumPy's OpenBLAS, called from the kernels",
+            "numpy": "NumPy's matmul"}[products._PRODUCTS]
 
 
 def blas_info() -> str:
@@ -300,16 +308,26 @@ def summary(times: list[float]) -> dict[str, float]:
 # Per-op instrumentation of the CPU backend
 # ---------------------------------------------------------------------------------------------------------
 class OpProfiler:
-    """Replaces functions of ``dinat_np.kernels.cpu`` with timing wrappers while active (a context manager).
+    """Replaces functions of the CPU backend with timing wrappers while active (a context manager): each of
+    PUBLIC_OPS and PRIVATE_KERNELS wherever the package or one of its OP_MODULES binds it.
 
     Each call's own time (its time minus that of wrapped functions it called) is booked under
     ``(outermost wrapped op, function)``, so a product inside a convolution counts as convolution time.
     While ``recording``, the shape of every matrix product and the work of every attention call are kept.
     """
 
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.originals = {name: getattr(module, name) for name in PUBLIC_OPS + PRIVATE_KERNELS}
+    def __init__(self) -> None:
+        import importlib
+
+        package = importlib.import_module("dinat_np.kernels.cpu")
+        modules = [package] + [importlib.import_module(f"{package.__name__}.{name}") for name in OP_MODULES]
+        self.originals: dict[str, Callable] = {}
+        self.sites: list[tuple[Any, str]] = []  # (module, name): where a function is replaced
+        for name in PUBLIC_OPS + PRIVATE_KERNELS:
+            original = next(getattr(module, name) for module in modules if hasattr(module, name))
+            self.originals[name] = original
+            self.sites += [(module, name) for module in modules if getattr(module, name, None) is original]
+        self.signatures = {name: inspect.signature(function) for name, function in self.originals.items()}
         self.self_time: dict[tuple[str, str], float] = defaultdict(float)
         self.calls: Counter = Counter()
         self.recording = False
@@ -317,14 +335,15 @@ class OpProfiler:
         self.attention_flop = 0
         self._stack: list[list[Any]] = []
 
-    def __enter__(self) -> "OpProfiler":
-        for name, function in self.originals.items():
-            setattr(self.module, name, self._wrap(name, function))
+    def __enter__(self) -> OpProfiler:
+        wrappers = {name: self._wrap(name, function) for name, function in self.originals.items()}
+        for module, name in self.sites:
+            setattr(module, name, wrappers[name])
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        for name, function in self.originals.items():
-            setattr(self.module, name, function)
+        for module, name in self.sites:
+            setattr(module, name, self.originals[name])
 
     def reset(self, recording: bool = False) -> None:
         self.self_time.clear()
@@ -339,7 +358,7 @@ class OpProfiler:
         def timed(*args: Any, **kwargs: Any) -> Any:
             outer = stack[0][0] if stack else name
             if self.recording:
-                self._record(name, outer, args)
+                self._record(name, outer, self.signatures[name].bind(*args, **kwargs).arguments)
             stack.append([name, 0.0])
             start = perf_counter()
             try:
@@ -354,22 +373,22 @@ class OpProfiler:
 
         return timed
 
-    def _record(self, name: str, outer: str, args: tuple) -> None:
+    def _record(self, name: str, outer: str, arguments: dict[str, Any]) -> None:
         if name == "conv3x3_stride2":  # its im2col product, whichever path runs it
-            batch, height, width, channels = args[0].shape
+            batch, height, width, channels = arguments["x"].shape
             pixels = batch * ((height + 1) // 2) * ((width + 1) // 2)
-            self.products.append((pixels, 9 * channels, args[1].shape[1], "conv"))
+            self.products.append((pixels, 9 * channels, arguments["conv"].weight.shape[1], "conv"))
         elif name in LINEAR_OPS and outer != "conv3x3_stride2":
-            x, weight_t = args[0], args[1]
+            x, weight_t = arguments["x"], arguments["linear"].weight
             self.products.append((x.size // x.shape[-1], x.shape[-1], weight_t.shape[1], "linear"))
         elif name in MLP_OPS:
-            x, fc1_t, fc2_t = args[0], args[1], args[4]
+            x, fc1_t, fc2_t = arguments["x"], arguments["fc1"].weight, arguments["fc2"].weight
             rows = x.size // x.shape[-1]
             self.products += [(rows, x.shape[-1], fc1_t.shape[1], "linear"),
                               (rows, fc1_t.shape[1], fc2_t.shape[1], "linear")]
         elif name == "neighborhood_attention":
-            batch, height, width, _, heads, head_dim = args[0].shape
-            kernel_size = args[2]
+            batch, height, width, _, heads, head_dim = arguments["qkv"].shape
+            kernel_size = arguments["kernel_size"]
             # q.k and attn.v: 2 * k^2 * head_dim multiply-adds each, per query and head.
             self.attention_flop += 4 * batch * height * width * heads * head_dim * kernel_size**2
 
@@ -463,13 +482,24 @@ def product_flop(products: list[tuple[int, int, int, str]], context: str | None 
 # ---------------------------------------------------------------------------------------------------------
 # Recompilation check
 # ---------------------------------------------------------------------------------------------------------
-def kernel_signatures(module: Any) -> dict[str, int]:
+def kernel_signatures() -> dict[str, int]:
+    """Compiled signatures of every Numba function of the CPU backend's KERNEL_MODULES, by
+    ``module.function`` of its definition."""
+    import importlib
+
     from numba.core.dispatcher import Dispatcher
 
-    return {name: len(obj.signatures) for name, obj in vars(module).items() if isinstance(obj, Dispatcher)}
+    counts = {}
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(f"dinat_np.kernels.cpu.{module_name}")
+        for function in vars(module).values():
+            if isinstance(function, Dispatcher):
+                defined_in = function.py_func.__module__.rsplit(".", 1)[-1]
+                counts[f"{defined_in}.{function.py_func.__name__}"] = len(function.signatures)
+    return counts
 
 
-def check_recompilation(model: Any, module: Any, before: dict[str, int]) -> dict[str, Any]:
+def check_recompilation(model: Any, before: dict[str, int]) -> dict[str, Any]:
     """Run new batch sizes and input sizes (padding path and odd sizes included); count new signatures."""
     cases = [(3, 256, 320), (1, 96, 128), (2, 225, 199)]
     timings = []
@@ -482,7 +512,7 @@ def check_recompilation(model: Any, module: Any, before: dict[str, int]) -> dict
         model(x)
         second = time.perf_counter() - start
         timings.append({"input": f"{batch}x3x{height}x{width}", "first_s": first, "second_s": second})
-    after = kernel_signatures(module)
+    after = kernel_signatures()
     added = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
     return {"cases": timings, "signatures_before": before, "signatures_after": after, "added": added}
 
@@ -541,12 +571,10 @@ def child_cold(args: argparse.Namespace) -> dict[str, Any]:
     first = time.perf_counter()
     model(x)
     second = time.perf_counter()
-    from dinat_np.kernels import cpu
-
     cache_files = sum(1 for _ in Path(os.environ["NUMBA_CACHE_DIR"]).rglob("*.nbc"))
     return {"import_s": imported - start, "build_s": built - imported, "first_forward_s": first - built,
             "second_forward_s": second - first, "compile_s": (first - built) - (second - first),
-            "signatures": kernel_signatures(cpu), "cache_files": cache_files}
+            "signatures": kernel_signatures(), "cache_files": cache_files}
 
 
 def child_torch(args: argparse.Namespace) -> dict[str, Any]:
@@ -634,7 +662,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
-        return "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |"
+        return "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)) + " |"
 
     rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
     return "\n".join([line(header), rule] + [line(row) for row in rows])
@@ -814,8 +842,6 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
     """Everything timed inside this process; returns the batch-1 input and its logits."""
     import numba
 
-    from dinat_np.kernels import cpu
-
     log(f"building dinat-{args.model} (random weights, seed 0), {args.threads} thread(s)")
     model = build_model(args.model)
     x1, x8 = pixels(1), pixels(8)
@@ -825,9 +851,9 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
     results["threading_layer"] = numba.threading_layer()
     results["machine"] = machine_info(args.threads)
 
-    signatures_b1 = kernel_signatures(cpu)
+    signatures_b1 = kernel_signatures()
     model(x8)
-    signatures_b8 = kernel_signatures(cpu)
+    signatures_b8 = kernel_signatures()
     results["batch8_added_signatures"] = {
         name: count - signatures_b1.get(name, 0) for name, count in signatures_b8.items()
         if count != signatures_b1.get(name, 0)
@@ -835,7 +861,7 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
 
     log("per-op breakdown (instrumented forwards)")
     runs8 = max(2, args.profile_repeats // 2)
-    with OpProfiler(cpu) as profiler:
+    with OpProfiler() as profiler:
         profile1 = profile_forwards(model, profiler, 1, args.profile_repeats)
         profile8 = profile_forwards(model, profiler, 8, runs8)
     profile1["runs"], profile8["runs"] = args.profile_repeats, runs8
@@ -869,7 +895,7 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
     }
 
     log("recompilation check: new batch and input sizes")
-    results["recompile"] = check_recompilation(model, cpu, signatures_b8)
+    results["recompile"] = check_recompilation(model, signatures_b8)
     results["peak_rss_main_mib"] = peak_rss_mib()
     return x1, logits1
 

@@ -91,7 +91,7 @@ def configure_threads(count: int) -> None:
         os.environ[name] = str(count)
     import numba
 
-    from dinat_np.kernels import cpu  # picks Numba's threading layer, which must precede the thread pool
+    from dinat_np.kernels import cpu  # its set_num_threads sets the process up: the threading layer before the pool
 
     cpu.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 

@@ -6,8 +6,8 @@ import contextlib
 import http.server
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -59,12 +59,12 @@ def http_file_server(files: dict[str, bytes]) -> Iterator[http.server.ThreadingH
 
 @pytest.fixture(params=["own", "openblas", "numpy"])
 def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the CPU products on each path (``cpu_gemm.PRODUCTS``): the kernels' own product
+    """Runs a test with the CPU products on each path (``cpu.gemm.PRODUCTS``): the kernels' own product
     (correct on any CPU, used where it is the faster), NumPy's OpenBLAS called from the kernels, and
     NumPy's matmul (the fallback)."""
-    from dinat_np.kernels import cpu
+    from dinat_np.kernels.cpu import products
 
-    if request.param == "openblas" and cpu._BLAS is None:
+    if request.param == "openblas" and products._BLAS is None:
         pytest.skip("NumPy's bundled OpenBLAS (with openblas_set_num_threads_local) is not available here")
-    monkeypatch.setattr(cpu, "_PRODUCTS", request.param)
+    monkeypatch.setattr(products, "_PRODUCTS", request.param)
     return request.param

@@ -1,4 +1,5 @@
-"""glibc's malloc thresholds, raised by the CPU backend (each case a child process: they are process-wide)."""
+"""glibc's malloc thresholds, raised by the CPU backend's set-up (each case a child process: they are
+process-wide)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ pytestmark = pytest.mark.skipif(
     reason="the thresholds are glibc's",
 )
 
-# Writes a freshly allocated 40 MB array twice (freed in between) and reports the page faults of the second.
+# Obtains the CPU backend (which sets the process up), writes a freshly allocated 40 MB array twice (freed
+# in between) and reports the page faults of the second.
 CHILD = r"""
 import json, resource
 import numpy as np
-from dinat_np.kernels import cpu
+from dinat_np.kernels import get_backend
+cpu = get_backend("cpu")
 
 def faults_writing(values):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -29,7 +32,7 @@ def faults_writing(values):
 
 values = 10 << 20
 faults_writing(values)
-print(json.dumps({"tuned": cpu.MALLOC_TUNED, "faults": faults_writing(values)}))
+print(json.dumps({"tuned": cpu.set_up_process().malloc_tuned, "faults": faults_writing(values)}))
 """
 
 

@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinat_np.kernels import cpu, cpu_blas, cpu_gemm
+from dinat_np.kernels import cpu
+from dinat_np.kernels.common import Conv, Linear, Norm
+from dinat_np.kernels.cpu import blas, gemm
+from dinat_np.kernels.cpu import conv as cpu_conv
+from dinat_np.kernels.cpu import products as cpu_products
 
 
 def reference(x, weight_t, bias=None, scale=None, residual=None):
@@ -34,18 +38,18 @@ def test_every_epilogue_equals_float64_reference(products, rows, columns):
     bias, scale = rng.standard_normal(columns, dtype=np.float32), rng.standard_normal(columns, dtype=np.float32)
     residual = rng.standard_normal((rows, columns), dtype=np.float32)
 
-    np.testing.assert_allclose(cpu.linear(x, weight_t), reference(x, weight_t), rtol=0, atol=2e-5)
-    np.testing.assert_allclose(cpu.linear(x, weight_t, bias, "relu"), np.maximum(reference(x, weight_t, bias), 0),
-                               rtol=0, atol=2e-5)
+    np.testing.assert_allclose(cpu.linear(x, Linear(weight_t)), reference(x, weight_t), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(cpu.linear(x, Linear(weight_t, bias), "relu"),
+                               np.maximum(reference(x, weight_t, bias), 0), rtol=0, atol=2e-5)
     np.testing.assert_allclose(closed_residual(x, weight_t, bias, scale, residual),
                                reference(x, weight_t, bias, scale, residual), rtol=0, atol=2e-5)
 
 
 def closed_residual(x, weight_t, bias, scale, residual):
-    """The residual epilogue alone: the ``out`` of :func:`cpu.linear_residual_norm`."""
-    channels = weight_t.shape[1]
-    ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
-    return cpu.linear_residual_norm(x, weight_t, bias, scale, residual, ones, zeros, 1e-5)[0]
+    """The residual epilogue alone: :func:`cpu.linear_residual` without a norm."""
+    out, normed = cpu.linear_residual(x, Linear(weight_t, bias), scale, residual)
+    assert normed is None
+    return out
 
 
 def test_non_contiguous_operands_are_read_correctly(products):
@@ -54,7 +58,7 @@ def test_non_contiguous_operands_are_read_correctly(products):
     weight = rng.standard_normal((24, 40), dtype=np.float32)  # PyTorch's (out, in): weight.T is a view
     residual = rng.standard_normal((24, 30), dtype=np.float32).T
     bias, scale = np.ones(24, np.float32), np.full(24, 0.5, np.float32)
-    np.testing.assert_allclose(cpu.linear(x, weight.T), reference(x, weight.T), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(cpu.linear(x, Linear(weight.T)), reference(x, weight.T), rtol=0, atol=2e-5)
     np.testing.assert_allclose(closed_residual(x, weight.T, bias, scale, residual),
                                reference(x, weight.T, bias, scale, residual), rtol=0, atol=2e-5)
 
@@ -73,7 +77,7 @@ def mlp_reference(x, fc1_t, fc1_bias, activation, fc2_t, fc2_bias, scale, residu
 @pytest.mark.parametrize("rows", [3, 255, 256, 300])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_mlp_equals_float64_reference(products, monkeypatch, rows, activation):
-    monkeypatch.setattr(cpu, "_MLP_BLOCK_ROWS", 64)
+    monkeypatch.setattr(cpu_products, "_MLP_BLOCK_ROWS", 64)
     rng = np.random.default_rng(rows)
     dim, hidden = 24, 96
     x = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -87,20 +91,36 @@ def test_mlp_equals_float64_reference(products, monkeypatch, rows, activation):
     mean = expected.mean(axis=-1, keepdims=True)
     expected_normed = (expected - mean) / np.sqrt(expected.var(axis=-1, keepdims=True) + 1e-5) * norm_weight + norm_bias
 
-    out = cpu.mlp_residual(*mlp)
-    out_again, normed = cpu.mlp_residual_norm(*mlp, norm_weight, norm_bias, 1e-5)
+    layers = (x, Linear(fc1_t, fc1_bias), activation, Linear(fc2_t, fc2_bias), scale, residual)
+    out, none = cpu.mlp_residual(*layers)
+    out_again, normed = cpu.mlp_residual(*layers, norm=Norm(norm_weight, norm_bias, 1e-5))
 
+    assert none is None
     assert out.dtype == normed.dtype == np.float32 and out.shape == normed.shape == residual.shape
     np.testing.assert_allclose(out, expected, rtol=0, atol=3e-5)
     np.testing.assert_array_equal(out_again, out)
     np.testing.assert_allclose(normed, expected_normed, rtol=0, atol=2e-5)
 
 
+def test_layers_without_bias_are_products_alone(products):
+    # 300 rows: the MLP's blocked kernel where the products run inside the kernels
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 24), dtype=np.float32)
+    fc1_t = rng.standard_normal((24, 96), dtype=np.float32) * np.float32(24**-0.5)
+    fc2_t = rng.standard_normal((96, 24), dtype=np.float32) * np.float32(96**-0.5)
+    scale, residual = rng.standard_normal(24, dtype=np.float32), rng.standard_normal((300, 24), dtype=np.float32)
+    out, _ = cpu.mlp_residual(x, Linear(fc1_t), "relu", Linear(fc2_t), scale, residual)
+    expected = mlp_reference(x, fc1_t, 0.0, "relu", fc2_t, 0.0, scale, residual)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=3e-5)
+    out, _ = cpu.linear_residual(x, Linear(fc2_t[:24]), scale, residual)
+    np.testing.assert_allclose(out, reference(x, fc2_t[:24], None, scale, residual), rtol=0, atol=2e-5)
+
+
 def test_mlp_refuses_an_unknown_activation():
     x = np.ones((4, 8), np.float32)
+    layer = Linear(np.ones((8, 8), np.float32), np.ones(8, np.float32))
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        cpu.mlp_residual(x, np.ones((8, 8), np.float32), np.ones(8, np.float32), "swish", np.ones((8, 8), np.float32),
-                         np.ones(8, np.float32), np.ones(8, np.float32), x)
+        cpu.mlp_residual(x, layer, "swish", layer, np.ones(8, np.float32), x)
 
 
 def conv_reference(x, weight_cols, bias):
@@ -125,13 +145,13 @@ def conv_reference(x, weight_cols, bias):
     ((2, 9, 11, 17), 6), ((1, 40, 38, 20), 6)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv3x3_stride2_equals_float64_reference(products, monkeypatch, shape, out_channels, with_bias):
-    monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 64)
+    monkeypatch.setattr(cpu_conv, "_CONV_BLOCK_ROWS", 64)
     rng = np.random.default_rng(shape[1])
     x = rng.standard_normal(shape, dtype=np.float32)
     weight = rng.standard_normal((out_channels, shape[3], 3, 3), dtype=np.float32)  # PyTorch's (out, in, 3, 3)
     weight_cols = cpu.conv_weight(weight)
     bias = rng.standard_normal(out_channels, dtype=np.float32) if with_bias else None
-    y = cpu.conv3x3_stride2(x, weight_cols, bias)
+    y = cpu.conv3x3_stride2(x, Conv(weight_cols, bias))
     assert y.dtype == np.float32 and y.shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, out_channels)
     np.testing.assert_allclose(y, conv_reference(x, weight_cols, bias), rtol=0, atol=3e-5)
 
@@ -146,34 +166,34 @@ def test_conv3x3_stride2_reads_channels_first_pixels_and_other_layouts(products,
     view = cpu.nchw_to_nhwc(pixels)
     assert np.shares_memory(view, pixels)  # no layout pass
     for x in (view, pixels.astype(np.float64).transpose(0, 2, 3, 1), np.asfortranarray(view)):
-        np.testing.assert_allclose(cpu.conv3x3_stride2(x, weight_cols, bias), expected, rtol=0, atol=3e-5)
+        np.testing.assert_allclose(cpu.conv3x3_stride2(x, Conv(weight_cols, bias)), expected, rtol=0, atol=3e-5)
 
 
 def test_float64_inputs_are_computed_in_float32(products):
     rng = np.random.default_rng(6)
     x, weight_t = rng.standard_normal((9, 16)), rng.standard_normal((16, 8))
-    y = cpu.linear(x, weight_t)
+    y = cpu.linear(x, Linear(weight_t))
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, x @ weight_t, rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(cpu._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
+@pytest.mark.skipif(cpu_products._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
 def test_openblas_thread_count_is_restored_after_each_launch(monkeypatch):
-    monkeypatch.setattr(cpu, "_PRODUCTS", "openblas")
-    blas = cpu._BLAS
-    original = blas.set_num_threads(3)
+    monkeypatch.setattr(cpu_products, "_PRODUCTS", "openblas")
+    openblas = cpu_products._BLAS
+    original = openblas.set_num_threads(3)
     try:
-        cpu.linear(np.ones((64, 8), np.float32), np.ones((8, 8), np.float32))
-        assert blas.set_num_threads(original) == 3  # what it held after the launch: the value set before
+        cpu.linear(np.ones((64, 8), np.float32), Linear(np.ones((8, 8), np.float32)))
+        assert openblas.set_num_threads(original) == 3  # what it held after the launch: the value set before
     finally:
-        blas.set_num_threads(original)
+        openblas.set_num_threads(original)
 
 
-@pytest.mark.skipif(cpu._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
+@pytest.mark.skipif(cpu_products._BLAS is None, reason="NumPy's bundled OpenBLAS is not available here")
 def test_concurrent_callers_get_their_own_results_and_the_thread_count_survives(monkeypatch):
-    monkeypatch.setattr(cpu, "_PRODUCTS", "openblas")
-    blas = cpu._BLAS
-    original = blas.set_num_threads(2)
+    monkeypatch.setattr(cpu_products, "_PRODUCTS", "openblas")
+    openblas = cpu_products._BLAS
+    original = openblas.set_num_threads(2)
     rng = np.random.default_rng(7)
     cases = [(rng.standard_normal((300, 32), dtype=np.float32), rng.standard_normal((32, 24), dtype=np.float32))
              for _ in range(4)]
@@ -181,7 +201,7 @@ def test_concurrent_callers_get_their_own_results_and_the_thread_count_survives(
 
     def work(x: np.ndarray, weight_t: np.ndarray) -> None:
         for _ in range(25):
-            errors.append(float(np.abs(cpu.linear(x, weight_t) - reference(x, weight_t)).max()))
+            errors.append(float(np.abs(cpu.linear(x, Linear(weight_t)) - reference(x, weight_t)).max()))
 
     threads = [threading.Thread(target=work, args=case) for case in cases]
     for thread in threads:
@@ -190,37 +210,37 @@ def test_concurrent_callers_get_their_own_results_and_the_thread_count_survives(
         thread.join()
     try:
         assert len(errors) == 100 and max(errors) < 2e-5
-        assert blas.set_num_threads(original) == 2
+        assert openblas.set_num_threads(original) == 2
     finally:
-        blas.set_num_threads(original)
+        openblas.set_num_threads(original)
 
 
 def test_numpy_products_can_be_asked_for(monkeypatch):
     monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "1")
-    assert cpu_blas.find_blas() is None
+    assert blas.find_blas() is None
     monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "0")
-    assert (cpu_blas.find_blas() is None) == (cpu_blas.NUMPY_OPENBLAS is None)
+    assert (blas.find_blas() is None) == (blas.NUMPY_OPENBLAS is None)
 
 
 def test_product_kernel_is_cached_on_disk(tmp_path):
     """The sgemm pointer is an argument, not a constant baked into the code, so Numba can cache the kernel."""
-    script = ("import numpy as np\nfrom dinat_np.kernels import cpu\n"
-              "cpu.linear(np.ones((4, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32), 'gelu')\n"
+    script = ("import numpy as np\nfrom dinat_np.kernels import cpu\nfrom dinat_np.kernels.common import Conv, Linear\n"
               "x, w, v = np.ones((600, 8), np.float32), np.ones((8, 8), np.float32), np.ones(8, np.float32)\n"
-              "cpu.mlp_residual(x, w, v, 'gelu', w, v, v, x)\n"
-              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 3), np.float32), np.ones((27, 8), np.float32), None)\n"
-              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 20), np.float32), np.ones((180, 8), np.float32), None)\n")
+              "cpu.linear(x[:4], Linear(w, v), 'gelu')\n"
+              "cpu.mlp_residual(x, Linear(w, v), 'gelu', Linear(w, v), v, x)\n"
+              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 3), np.float32), Conv(np.ones((27, 8), np.float32)))\n"
+              "cpu.conv3x3_stride2(np.ones((1, 40, 40, 20), np.float32), Conv(np.ones((180, 8), np.float32)))\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     completed = subprocess.run([sys.executable, "-W", "error::numba.NumbaWarning", "-c", script], env=env,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     cached = [path.name for path in Path(tmp_path).rglob("*.nbi")]
-    assert any(name.startswith("cpu._linear-") for name in cached)
-    if cpu_gemm.PRODUCTS == "own":  # the own product too: a C function, cached like the kernels
-        assert any(name.startswith("cpu_gemm._sgemm-") for name in cached)
-    if cpu_gemm.PRODUCTS != "numpy":
-        assert any(name.startswith("cpu._mlp-") for name in cached)
-        assert any(name.startswith("cpu._conv3x3_s2-") for name in cached)
+    assert any(name.startswith("products._linear-") for name in cached)
+    if gemm.PRODUCTS == "own":  # the own product too: a C function, cached like the kernels
+        assert any(name.startswith("gemm._sgemm-") for name in cached)
+    if gemm.PRODUCTS != "numpy":
+        assert any(name.startswith("products._mlp-") for name in cached)
+        assert any(name.startswith("conv._conv3x3_s2-") for name in cached)
 
 
 def test_whole_model_agrees_on_every_product_path(monkeypatch):
@@ -230,11 +250,11 @@ def test_whole_model_agrees_on_every_product_path(monkeypatch):
                          num_labels=5)
     model = DinatForImageClassification(config, seed=3)
     pixels = np.random.default_rng(8).standard_normal((2, 3, 40, 36)).astype(np.float32)
-    monkeypatch.setattr(cpu, "_PRODUCTS", "numpy")
+    monkeypatch.setattr(cpu_products, "_PRODUCTS", "numpy")
     through_numpy = model(pixels).logits
     assert np.abs(through_numpy).max() > 1e-3  # a real comparison, not of zeros
-    for path in ("own", "openblas") if cpu._BLAS is not None else ("own",):
-        monkeypatch.setattr(cpu, "_PRODUCTS", path)
+    for path in ("own", "openblas") if cpu_products._BLAS is not None else ("own",):
+        monkeypatch.setattr(cpu_products, "_PRODUCTS", path)
         np.testing.assert_allclose(model(pixels).logits, through_numpy, rtol=0, atol=1e-5, err_msg=path)
 
 
@@ -247,8 +267,8 @@ def test_own_sgemm_equals_float64_reference(rows, depth, columns):
     x = rng.standard_normal((rows + 3, depth), dtype=np.float32)
     weight_t = rng.standard_normal((depth, columns + 20), dtype=np.float32)
     y = np.full((rows + 5, columns + 20), 7.0, np.float32)
-    cpu_gemm.sgemm()(cpu_blas.ROW_MAJOR, cpu_blas.NO_TRANS, cpu_blas.NO_TRANS, rows, columns, depth, 1.0,
-                   x.ctypes.data + 3 * depth * 4, depth, weight_t.ctypes.data + 20 * 4, columns + 20, 0.0,
+    gemm.sgemm()(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, rows, columns, depth, 1.0,
+                 x.ctypes.data + 3 * depth * 4, depth, weight_t.ctypes.data + 20 * 4, columns + 20, 0.0,
                    y.ctypes.data + (5 * (columns + 20) + 20) * 4, columns + 20)
     expected = x[3:].astype(np.float64) @ weight_t[:, 20:].astype(np.float64)
     np.testing.assert_allclose(y[5:, 20:], expected, rtol=0, atol=1e-5 * max(depth, 1) ** 0.5)
@@ -256,17 +276,17 @@ def test_own_sgemm_equals_float64_reference(rows, depth, columns):
 
 
 def test_op_outputs_start_on_cache_lines(products):
-    # the kernels' 16-lane loads of q/k/v rows must not straddle cache lines (see cpu._empty)
+    # the kernels' 16-lane loads of q/k/v rows must not straddle cache lines (see cpu.layout.aligned_empty)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((50, 32), dtype=np.float32)
     weight_t = rng.standard_normal((32, 96), dtype=np.float32)
-    qkv = cpu.linear(x, weight_t)
+    qkv = cpu.linear(x, Linear(weight_t))
     rpb = rng.standard_normal((2, 5, 5), dtype=np.float32)
     context, _ = cpu.neighborhood_attention(qkv.reshape(1, 5, 10, 3, 2, 16), rpb, 3, 1, 0.25)
-    ones, zeros = np.ones(32, np.float32), np.zeros(32, np.float32)
-    closed = cpu.linear_residual_norm(x, weight_t[:, :32], zeros, ones, x, ones, zeros, 1e-5)
-    conv = cpu.conv3x3_stride2(x.reshape(1, 5, 10, 32), rng.standard_normal((288, 8), dtype=np.float32), None)
-    for output in (qkv, context, cpu.layer_norm(x, ones, zeros, 1e-5), *closed, conv):
+    norm = Norm(np.ones(32, np.float32), np.zeros(32, np.float32), 1e-5)
+    closed = cpu.linear_residual(x, Linear(weight_t[:, :32]), norm.weight, x, norm=norm)
+    convolved = cpu.conv3x3_stride2(x.reshape(1, 5, 10, 32), Conv(rng.standard_normal((288, 8), dtype=np.float32)))
+    for output in (qkv, context, cpu.layer_norm(x, norm), *closed, convolved):
         assert output.ctypes.data % 64 == 0 and output.flags.c_contiguous
 
 
@@ -277,30 +297,30 @@ def test_products_run_where_they_are_fastest(monkeypatch):
     blas = object()
     for wide, openblas, expected in ((True, blas, "own"), (True, None, "own"), (False, blas, "openblas"),
                                      (False, None, "numpy")):
-        monkeypatch.setattr(cpu_gemm, "WIDE_VECTORS", wide)
-        monkeypatch.setattr(cpu_gemm, "NUMPY_OPENBLAS", openblas)
-        assert cpu_gemm._products() == expected
+        monkeypatch.setattr(gemm, "WIDE_VECTORS", wide)
+        monkeypatch.setattr(gemm, "NUMPY_OPENBLAS", openblas)
+        assert gemm._products() == expected
     monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "1")
-    assert cpu_gemm._products() == "numpy"
+    assert gemm._products() == "numpy"
 
 
 def test_wide_vectors_follow_the_features_numba_compiles_for(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,-avx512f")
-    assert not cpu_gemm._has_wide_vectors()
+    assert not gemm._has_wide_vectors()
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512f,+fma")
-    assert cpu_gemm._has_wide_vectors()
+    assert gemm._has_wide_vectors()
 
 
 def test_own_sgemm_is_compiled_once_and_kept_alive():
     """Every caller gets the same C function, which stays valid after a garbage collection (its code lives
-    as long as the compiled object that cpu_gemm keeps)."""
+    as long as the compiled object that gemm keeps)."""
     import gc
 
-    first = cpu_gemm.sgemm()
+    first = gemm.sgemm()
     gc.collect()
-    assert cpu_gemm.sgemm() is first
+    assert gemm.sgemm() is first
     x, weight_t = np.ones((7, 3), np.float32), np.full((3, 5), 2.0, np.float32)
     y = np.zeros((7, 5), np.float32)
-    first(cpu_blas.ROW_MAJOR, cpu_blas.NO_TRANS, cpu_blas.NO_TRANS, 7, 5, 3, 1.0, x.ctypes.data, 3,
+    first(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, 7, 5, 3, 1.0, x.ctypes.data, 3,
           weight_t.ctypes.data, 5, 0.0, y.ctypes.data, 5)
     assert (y == 6.0).all()

@@ -9,6 +9,8 @@ import pytest
 
 from dinat_np import functional
 from dinat_np.kernels import cpu
+from dinat_np.kernels.common import Linear, Norm
+from dinat_np.kernels.cpu.attention import window_starts
 
 from conftest import DATA
 
@@ -116,12 +118,12 @@ def test_fused_qkv_bias_of_wrong_shape_is_a_clear_error():
 def test_window_rule_keeps_windows_inside_and_centred():
     # Every window lies inside the axis, on the query's dilation sub-grid, and contains the query.
     for length, k, d in [(7, 7, 1), (14, 7, 2), (13, 3, 3), (30, 5, 2), (56, 7, 8)]:
-        start, bias = cpu.window_starts(length, k, d)
+        start, bias = window_starts(length, k, d)
         for i in range(length):
             keys = start[i] + d * np.arange(k)
             assert keys.min() >= 0 and keys.max() < length
             assert np.all(keys % d == i % d) and i in keys
-            assert 0 <= bias[i] and bias[i] + k - 1 <= 2 * k - 2
+            assert bias[i] >= 0 and bias[i] + k - 1 <= 2 * k - 2
 
 
 @pytest.mark.parametrize(
@@ -154,11 +156,11 @@ def test_linear_activations_equal_pytorch(activation, products):
     # transformers' ACT2FN has no "selu" (its DiNAT would fail on it); PyTorch's own is the reference.
     function = torch.nn.functional.selu if activation == "selu" else ACT2FN[activation]
     expected = function(torch.from_numpy(x @ weight + bias)).numpy()
-    np.testing.assert_allclose(cpu.linear(x, weight, bias, activation), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cpu.linear(x, Linear(weight, bias), activation), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows, in_features, channels", [(37, 24, 33), (2 * 7 * 9, 40, 64), (5, 8, 1)])
-def test_linear_residual_norm_equals_float64_reference(rows, in_features, channels, products):
+def test_linear_residual_with_norm_equals_float64_reference(rows, in_features, channels, products):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
     weight_t = (rng.standard_normal((in_features, channels)) * in_features**-0.5).astype(np.float32)
@@ -166,18 +168,18 @@ def test_linear_residual_norm_equals_float64_reference(rows, in_features, channe
     residual = (rng.standard_normal((rows, channels)) * 3 + 1.5).astype(np.float32)  # mean far from 0
     if rows == 2 * 7 * 9:  # channels-last feature maps, as the model passes them
         x, residual = x.reshape(2, 7, 9, in_features), residual.reshape(2, 7, 9, channels)
-    eps = 1e-5
+    norm = Norm(norm_weight, norm_bias, 1e-5)
 
-    out, normed = cpu.linear_residual_norm(x, weight_t, bias, scale, residual, norm_weight, norm_bias, eps)
+    out, normed = cpu.linear_residual(x, Linear(weight_t, bias), scale, residual, norm=norm)
 
     f64 = np.float64
     expected = residual.astype(f64) + scale.astype(f64) * (x.astype(f64) @ weight_t.astype(f64) + bias)
     mean = expected.mean(axis=-1, keepdims=True)
     variance = ((expected - mean) ** 2).mean(axis=-1, keepdims=True)
-    expected_normed = (expected - mean) / np.sqrt(variance + eps) * norm_weight.astype(f64) + norm_bias
+    expected_normed = (expected - mean) / np.sqrt(variance + norm.eps) * norm_weight.astype(f64) + norm_bias
     assert out.shape == normed.shape == residual.shape
     assert out.dtype == normed.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(normed, expected_normed, rtol=0, atol=1e-5)
     # the same numbers as LayerNorm on its own
-    np.testing.assert_allclose(normed, cpu.layer_norm(out, norm_weight, norm_bias, eps), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(normed, cpu.layer_norm(out, norm), rtol=0, atol=1e-6)

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
-# A child process: optionally imports a module or starts Numba's pool first, loads the kernels, optionally
-# changes a NUMBA_* variable and compiles something (Numba then re-reads its configuration), runs one
-# kernel, optionally forks and runs one in the fork, and reports.
+# A child process: optionally imports a module or starts Numba's pool first, obtains the CPU backend (its
+# set-up chooses the layer; with ``direct``, only imports the package, and the first launch sets it up),
+# optionally changes a NUMBA_* variable and compiles something (Numba then re-reads its configuration),
+# runs one kernel, optionally forks and runs one in the fork, and reports.
 CHILD = r"""
 import json, os, sys, warnings
-first, start_pool_first, reload_config, fork = sys.argv[1], *map(int, sys.argv[2:5])
+first, start_pool_first, reload_config, fork, direct = sys.argv[1], *map(int, sys.argv[2:6])
 if first:
     __import__(first)
 import numba
@@ -28,16 +29,22 @@ if start_pool_first:
             x[i] += 1.0
     bump(np.ones(4))
 preloaded = any("/libgomp.so" in line for line in open("/proc/self/maps"))
+from dinat_np.kernels.common import Norm
+rng = np.random.default_rng(0)
+def kernel():
+    norm = Norm(np.ones(16, np.float32), np.zeros(16, np.float32), 1e-5)
+    return cpu.layer_norm(rng.standard_normal((8, 16)).astype(np.float32), norm)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from dinat_np.kernels import cpu
+    if direct:
+        from dinat_np.kernels import cpu
+        kernel()
+    else:
+        from dinat_np.kernels import get_backend
+        cpu = get_backend("cpu")
 if reload_config:
     os.environ["NUMBA_OPT"] = "2"
     numba.njit(lambda v: v + 1)(1)
-rng = np.random.default_rng(0)
-def kernel():
-    return cpu.layer_norm(rng.standard_normal((8, 16)).astype(np.float32), np.ones(16, np.float32),
-                          np.zeros(16, np.float32), 1e-5)
 kernel()
 report = {"layer": numba.threading_layer(), "spin": os.environ.get("GOMP_SPINCOUNT"),
           "env_layer": os.environ.get("NUMBA_THREADING_LAYER"), "preloaded": preloaded,
@@ -58,11 +65,11 @@ LINUX = sys.platform.startswith("linux")
 
 
 def run_child(first_import: str = "", start_pool_first: bool = False, reload_config: bool = False,
-              fork: bool = False, **environment: str) -> dict:
+              fork: bool = False, direct: bool = False, **environment: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     env.update(environment)
-    flags = [str(int(flag)) for flag in (start_pool_first, reload_config, fork)]
+    flags = [str(int(flag)) for flag in (start_pool_first, reload_config, fork, direct)]
     done = subprocess.run([sys.executable, "-c", CHILD, first_import, *flags], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -85,7 +92,7 @@ needs_proc_maps = pytest.mark.skipif(not LINUX, reason="the child reads /proc/se
 
 @needs_proc_maps
 def test_fresh_process_follows_the_rule_and_passes_it_on():
-    from dinat_np.kernels.cpu_gemm import PRODUCTS
+    from dinat_np.kernels.cpu.gemm import PRODUCTS
 
     report = run_child()
     layer = expected_layer(report)
@@ -93,6 +100,12 @@ def test_fresh_process_follows_the_rule_and_passes_it_on():
     # a longer spin only where the products run inside the kernels, with no OpenBLAS pool to yield to
     spin = "3000" if PRODUCTS == "numpy" else "30000"
     assert report["spin"] == (spin if layer == "omp" else None)
+
+
+@needs_proc_maps
+def test_a_direct_user_of_the_package_gets_the_same_choice_at_its_first_launch():
+    report = run_child(direct=True)
+    assert report["layer"] == report["env_layer"] == expected_layer(report)
 
 
 @needs_proc_maps

@@ -1,75 +1,25 @@
-"""CPU backend: Numba kernels for every op of the forward pass; matrix products called from inside the
-kernels, the own (``dinat_np.kernels.cpu_gemm``) or NumPy's OpenBLAS (``cpu_blas``), else by NumPy.
-
-Layout conventions shared by all backends (see ``dinat_np.kernels``):
-- activations are channels-last, ``(rows, channels)`` or ``(batch, height, width, channels)``;
-- queries, keys and values are ``(batch, height, width, heads, head_dim)``, C-contiguous float32;
-- linear weights are stored transposed, ``(in_features, out_features)``, so a product is ``x @ weight_t``;
-- 3x3 convolution weights are stored as ``(3 * 3 * in_channels, out_channels)`` in (row, column, channel)
-  order, matching the im2col patches below.
-
-Threading (which Numba layer, and why; fork and thread safety): see ``dinat_np.kernels.cpu_threading``.
-Every parallel kernel launch goes through its ``launching()``. Importing this module raises glibc's
-malloc thresholds (``dinat_np.kernels.cpu_malloc``).
-"""
+"""Neighborhood attention on the CPU: the fused op (two kernels: sliding windows, and whole dilation groups
+where the map is exactly ``kernel_size * dilation`` across) and the unfused, reference-precision
+``na_qk`` and ``na_av``."""
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from . import cpu_gemm
-from .cpu_blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
-from .cpu_malloc import raise_thresholds
-from .cpu_simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load,
-                       load_rows, maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows,
-                       subtract, transpose, zeros)
-from . import common
-from .common import (Conv, Epilogue, Linear, Norm, activation_code, check_qkv_bias, check_window, conv_weight_layout,
-                     linear_weight_layout)
-from .cpu_threading import launching
+from .. import common
+from ..common import check_qkv_bias, check_window
+from .layout import aligned_empty
+from .simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load, load_rows,
+                   maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows, subtract, transpose,
+                   zeros)
+from .threads import launching, thread_count
 
-window_starts = njit(cache=True)(common.window_starts)  # NATTEN's border rule, called from the kernels
+window_starts = njit(cache=True)(common.window_starts)  # NATTEN's border rule, compiled: the kernels call it
 
 
-
-# The parallel kernels keep their prange bodies small: a thread's share of the work is a call of a plain
-# njit function (a band of tasks, rows or pixels), and code shared by kernels is such a function rather
-# than inlined. Numba copies and re-analyses a prange body several times over, inlined code included, and
-# compiles an inlined helper once per call site: split this way, a cold compile of dinat-mini's kernels
-# took 17.1-18.7 s instead of 21.7-24.1 (three interleaved pairs), with the same run time.
-
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
-_SELU_ALPHA = 1.6732632423543772
-_SELU_SCALE = 1.0507009873554805
-
-
-# ---------------------------------------------------------------------------------------------------
-# Activations on cache-line boundaries
-# ---------------------------------------------------------------------------------------------------
-# The kernels read activations 16 floats (64 bytes) at a time, and a q/k/v row or a head within it starts
-# at a multiple of 16 floats. NumPy's arrays start on any 16-byte boundary (in a batch-8 forward, 3 of
-# the 9 stage-1 q/k/v arrays started on a cache line): from the others every such load straddles two
-# lines. The ops' outputs are allocated on 64-byte boundaries instead, and so is the attention kernels'
-# scratch (Numba's own arrays start on 32-byte boundaries: 2-3% of an attention call). dinat-mini at
-# batch 8, five interleaved runs of whole forwards: 0.7-1.8% faster (attention 4.45 -> 4.07 ms per
-# image, mostly the sliding-window layers); batch 1 unchanged.
-def _empty(shape: tuple[int, ...]) -> np.ndarray:
-    """An uninitialised float32 array of ``shape`` whose data starts on a 64-byte boundary."""
-    return scratch(math.prod(shape)).reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Neighborhood geometry (NATTEN's rule)
-# ---------------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------------
-# Neighborhood attention
-# ---------------------------------------------------------------------------------------------------
 # exp(x) of 16 logits at once for the softmax (x <= 0), in float32 vector arithmetic (libm's expf is a
 # scalar call): x = n ln2 + f with |f| <= ln2 / 2 (ln2 split in two parts for an exact reduction), e^f
 # by its degree-7 Taylor polynomial (relative error < 1e-7 overall), 2^n from the exponent bits; inputs
@@ -114,8 +64,8 @@ def _add_weighted(weight, values, at, count, low, high):
 # are 16 neighbours at a time: their key channels are 16 rows of a block (one load each), multiplied by
 # the query's channels, and row_sums finishes the 16 dot products with a few shuffles instead of a
 # horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
-# flight (independent fma chains). Consecutive queries overlap (see the step loop): 7-13% faster per call
-# than one query after the other (dinat-mini's three sliding-window shapes at batch 8).
+# flight (independent fma chains). Consecutive queries overlap (see the step loop): faster than one query
+# after the other.
 @njit(**FAST)
 def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
                      store_attn, first_task, stop_task):
@@ -196,7 +146,7 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                     value_at = window_at + 2 * channels + head_at + t
                     low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
                     for n in range(0, window - 3, 4):
-                        u = np.uint64(n)  # unsigned: Numba adds no negative-index wrap-around (~5% of the kernel)
+                        u = np.uint64(n)  # unsigned: Numba adds no negative-index wrap-around
                         low0, high0 = _add_weighted(broadcast(probabilities, at + n), values,
                                                     neighbour_at[u] + value_at, count, low0, high0)
                         low1, high1 = _add_weighted(broadcast(probabilities, at + n + 1), values,
@@ -290,8 +240,7 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # (image, group, head) computes it with 16 queries per vector, three vectors at a time: each key or value
 # channel is read once, by a broadcast, for 48 queries. The queries are transposed in registers to that
 # layout (16 x 16 blocks), and the context back to pixels on the way out. A 7x7 group's 49th query is
-# computed on its own: in a fourth vector, 15 of its 16 lanes were padding, and every step paid for them
-# (dinat-mini's four whole-group shapes at batch 8: 10-15% faster per call, in alternation).
+# computed on its own: in a fourth vector, 15 of its 16 lanes were padding, and every step paid for them.
 @njit(**FAST)
 def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn, store_attn,
                           first_task, stop_task):
@@ -358,7 +307,7 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
                     _store_three(logits, key3 * padded_queries + v * LANES, LANES, logits3)
 
         for v in range(padded_queries // LANES):
-            # two chains of maxima (odd and even keys), as each maximum waits on the one before: 2-4% per call
+            # two chains of maxima (odd and even keys), as each maximum waits on the one before
             top = load(logits, v * LANES, LANES)
             top_even = top
             for key in range(1, window - 1, 2):
@@ -559,7 +508,7 @@ def neighborhood_attention(
         qkv_bias = np.asarray(qkv_bias, dtype=np.float32)
         query_bias[:] = qkv_bias[:channels] * np.float32(scale)
         value_bias[:] = qkv_bias[2 * channels:]
-    out = _empty((batch, height, width, heads, head_dim))
+    out = aligned_empty((batch, height, width, heads, head_dim))
     shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
     attn = np.empty(shape, np.float32)
     # the kernels address q/k/v, rpb and the output by flat offsets: C order
@@ -570,10 +519,10 @@ def neighborhood_attention(
             tasks = batch * dilation * dilation * heads
             _na_whole_groups(qkv, query_bias, value_bias, np.ascontiguousarray(rpb[:, ::-1, ::-1]), kernel_size,
                              dilation, np.float32(scale), out, attn, return_attention,
-                             min(numba.get_num_threads(), tasks))
+                             min(thread_count(), tasks))
         else:
             _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn,
-                      return_attention, min(numba.get_num_threads(), batch * height * heads))
+                      return_attention, min(thread_count(), batch * height * heads))
     return out, (attn if return_attention else None)
 
 
@@ -595,539 +544,3 @@ def na_av(attn: np.ndarray, value: np.ndarray, kernel_size: int, dilation: int) 
         _na_av(attn, value, kernel_size, dilation, out)
     return out
 
-
-# ---------------------------------------------------------------------------------------------------
-# Normalisation, activations and epilogues
-# ---------------------------------------------------------------------------------------------------
-@njit(inline="always", **FAST)
-def _normalise_row(x, row, weight, bias, eps, out):
-    # float32 sums: they vectorise twice as wide as float64 ones (a row's arithmetic 2-3x faster on
-    # the model's shapes); with the two-pass variance the error is that of PyTorch's float32 LayerNorm.
-    channels = x.shape[1]
-    total = np.float32(0.0)
-    for c in range(channels):
-        total += x[row, c]
-    mean = total / np.float32(channels)
-    variance = np.float32(0.0)
-    for c in range(channels):
-        centred = x[row, c] - mean
-        variance += centred * centred
-    inverse = np.float32(1.0 / math.sqrt(variance / channels + eps))
-    for c in range(channels):
-        out[row, c] = (x[row, c] - mean) * inverse * weight[c] + bias[c]
-
-
-@njit(parallel=True, **FAST)
-def _layer_norm(x, weight, bias, eps, out):
-    for row in prange(x.shape[0]):
-        _normalise_row(x, row, weight, bias, eps, out)
-
-
-def layer_norm(x: np.ndarray, norm: Norm) -> np.ndarray:
-    """LayerNorm over the last axis of ``x`` (any leading shape)."""
-    rows = x.reshape(-1, x.shape[-1])
-    out = _empty(rows.shape)
-    with launching():
-        _layer_norm(rows, norm.weight, norm.bias, norm.eps, out)
-    return out.reshape(x.shape)
-
-
-# Abramowitz & Stegun 7.1.28: erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| <= 3e-7.
-# Unlike libm's erf it is plain float32 arithmetic, so the exact-GELU epilogue vectorises (about 5x faster).
-_ERF_A = tuple(np.float32(a) for a in (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638))
-
-
-@njit(inline="always", **FAST)
-def _erf(x):
-    a1, a2, a3, a4, a5, a6 = _ERF_A
-    s = abs(x)
-    p = np.float32(1.0) + s * (a1 + s * (a2 + s * (a3 + s * (a4 + s * (a5 + s * a6)))))
-    p = p * p
-    p = p * p
-    p = p * p
-    p = p * p
-    return math.copysign(np.float32(1.0) - np.float32(1.0) / p, x)
-
-
-@njit(inline="always", **FAST)
-def _activate(x, activation):
-    if activation == 1:
-        return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(_SQRT_HALF)))
-    if activation == 2:
-        return 0.5 * x * (1.0 + math.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
-    if activation == 3:
-        return max(x, 0.0)
-    if activation == 4:
-        return _SELU_SCALE * (x if x > 0.0 else _SELU_ALPHA * (math.exp(x) - 1.0))
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------
-# Matrix products with their epilogues: computed inside the kernels by an sgemm, cpu_gemm's own or NumPy's
-# OpenBLAS (see cpu_blas for why it is called from here), so that a thread applies the epilogue to rows
-# it has just written; else by NumPy's matmul first. Which: cpu_gemm.PRODUCTS.
-# ---------------------------------------------------------------------------------------------------
-_BLAS = NUMPY_OPENBLAS
-_PRODUCTS = cpu_gemm.PRODUCTS  # "own", "openblas" or "numpy" (the tests switch it)
-
-
-def _sgemm():
-    """The kernels' ``sgemm`` argument: cpu_gemm's, OpenBLAS's, or None (NumPy multiplies first)."""
-    return cpu_gemm.sgemm() if _PRODUCTS == "own" else _BLAS.sgemm if _PRODUCTS == "openblas" else None
-
-
-def _products_launch():
-    """The context of a kernel launch that multiplies: OpenBLAS kept single-threaded where it is used."""
-    return _BLAS.single_threaded() if _PRODUCTS == "openblas" else nullcontext()
-
-
-_EPILOGUE_NONE, _EPILOGUE_ACTIVATION = int(Epilogue.NONE), int(Epilogue.ACTIVATION)
-_EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = int(Epilogue.RESIDUAL), int(Epilogue.RESIDUAL_NORM)
-
-
-@njit(inline="always", **FAST)
-def _product_block(sgemm, x, x_row, weight_t, y, y_row, rows, first_col, stop_col):
-    # y[y_row : y_row + rows, cols] = x[x_row : x_row + rows] @ weight_t[:, cols] by one sgemm call on this
-    # thread (OpenBLAS is kept single-threaded meanwhile). Pointers are computed, not sliced: a view
-    # would be counted and freed.
-    in_features = x.shape[1]
-    out_features = y.shape[1]
-    sgemm(
-        ROW_MAJOR, NO_TRANS, NO_TRANS, rows, stop_col - first_col, in_features, np.float32(1.0),
-        x.ctypes.data + x_row * in_features * 4, in_features, weight_t.ctypes.data + first_col * 4,
-        out_features, np.float32(0.0), y.ctypes.data + (y_row * out_features + first_col) * 4, out_features,
-    )
-
-
-@njit(**FAST)
-def _bias_activation_rows(y, first, stop, bias, activation):
-    for row in range(first, stop):
-        for c in range(y.shape[1]):
-            y[row, c] = _activate(y[row, c] + bias[c], activation)
-
-
-@njit(**FAST)
-def _residual_rows(y, first, stop, bias, scale, residual, normalise, norm_weight, norm_bias, eps, normed):
-    for row in range(first, stop):
-        for c in range(y.shape[1]):
-            y[row, c] = residual[row, c] + scale[c] * (y[row, c] + bias[c])
-        if normalise:
-            _normalise_row(y, row, norm_weight, norm_bias, eps, normed)
-
-
-@njit(**FAST)
-def _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed):
-    if epilogue == _EPILOGUE_ACTIVATION:
-        _bias_activation_rows(y, first, stop, bias, activation)
-    elif epilogue >= _EPILOGUE_RESIDUAL:
-        _residual_rows(y, first, stop, bias, scale, residual, epilogue == _EPILOGUE_RESIDUAL_NORM, norm_weight,
-                       norm_bias, eps, normed)
-
-
-# Below this many rows per thread the threads split the product's columns instead of its rows: each
-# thread then packs only its share of the weights. With rows split every thread reads and packs all of
-# them, which dominates when there are few rows: stage 4 at batch 1 (49 rows) ran 1.1-1.3x slower than
-# NumPy's own products that way, 0.94-1.07x with columns split; at 196 and more rows either is as fast.
-_MIN_ROWS_PER_THREAD = 128
-
-
-@njit(parallel=True, **FAST)
-def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps,
-            normed):
-    # One task per thread (``parts`` of them). Many rows: each task takes a band of rows, multiplies it
-    # (unless ``sgemm`` is None: then NumPy has filled y already) and applies the epilogue to the rows
-    # it has just written. Few rows: the tasks take bands of columns, then all rows get their epilogue.
-    # Cutting bands into blocks of 32-256 rows, to apply the epilogue while still in L1/L2, was slower.
-    rows, columns = y.shape
-    if sgemm is not None and rows < _MIN_ROWS_PER_THREAD * parts:
-        parts = min(parts, columns)
-        for part in prange(parts):
-            _product_block(sgemm, x, 0, weight_t, y, 0, rows, columns * part // parts, columns * (part + 1) // parts)
-        if epilogue != _EPILOGUE_NONE:
-            for part in prange(parts):
-                _epilogue_rows(y, rows * part // parts, rows * (part + 1) // parts, epilogue, bias, activation, scale,
-                               residual, norm_weight, norm_bias, eps, normed)
-        return
-    parts = min(parts, rows)
-    for part in prange(parts):
-        first = rows * part // parts
-        stop = rows * (part + 1) // parts
-        if sgemm is not None:
-            _product_block(sgemm, x, first, weight_t, y, first, stop - first, 0, columns)
-        _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
-
-
-_NO_BIAS = np.empty(0, np.float32)  # stand-ins for the operands an epilogue does not read
-_NO_ROWS = np.empty((0, 0), np.float32)
-
-
-def _run_linear(
-    x: np.ndarray, weight_t: np.ndarray, epilogue: int, bias: np.ndarray = _NO_BIAS, activation: int = 0,
-    scale: np.ndarray = _NO_BIAS, residual: np.ndarray = _NO_ROWS, norm_weight: np.ndarray = _NO_BIAS,
-    norm_bias: np.ndarray = _NO_BIAS, eps: float = 0.0, normed: np.ndarray = _NO_ROWS,
-) -> np.ndarray:
-    """``x @ weight_t`` over the last axis of ``x`` as ``(rows, out)``, with ``epilogue`` applied in place."""
-    # BLAS reads raw row-major memory: operands must be C-contiguous float32 (no copy when they are).
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-    weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
-    residual = np.ascontiguousarray(residual, dtype=np.float32)
-    y = _empty((x.shape[0], weight_t.shape[1]))
-    sgemm = _sgemm()
-    if sgemm is None:
-        np.matmul(x, weight_t, out=y)
-        if epilogue == _EPILOGUE_NONE:
-            return y
-    with launching(), _products_launch():
-        _linear(sgemm, numba.get_num_threads(), x, weight_t, y, epilogue, bias,
-                activation, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
-    return y
-
-
-def linear(x: np.ndarray, linear: Linear, activation: str = "identity") -> np.ndarray:
-    """``activation(x @ linear.weight + linear.bias)`` over the last axis of ``x``; bias and activation in one pass."""
-    weight_t, bias = linear
-    if bias is None and activation == "identity":
-        y = _run_linear(x, weight_t, _EPILOGUE_NONE)
-    else:
-        if bias is None:
-            bias = np.zeros(weight_t.shape[1], np.float32)
-        y = _run_linear(x, weight_t, _EPILOGUE_ACTIVATION, bias, activation_code(activation))
-    return y.reshape(x.shape[:-1] + (y.shape[1],))
-
-
-def _norm_operands(norm: Norm | None, rows: np.ndarray) -> tuple[int, tuple]:
-    """The epilogue that closes a residual branch, and its LayerNorm operands (stand-ins without ``norm``)."""
-    if norm is None:
-        return _EPILOGUE_RESIDUAL, (_NO_BIAS, _NO_BIAS, 0.0, _NO_ROWS)
-    return _EPILOGUE_RESIDUAL_NORM, (norm.weight, norm.bias, norm.eps, _empty(rows.shape))
-
-
-def linear_residual(
-    x: np.ndarray, linear: Linear, scale: np.ndarray, residual: np.ndarray, norm: Norm | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``out = residual + scale * (x @ linear.weight + linear.bias)``, and ``layer_norm(out, norm)`` in the same
-    pass over the rows when ``norm`` is given: ``(out, normed or None)``, shaped like ``residual``."""
-    rows = residual.reshape(-1, residual.shape[-1])
-    epilogue, (norm_weight, norm_bias, eps, normed) = _norm_operands(norm, rows)
-    bias = np.zeros(linear.weight.shape[1], np.float32) if linear.bias is None else linear.bias
-    y = _run_linear(x, linear.weight, epilogue, bias, 0, scale, rows, norm_weight, norm_bias, eps, normed)
-    return y.reshape(residual.shape), None if norm is None else normed.reshape(residual.shape)
-
-
-# A transformer MLP is two products around an activation on rows four times as wide as the stream: in
-# stage 1 at batch 8 that hidden activation is 25 MB, written by fc1, re-read and rewritten by the
-# activation, re-read by fc2. Here each thread takes blocks of this many rows through fc1, the activation
-# and fc2 while the block's hidden rows are still in L2 (512 KiB in dinat-mini's stage 1, 2 MiB in its
-# stage 3; the development VM's cores have 2 MiB each). dinat-mini at batch 8: 4-5% faster forwards;
-# batch 1 unchanged; dinat-base's stage-1 MLP alone at batch 8 took 26% less time. Blocks of 128 or 256
-# rows were slower overall (BLAS's per-call cost: the weights are packed again for every block), 1024 no
-# faster.
-_MLP_BLOCK_ROWS = 512
-
-
-@njit(parallel=True, **FAST)
-def _mlp(sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hidden, y, epilogue, bias, scale, residual,
-         norm_weight, norm_bias, eps, normed):
-    # ``hidden`` holds one block of rows per thread; each task is one thread's band of rows.
-    rows = x.shape[0]
-    block = hidden.shape[0] // parts
-    normalise = epilogue == _EPILOGUE_RESIDUAL_NORM
-    for part in prange(parts):
-        own = part * block  # this thread's first row in ``hidden``
-        for start in range(rows * part // parts, rows * (part + 1) // parts, block):
-            count = min(block, rows * (part + 1) // parts - start)
-            _product_block(sgemm, x, start, fc1_t, hidden, own, count, 0, hidden.shape[1])
-            _bias_activation_rows(hidden, own, own + count, fc1_bias, activation)
-            _product_block(sgemm, hidden, own, fc2_t, y, start, count, 0, y.shape[1])
-            _residual_rows(y, start, start + count, bias, scale, residual, normalise, norm_weight, norm_bias, eps,
-                           normed)
-
-
-def _run_mlp(
-    x: np.ndarray, fc1_t: np.ndarray, fc1_bias: np.ndarray, activation: str, fc2_t: np.ndarray, epilogue: int,
-    bias: np.ndarray, scale: np.ndarray, residual: np.ndarray, norm_weight: np.ndarray = _NO_BIAS,
-    norm_bias: np.ndarray = _NO_BIAS, eps: float = 0.0, normed: np.ndarray = _NO_ROWS,
-) -> np.ndarray:
-    """``activation(x @ fc1_t + fc1_bias) @ fc2_t`` as ``(rows, out)``, with ``epilogue`` applied in place."""
-    code = activation_code(activation)
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-    parts = numba.get_num_threads()
-    sgemm = _sgemm()
-    if sgemm is None or x.shape[0] < _MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
-        hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, code)
-        return _run_linear(hidden, fc2_t, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
-    fc1_t = np.ascontiguousarray(fc1_t, dtype=np.float32)
-    fc2_t = np.ascontiguousarray(fc2_t, dtype=np.float32)
-    residual = np.ascontiguousarray(residual, dtype=np.float32)
-    block = min(_MLP_BLOCK_ROWS, -(-x.shape[0] // parts))
-    hidden = _empty((parts * block, fc1_t.shape[1]))
-    y = _empty((x.shape[0], fc2_t.shape[1]))
-    with launching(), _products_launch():
-        _mlp(sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
-             scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
-    return y
-
-
-def mlp_residual(
-    x: np.ndarray, fc1: Linear, activation: str, fc2: Linear, scale: np.ndarray, residual: np.ndarray,
-    norm: Norm | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``out = residual + scale * (activation(x @ fc1.weight + fc1.bias) @ fc2.weight + fc2.bias)``: a transformer
-    MLP closing its residual branch, and ``layer_norm(out, norm)`` in the same pass when ``norm`` is given:
-    ``(out, normed or None)``. Where the products run inside the kernels and there are enough rows, its
-    hidden activation is never in memory whole (see ``_MLP_BLOCK_ROWS``)."""
-    rows = residual.reshape(-1, residual.shape[-1])
-    epilogue, (norm_weight, norm_bias, eps, normed) = _norm_operands(norm, rows)
-    y = _run_mlp(x, fc1.weight, fc1.bias, activation, fc2.weight, epilogue, fc2.bias, scale, rows,
-                 norm_weight, norm_bias, eps, normed)
-    return y.reshape(residual.shape), None if norm is None else normed.reshape(residual.shape)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 3x3 stride-2 convolution (tokenizer and downsamplers): im2col + products, or direct for few channels
-# ---------------------------------------------------------------------------------------------------
-@njit(**FAST)
-def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):
-    # cols[first_row + k] = the zero-padded 3x3 patch under output pixel first_pixel + k (flat over batch,
-    # rows, columns), in (row, column, channel) order, for k < count. The input's element (b, i, j, c) is
-    # x[b * strides[0] + i * strides[1] + j * strides[2] + c * strides[3]] (see _elements_and_strides).
-    _, height, width, channels = shape
-    batch_stride, row_stride, column_stride, channel_stride = strides
-    out_height = (height + 1) // 2
-    out_width = (width + 1) // 2
-    for k in range(count):
-        pixel = first_pixel + k
-        row = first_row + k
-        b = pixel // (out_height * out_width)
-        oi = pixel // out_width % out_height
-        oj = pixel % out_width
-        for di in range(3):
-            i = 2 * oi + di - 1
-            for dj in range(3):
-                j = 2 * oj + dj - 1
-                base = (di * 3 + dj) * channels
-                if 0 <= i < height and 0 <= j < width:
-                    at = b * batch_stride + i * row_stride + j * column_stride
-                    for c in range(channels):
-                        # an unsigned index: no negative-index wrap-around, so the copy vectorises (3x faster)
-                        cols[row, base + c] = x[np.uint64(at + c * channel_stride)]
-                else:
-                    for c in range(channels):
-                        cols[row, base + c] = 0.0
-
-
-@njit(parallel=True, **FAST)
-def _im2col_3x3_s2(parts, x, shape, strides, cols):
-    pixels = cols.shape[0]
-    for part in prange(parts):
-        first = pixels * part // parts
-        _im2col_rows(x, shape, strides, first, pixels * (part + 1) // parts - first, cols, first)
-
-
-# The patches of the tokenizer's second convolution are 29 MB at batch 8 (3136 x 288 floats per image),
-# written once and read back once by the product. Here each thread takes its output pixels in blocks of
-# this many, gathers a block's patches and multiplies them while they are still in L2, as _mlp does with
-# its hidden rows. dinat-mini at batch 8: its five convolutions 0.5 ms per image faster in the model (the
-# tokenizer's second 0.89 -> 0.58 ms), whole forwards 1-2.5% faster; batch 1 unchanged. Blocks of
-# 256-2048 pixels were within noise of each other. The kernel adds ~2.5 s to a cold compile.
-_CONV_BLOCK_ROWS = 512
-
-# A convolution with few input channels (the first one's 3) runs directly instead. Its im2col product
-# would have K = 9 x channels (27), far too short for BLAS's speed, and patches 2.25x the image's size.
-# Here four output pixels of a row share each weight row, held in two vectors of output channels. Both
-# ways read the input in place through its strides, so the model's channels-first pixel values need no
-# layout pass. dinat-mini's first convolution, layout pass included, at batch 8: 0.50 -> 0.13 ms per
-# image (0.62 -> 0.23 at batch 1); with 16 input channels still 0.25 -> 0.18 (in alternation). Both ways
-# share one parallel kernel (a kernel of its own cost ~0.6 s more of cold compile); the direct way adds
-# ~1.5 s to it.
-_DIRECT_MAX_CHANNELS = 16
-
-
-@njit(**FAST)
-def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_row):
-    # output rows first_row..stop_row - 1 (flat over images and rows); x read as in _im2col_rows
-    _, height, width, channels = shape
-    batch_stride, row_stride, column_stride, channel_stride = strides
-    out_height = (height + 1) // 2
-    out_width = (width + 1) // 2
-    out_channels = y.shape[1]
-    weights = weight_cols.reshape(-1)
-    out = y.reshape(-1)
-    for row in range(first_row, stop_row):
-        b, oi = row // out_height, row % out_height
-        for oj in range(0, out_width, 4):
-            for co in range(0, out_channels, 2 * LANES):
-                count = out_channels - co  # lanes of the two vectors: min(16, count) and count - 16
-                low0 = low1 = low2 = low3 = load(bias, co, count)
-                high0 = high1 = high2 = high3 = load(bias, co + LANES, count - LANES)
-                for di in range(3):
-                    i = 2 * oi + di - 1
-                    if i < 0 or i >= height:
-                        continue
-                    for dj in range(3):
-                        # the first pixel's input column, the next ones' 2 apart; zero outside the image
-                        # (the padding). Written out: an inlined helper for this test ran 6x slower.
-                        j = 2 * oj + dj - 1
-                        for c in range(channels):
-                            w_at = ((di * 3 + dj) * channels + c) * out_channels + co
-                            w_low = load(weights, w_at, count)
-                            w_high = load(weights, w_at + LANES, count - LANES)
-                            at = b * batch_stride + i * row_stride + c * channel_stride
-                            value = broadcast(x, at + j * column_stride) if 0 <= j < width else splat(0.0)
-                            low0, high0 = fma(value, w_low, low0), fma(value, w_high, high0)
-                            value = broadcast(x, at + (j + 2) * column_stride) if j + 2 < width else splat(0.0)
-                            low1, high1 = fma(value, w_low, low1), fma(value, w_high, high1)
-                            value = broadcast(x, at + (j + 4) * column_stride) if j + 4 < width else splat(0.0)
-                            low2, high2 = fma(value, w_low, low2), fma(value, w_high, high2)
-                            value = broadcast(x, at + (j + 6) * column_stride) if j + 6 < width else splat(0.0)
-                            low3, high3 = fma(value, w_low, low3), fma(value, w_high, high3)
-                at = (row * out_width + oj) * out_channels + co
-                pixels = min(4, out_width - oj)
-                store(out, at, count, low0)
-                store(out, at + LANES, count - LANES, high0)
-                if pixels > 1:
-                    store(out, at + out_channels, count, low1)
-                    store(out, at + out_channels + LANES, count - LANES, high1)
-                if pixels > 2:
-                    store(out, at + 2 * out_channels, count, low2)
-                    store(out, at + 2 * out_channels + LANES, count - LANES, high2)
-                if pixels > 3:
-                    store(out, at + 3 * out_channels, count, low3)
-                    store(out, at + 3 * out_channels + LANES, count - LANES, high3)
-
-
-@njit(parallel=True, **FAST)
-def _conv3x3_s2(sgemm, parts, x, shape, strides, weight_cols, bias, cols, y):
-    # One task per thread. Without ``cols`` (few input channels) a band of output rows computed directly;
-    # otherwise a band of output pixels, in blocks whose patches are gathered into this thread's block of
-    # ``cols`` and multiplied by BLAS (``sgemm`` None: the direct way only, for want of BLAS).
-    pixels, out_channels = y.shape
-    rows = shape[0] * ((shape[1] + 1) // 2)
-    block = cols.shape[0] // parts
-    for part in prange(parts):
-        if block == 0:
-            _direct_conv_rows(x, shape, strides, weight_cols, bias, y, rows * part // parts,
-                              rows * (part + 1) // parts)
-        elif sgemm is not None:
-            own = part * block  # this thread's first row in ``cols``
-            stop = pixels * (part + 1) // parts
-            for start in range(pixels * part // parts, stop, block):
-                count = min(block, stop - start)
-                _im2col_rows(x, shape, strides, start, count, cols, own)
-                _product_block(sgemm, cols, own, weight_cols, y, start, count, 0, out_channels)
-                if bias.size:
-                    for row in range(start, start + count):
-                        for c in range(out_channels):
-                            y[row, c] += bias[c]
-
-
-def _elements_and_strides(x: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """The elements of channels-last ``x`` as a flat float32 array, and the element strides of its four
-    axes: no copy for a contiguous array, nor for the channels-last view of a contiguous NCHW one."""
-    x = np.asarray(x, dtype=np.float32)
-    channels_first = x.transpose(0, 3, 1, 2)
-    if not x.flags.c_contiguous and channels_first.flags.c_contiguous:
-        return channels_first.reshape(-1), tuple(stride // 4 for stride in x.strides)
-    x = np.ascontiguousarray(x)
-    return x.reshape(-1), tuple(stride // 4 for stride in x.strides)
-
-
-def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
-    """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; returns contiguous channels-last.
-    ``x`` may be the channels-last view of NCHW pixel values (as :func:`nchw_to_nhwc` gives): it is read
-    in place."""
-    weight_cols, bias = conv
-    batch, height, width, channels = x.shape
-    out_height, out_width = (height + 1) // 2, (width + 1) // 2
-    pixels = batch * out_height * out_width
-    out_channels = weight_cols.shape[1]
-    parts = numba.get_num_threads()
-    elements, strides = _elements_and_strides(x)
-    weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
-    if channels <= _DIRECT_MAX_CHANNELS:
-        bias = np.zeros(out_channels, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-        y = _empty((pixels, out_channels))
-        with launching():
-            _conv3x3_s2(_sgemm(), min(parts, batch * out_height), elements, x.shape,
-                        strides, weight_cols, bias, _NO_ROWS, y)
-        return y.reshape(batch, out_height, out_width, out_channels)
-    few = pixels < _MIN_ROWS_PER_THREAD * parts
-    if _sgemm() is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
-        cols = _empty((pixels, 9 * channels))
-        if few:  # at most a few hundred patches, 10-30 us on this thread: not worth a parallel kernel to compile
-            _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)
-        else:
-            with launching():
-                _im2col_3x3_s2(parts, elements, x.shape, strides, cols)
-        return linear(cols, Linear(weight_cols, bias)).reshape(batch, out_height, out_width, -1)
-    bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-    block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
-    cols = _empty((parts * block, 9 * channels))
-    y = _empty((pixels, out_channels))
-    with launching(), _products_launch():
-        _conv3x3_s2(_sgemm(), parts, elements, x.shape, strides, weight_cols, bias, cols, y)
-    return y.reshape(batch, out_height, out_width, -1)
-
-
-_process_set_up = False
-
-
-def set_up_process() -> None:
-    """The CPU backend's process-wide set-up, done once: glibc's malloc thresholds raised, so that large
-    activations are reused from the heap instead of faulted in again (see cpu_malloc)."""
-    global _process_set_up
-    if not _process_set_up:
-        raise_thresholds()
-        _process_set_up = True
-
-
-def set_num_threads(threads: int) -> None:
-    """Number of threads the parallel kernels use."""
-    numba.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data movement: on the CPU the "device" arrays are NumPy arrays
-# ---------------------------------------------------------------------------------------------------
-def upload(array: np.ndarray) -> np.ndarray:
-    """A float32 copy the kernels can read; a copy, so that the model holds no view of a mapped file."""
-    return np.array(array, dtype=np.float32)
-
-
-def download(array: np.ndarray) -> np.ndarray:
-    """The host NumPy array of a backend array."""
-    return array
-
-
-def linear_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in)`` PyTorch weight -> contiguous ``(in, out)``, copied once at load (the products run slower
-    on the transposed view)."""
-    return linear_weight_layout(weight)
-
-
-def conv_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` rows in im2col (row, column, channel) order."""
-    return conv_weight_layout(weight)
-
-
-def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Zero-pad ``(batch, h, w, channels)`` at the bottom and right to ``height x width``."""
-    padded = np.zeros((x.shape[0], height, width, x.shape[3]), np.float32)
-    padded[:, : x.shape[1], : x.shape[2]] = x
-    return padded
-
-
-def crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The top-left ``height x width`` of ``(batch, h, w, channels)``, contiguous."""
-    return np.ascontiguousarray(x[:, :height, :width])
-
-
-def mean_pool(x: np.ndarray) -> np.ndarray:
-    """Average of ``(batch, height, width, channels)`` over the spatial axes."""
-    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float32)
-
-
-def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    """Pixel values ``(batch, channels, height, width)`` -> channels-last float32: a view of them when they
-    are contiguous float32 (the first convolution reads it in place; see ``_DIRECT_MAX_CHANNELS``)."""
-    return np.asarray(x, dtype=np.float32).transpose(0, 2, 3, 1)

@@ -1,8 +1,8 @@
 """NumPy's own OpenBLAS, called from inside the CPU kernels (one single-threaded product per thread).
 
 Products through NumPy run on OpenBLAS's thread pool, the other kernels on Numba's, and the two pools
-hand the same cores back and forth about ninety times per forward: each hand-over cost ~65 us on the
-2-core development VM (5 ms of a 50 ms batch-1 forward). Calling ``sgemm`` from Numba's threads, each
+hand the same cores back and forth about ninety times per forward, each hand-over a cost of its own
+(a tenth of a batch-1 forward in all). Calling ``sgemm`` from Numba's threads, each
 on its own share of the product while OpenBLAS is set to one thread, keeps everything on one pool, and
 lets a kernel finish the product's epilogue (bias, GELU, residual, LayerNorm) on rows still in cache.
 
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

@@ -5,15 +5,13 @@ A product ``y = x @ weight_t`` is computed tile by tile: six rows of ``y`` by 64
 per ``k``, four vectors of ``weight_t`` and six broadcast elements of ``x`` feed 24 fused multiply-adds.
 The 64 columns of ``weight_t`` under a tile are first copied into a contiguous panel, ``_PANEL_DEPTH``
 rows of ``k`` at a time, so that the tile reads them sequentially from L1 instead of one row of
-``weight_t`` apart each (reading weight_t in place, stage 4's fc2 ran at half the speed). A
-thread takes its rows in chunks whose ``x`` stays in L2 while every panel passes over it.
+``weight_t`` apart each (read in place, the long products ran far slower). A thread takes its rows
+in chunks whose ``x`` stays in L2 while every panel passes over it.
 
-Why not OpenBLAS: on the 2-core development VM (AVX-512), dinat-mini's product shapes at batch 8, each
-split over both threads, ran 1.07-1.63x as fast as through NumPy's OpenBLAS (SkylakeX kernels): 290-340
-GFLOP/s against 200-290, the most gained where the shared dimension is short (64 in stage 1), the
-least in stage 4. Whole forwards: batch 1 22-25% and batch 8 12-14% faster (interleaved in one
-process). With 256-bit vectors (AVX2) the 24 accumulators need 48 of the 16 registers: it ran at half
-OpenBLAS's speed there, hence ``WIDE_VECTORS``.
+Why not OpenBLAS: with 512-bit vectors this product runs dinat-mini's shapes faster than NumPy's
+OpenBLAS (SkylakeX kernels), the most where the shared dimension is short (64 in stage 1), and whole
+forwards with it. With 256-bit vectors (AVX2) the 24 accumulators need 48 of the 16 registers and it
+runs far slower than OpenBLAS: hence ``WIDE_VECTORS``.
 
 Each output element is the sum over ``k`` in order, one fused multiply-add at a time, whatever the
 thread count, chunking or panel depth.
@@ -28,8 +26,8 @@ import threading
 from llvmlite import binding
 from numba import carray, cfunc, njit, types
 
-from .cpu_blas import NUMPY_OPENBLAS, numpy_products_asked, sgemm_prototype
-from .cpu_simd import FAST, LANES, broadcast, fma, load, scratch, splat, store
+from .blas import NUMPY_OPENBLAS, numpy_products_asked, sgemm_prototype
+from .simd import FAST, LANES, broadcast, fma, load, scratch, splat, store
 
 
 def _has_wide_vectors() -> bool:
@@ -50,15 +48,15 @@ def _products() -> str:
 
 
 # Where the CPU backend's matrix products run: "own" (this module's product, inside the kernels) on CPUs
-# with 512-bit vectors; else "openblas" (NumPy's OpenBLAS called from the kernels, see cpu_blas) where it
+# with 512-bit vectors; else "openblas" (NumPy's OpenBLAS called from the kernels, see ``blas``) where it
 # can be found; else, or with DINAT_NP_NUMPY_BLAS=1, "numpy" (NumPy's matmul, before the kernel that
 # applies the epilogue).
 PRODUCTS = _products()
 
 _TILE_ROWS = 6
 _TILE_COLUMNS = 4 * LANES
-# Rows of k per panel: 128 x 64 floats = 32 KiB, in L1 beside the tile's rows of x. At k = 1536
-# (dinat-mini's stage-4 fc2) 292 GFLOP/s, against 266 with 256 and 222 with the whole depth at once.
+# Rows of k per panel: 128 x 64 floats = 32 KiB, in L1 beside the tile's rows of x (deeper panels, or
+# the whole depth at once, were slower on the deepest product, stage 4's fc2).
 _PANEL_DEPTH = 128
 _CHUNK_FLOATS = 65536  # a chunk's rows of x, one panel deep: 256 KiB, in L2
 
@@ -148,8 +146,8 @@ def _product(x, x_stride, weight_t, weight_stride, y, y_stride, rows, columns, d
                     _six_rows(x, row * x_stride, x_stride, panel, first_k, stop_k, y, row * y_stride + col, y_stride,
                               lanes)
                     row += _TILE_ROWS
-                for row in range(row, stop):
-                    _one_row(x, row * x_stride, panel, first_k, stop_k, y, row * y_stride + col, lanes)
+                for last_row in range(row, stop):
+                    _one_row(x, last_row * x_stride, panel, first_k, stop_k, y, last_row * y_stride + col, lanes)
 
 
 def _sgemm(order, trans_a, trans_b, rows, columns, depth, alpha, x, x_stride, weight_t, weight_stride, beta, y,
@@ -170,8 +168,8 @@ def sgemm() -> ctypes._CFuncPtr:
     implemented: row-major operands, neither transposed, alpha 1, beta 0.
 
     A C function rather than a Numba one: the kernels call it through a pointer, so its code is compiled
-    once, not again inside each kernel that calls it (3.5 s more of a cold compile of dinat-mini); and
-    only when first asked for (on the CPUs that use it), by one thread.
+    once, not again inside each kernel that calls it (a much longer cold compile); and only when first
+    asked for (on the CPUs that use it), by one thread.
     """
     global _compiled
     if _compiled is not None:  # every product op asks: no lock once compiled

@@ -1,12 +1,11 @@
-"""glibc's malloc thresholds for the CPU backend (raised once, when ``dinat_np.kernels.cpu`` is imported).
+"""glibc's malloc thresholds for the CPU backend (raised by ``set_up_process``, see ``threads``).
 
-A forward allocates its activations afresh, tens of MB each at batch 8 (stage 1's q/k/v: 19 MB; the
-second convolution's patches: 29 MB). By default glibc serves blocks above a threshold (128 KiB at
-first, raised up to 32 MiB as such blocks are freed) by fresh mappings, and gives the heap's free top
-back to the kernel beyond twice that; every page given back faults in again, zeroed, the next time it
-is written: thousands of page faults per forward, at irregular moments. With blocks up to 64 MiB
-served from the heap and up to 128 MiB of free heap kept, dinat-mini on the 2-core development VM ran
-batch 8 in 25.9-26.8 ms per image instead of 27.5-28.5 ms (interleaved runs); batch 1 alike.
+A forward allocates its activations afresh, tens of MB each at batch 8. By default glibc serves blocks
+above a threshold (128 KiB at first, raised up to 32 MiB as such blocks are freed) by fresh mappings,
+and gives the heap's free top back to the kernel beyond twice that; every page given back faults in
+again, zeroed, the next time it is written: thousands of page faults per forward, at irregular
+moments. Blocks up to 64 MiB are therefore served from the heap and up to 128 MiB of free heap kept:
+a forward reuses the pages of the one before, and runs faster at batch 8 and 1 alike.
 
 The cost is process-wide: up to 128 MiB that the process freed stays mapped, for reuse by any later
 allocation (the peak resident size is unchanged). ``DINAT_NP_MALLOPT=0`` leaves glibc's defaults,

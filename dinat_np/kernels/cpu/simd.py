@@ -132,7 +132,7 @@ def _lane_wise(name, operation, arity, doc):
     # operation(builder, values) gets every operand as a <16 x float>.
     def codegen(context, builder, signature, args):
         values = []
-        for operand_type, value in zip(signature.args, args):
+        for operand_type, value in zip(signature.args, args, strict=True):
             if operand_type != float32x16:
                 value = _broadcast(builder, context.cast(builder, value, operand_type, types.float32), _VECTOR)
             values.append(value)
@@ -249,7 +249,7 @@ def store_rows(typingctx, array, row_offsets, offset, rows, lanes, block):
     def codegen(context, builder, signature, args):
         lane_mask = _lane_mask(builder, args[4])
         addresses = _row_addresses(context, builder, signature, args)
-        for row, (value, address) in enumerate(zip(_rows(builder, args[5]), addresses)):
+        for row, (value, address) in enumerate(zip(_rows(builder, args[5]), addresses, strict=True)):
             _masked_store(builder, value, address, _row_mask(builder, lane_mask, row, args[3]))
         return context.get_dummy_value()
 
@@ -264,7 +264,8 @@ def fma_rows(typingctx, block, multiplier, addend):
     def codegen(context, builder, signature, args):
         fma_vector = _llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3)
         addends = _rows(builder, args[2]) if signature.args[2] == _BLOCK_TYPE else [args[2]] * LANES
-        rows = [builder.call(fma_vector, [row, args[1], total]) for row, total in zip(_rows(builder, args[0]), addends)]
+        rows = [builder.call(fma_vector, [row, args[1], total])
+                for row, total in zip(_rows(builder, args[0]), addends, strict=True)]
         return _block(context, builder, rows)
 
     return _BLOCK_TYPE(block, multiplier, addend), codegen

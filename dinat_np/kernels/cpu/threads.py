@@ -1,17 +1,21 @@
-"""Numba's threading layer for the CPU kernels, chosen when this module is first imported.
+"""Numba's threading layer for the CPU kernels, and the CPU backend's process-wide set-up.
+
+Nothing here acts on import: ``set_up_process`` does, once, when the backend is first obtained
+(``get_backend("cpu")``) or, for direct users of the package, before its first kernel launch or thread
+count (``launching``, ``thread_count``, ``set_num_threads``), which is before Numba's thread pool starts.
+It chooses the threading layer and raises glibc's malloc thresholds (``malloc``).
 
 A batch-1 forward launches about 100 kernels. Threads that sleep between kernels (Numba's "workqueue"
-layer) must be woken for each one, 0.1 ms or more per launch on a VM, and a kernel waits for its last
-thread; threads that spin for long (GNU OpenMP's default, up to ~20 ms) take the cores from anything
-else that needs them, OpenBLAS's own threads above all where the products go through NumPy
-(dinat-mini: 1.1 s instead of 75 ms per image on 2 cores). So on Linux the kernels run on GNU OpenMP
-with a bounded spin (``GOMP_SPINCOUNT``, read once when libgomp loads; longer where the products run
-inside the kernels, see ``_spin_count``): batch-1 latency 22% lower than with workqueue, batch 8
-unchanged. Where that cannot be ensured (not Linux, no GNU OpenMP, or libgomp already loaded with
-whatever spin it read) the kernels use workqueue. The choice is written to the environment
-(``NUMBA_THREADING_LAYER``, and ``GOMP_SPINCOUNT`` with it), because Numba re-reads its configuration
-from there, and so that child processes make the same one. ``NUMBA_THREADING_LAYER`` already in the
-environment wins; ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` there are left to libgomp.
+layer) must be woken for each one, and a kernel waits for its last thread; threads that spin for long
+(GNU OpenMP's default, up to ~20 ms) take the cores from anything else that needs them, OpenBLAS's own
+threads above all where the products go through NumPy (a forward many times slower). So on Linux the
+kernels run on GNU OpenMP with a bounded spin (``GOMP_SPINCOUNT``, read once when libgomp loads;
+longer where the products run inside the kernels, see ``_spin_count``): lower batch-1 latency than
+workqueue, batch 8 unchanged. Where that cannot be ensured (not Linux, no GNU OpenMP, or libgomp
+already loaded with whatever spin it read) the kernels use workqueue. The choice is written to the
+environment (``NUMBA_THREADING_LAYER``, and ``GOMP_SPINCOUNT`` with it), because Numba re-reads its
+configuration from there, and so that child processes make the same one. ``NUMBA_THREADING_LAYER``
+already in the environment wins; ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` there are left to libgomp.
 
 On OpenMP, a process forked from one that has run the kernels cannot run them (GNU OpenMP's threads
 do not survive fork, and Numba would terminate the child): launches there raise a RuntimeError that
@@ -26,21 +30,21 @@ import os
 import sys
 import threading
 import warnings
-from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import NamedTuple
 
 import numba
 
-from .cpu_gemm import PRODUCTS
+from .gemm import PRODUCTS
+from .malloc import raise_thresholds
 
-# Spin iterations of an idle GNU OpenMP thread before it sleeps (3000 is ~0.2 ms on this Skylake VM):
-# long enough to bridge the Python between two kernels. Where the products run on OpenBLAS's own
-# threads (NumPy's matmul, see cpu_gemm.PRODUCTS) it must also be short next to a product, or the spinning
-# threads take the cores from OpenBLAS; measured at batch 1 (dinat-mini, 2 cores): 300 -> 62 ms,
-# 1000 -> 59, 3000 -> 55, 10000 -> 63, 30000 -> 73. With the products inside the kernels no other pool
-# waits for the cores: 3000 -> 55.6 ms, 10000 -> 53.0, 30000 -> 52.0, 100000 -> 52.4 (means of 2-5
-# interleaved runs, +-5% noise); 30000 (~2 ms) still lets a caller's own NumPy products have the cores
-# soon after a forward.
+
+# Spin iterations of an idle GNU OpenMP thread before it sleeps (3000 is ~0.2 ms on the development VM):
+# long enough to bridge the Python between two kernels. Where the products run on OpenBLAS's own threads
+# (NumPy's matmul, see gemm.PRODUCTS) it must also be short next to a product, or the spinning threads
+# take the cores from OpenBLAS; with the products inside the kernels no other pool waits for the cores,
+# and 30000 (~2 ms) still lets a caller's own NumPy products have them soon after a forward.
 def _spin_count() -> str:
     return "3000" if PRODUCTS == "numpy" else "30000"
 
@@ -57,8 +61,9 @@ def _libgomp_loaded() -> bool:
         return True  # unknown: assume the worst
 
 
-def _choose_threading_layer() -> None:
-    """Numba's threading layer for the kernels (see the module docstring), before Numba's pool starts."""
+def _choose_threading_layer() -> str | None:
+    """Numba's threading layer for the kernels (see the module docstring), before Numba's pool starts;
+    the layer asked for, or None where the pool had already started on whatever layer it chose."""
     try:
         running = numba.threading_layer()  # raises until Numba's thread pool has started
     except ValueError:
@@ -68,15 +73,17 @@ def _choose_threading_layer() -> None:
         spin_set = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
         if running == "omp" and not spin_set:
             warnings.warn(
-                "Numba's thread pool was started (on OpenMP) before dinat_np loaded its kernels; if its "
-                "idle threads spin long they slow the matrix products several times over. Import "
-                "dinat_np first, or set GOMP_SPINCOUNT=3000 or NUMBA_THREADING_LAYER=workqueue.",
-                RuntimeWarning, stacklevel=3,
+                "Numba's thread pool was started (on OpenMP) before dinat_np set up its CPU backend; if its "
+                "idle threads spin long they slow the matrix products several times over. Obtain the backend "
+                "(dinat_np.kernels.get_backend('cpu'), or build a model) first, or set GOMP_SPINCOUNT=3000 "
+                "or NUMBA_THREADING_LAYER=workqueue.",
+                RuntimeWarning, stacklevel=4,
             )
-        return
+        return None
     if "NUMBA_THREADING_LAYER" not in os.environ:
         os.environ["NUMBA_THREADING_LAYER"] = "omp" if _gnu_openmp_with_bounded_spin() else "workqueue"
     numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
+    return numba.config.THREADING_LAYER
 
 
 def _gnu_openmp_with_bounded_spin() -> bool:
@@ -96,26 +103,61 @@ def _gnu_openmp_with_bounded_spin() -> bool:
     return gnu
 
 
-_choose_threading_layer()
-_LAUNCH_LOCK = threading.RLock()
 _forked_from_openmp = False
 
 
 def _note_fork_in_child() -> None:
     global _forked_from_openmp
-    try:
+    with suppress(ValueError):  # raised where the parent never started the pool: the child may
         _forked_from_openmp = numba.threading_layer() == "omp"  # the parent ran kernels on OpenMP
-    except ValueError:
-        pass  # the parent never started the pool: the child may
 
 
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_note_fork_in_child)
+class ProcessSetUp(NamedTuple):
+    """What :func:`set_up_process` did."""
+
+    threading_layer: str | None  # the layer asked of Numba; None where its pool had started before
+    malloc_tuned: bool  # glibc's malloc thresholds raised (see ``malloc``)
+
+
+_SET_UP_LOCK = threading.Lock()
+_process_set_up: ProcessSetUp | None = None
+
+
+def set_up_process() -> ProcessSetUp:
+    """The CPU backend's process-wide set-up, done once (later calls return the same record): Numba's
+    threading layer chosen and written to the environment, a fork handler registered, glibc's malloc
+    thresholds raised (see the module docstring and ``malloc``)."""
+    global _process_set_up
+    if _process_set_up is not None:  # every launch asks: no lock once done
+        return _process_set_up
+    with _SET_UP_LOCK:
+        if _process_set_up is None:
+            threading_layer = _choose_threading_layer()
+            if hasattr(os, "register_at_fork"):  # POSIX only
+                os.register_at_fork(after_in_child=_note_fork_in_child)
+            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds())
+        return _process_set_up
+
+
+def thread_count() -> int:
+    """Numba's thread count for the next launch (asking starts Numba's pool: the process is set up first)."""
+    set_up_process()
+    return numba.get_num_threads()
+
+
+def set_num_threads(threads: int) -> None:
+    """Number of threads the parallel kernels use (starts Numba's pool: the process is set up first)."""
+    set_up_process()
+    numba.set_num_threads(threads)
+
+
+_LAUNCH_LOCK = threading.RLock()
 
 
 @contextmanager
 def launching() -> Iterator[None]:
     """Held around every parallel kernel launch (see the module docstring)."""
+    set_up_process()
     if _forked_from_openmp:
         raise RuntimeError(
             "this process was forked from one that had already run dinat-np's kernels on GNU OpenMP, whose "
