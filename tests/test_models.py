@@ -55,7 +55,8 @@ def backbone_folder(folder, target, out_features):
     config = DinatConfig.from_pretrained(folder).to_dict()
     config.update(out_features=out_features, out_indices=None)
     DinatConfig.from_dict(config).save_pretrained(target)
-    tensors = {n[len("dinat."):]: t for n, t in read_safetensors(folder / "model.safetensors").items() if n.startswith("dinat.")}
+    classifier = read_safetensors(folder / "model.safetensors")
+    tensors = {n[len("dinat."):]: t for n, t in classifier.items() if n.startswith("dinat.")}
     norms = read_safetensors(folder / "backbone_norms.safetensors")
     tensors.update({n: t for n, t in norms.items() if n.split(".")[1] in out_features})
     write_safetensors(target / "model.safetensors", tensors)
@@ -197,7 +198,9 @@ def test_half_precision_storage_and_save_round_trip(tmp_path):
 
 
 def test_random_initialisation_is_seeded():
-    config = DinatConfig(embed_dim=8, depths=[1, 1], num_heads=[1, 2], dilations=[[1], [1]], kernel_size=3, num_labels=4)
+    config = DinatConfig(
+        embed_dim=8, depths=[1, 1], num_heads=[1, 2], dilations=[[1], [1]], kernel_size=3, num_labels=4
+    )
     pixels = np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32)
     first = DinatForImageClassification(config, seed=1)(pixels).logits
     np.testing.assert_array_equal(first, DinatForImageClassification(config, seed=1)(pixels).logits)
@@ -256,3 +259,29 @@ def test_random_initialisation_follows_hf():
         else:
             assert 0.01 < tensor.std() < 0.03, name  # N(0, initializer_range = 0.02)
     assert "hidden_states_norms.stem.weight" in tensors
+
+
+def test_classifier_holds_its_base_model_as_hf_does():
+    folder = DATA / "hf_dinat_small_cfg"
+    expected = np.load(folder / "expected.npz")
+    model = DinatForImageClassification.from_pretrained(folder)
+    assert isinstance(model.dinat, DinatModel) and model.base_model is model.dinat
+    bare = DinatModel.from_pretrained(folder)
+    assert bare.base_model is bare
+    close(model.dinat(expected["pixel_values"]).last_hidden_state, expected["last_hidden_state"], "last_hidden_state")
+    base_weights, bare_weights = model.dinat.state_dict(), bare.state_dict()
+    assert base_weights.keys() == bare_weights.keys() and not any(n.startswith("dinat.") for n in base_weights)
+    for name, tensor in bare_weights.items():
+        np.testing.assert_array_equal(base_weights[name], tensor, err_msg=name)
+    assert set(model.state_dict()) == {f"dinat.{n}" for n in bare_weights} | {"classifier.weight", "classifier.bias"}
+
+
+def test_nat_classifier_names_its_base_model_nat():
+    config = DinatConfig(model_type="nat", embed_dim=8, depths=[1, 1], num_heads=[1, 2], kernel_size=3, num_labels=3)
+    model = DinatForImageClassification(config, seed=0)
+    assert isinstance(model.nat, DinatModel) and model.base_model is model.nat and not hasattr(model, "dinat")
+    tensors = model.state_dict()
+    assert all(name.startswith(("nat.", "classifier.")) for name in tensors)
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 24, 20)).astype(np.float32)
+    bare = DinatModel(config, tensors=tensors)  # the base weights of a classification checkpoint
+    np.testing.assert_array_equal(bare(pixels).pooler_output, model.nat(pixels).pooler_output)
