@@ -68,12 +68,12 @@ def _labels_from_config(config: Any) -> list[str]:
 
 def _registry_entry(name_or_folder: Union[str, os.PathLike], folder: Path) -> dict | None:
     """The registry entry of a model given by name; None for a folder given as such (or no entry)."""
-    from . import hub
+    from .registry import registry_entry
 
     if folder == Path(name_or_folder).expanduser():  # resolve_model hands folders back unchanged
         return None
     try:
-        return hub.registry_entry(os.fspath(name_or_folder))
+        return registry_entry(os.fspath(name_or_folder))
     except (LookupError, ValueError):  # unknown name (UnknownModelError is a LookupError), bad registry
         return None
 
@@ -165,10 +165,10 @@ class ImageClassifier:
                 names the checkpoint, its URL and the ways out).
         """
         from . import hub
-        from .modeling import DinatForImageClassification
+        from .modeling import DinatForImageClassification, check_weights
         from .preprocessing import ImageProcessor
 
-        folder = Path(hub.resolve_model(name_or_folder, progress=progress))
+        folder = Path(hub.resolve_model(name_or_folder, check_weights=check_weights, progress=progress))
         model = DinatForImageClassification.from_pretrained(folder, device=device)
         # Most specific first: the folder's HF processor config, the transform recorded when the
         # folder was converted, the registry entry of the name, timm's 224-pixel default.

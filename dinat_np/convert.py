@@ -22,12 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .configuration import CONFIG_NAME, DinatConfig, make_shareable, read_json_object
 from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
+from .registry import registry_entry
 from .state_dict import (
     STORAGE_DTYPES,
     WEIGHTS_NAME,
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 DTYPES = STORAGE_DTYPES
+# Builds the model from (config, tensors, source); WeightsMismatchError when they do not fit.
+WeightsCheck = Callable[[DinatConfig, Mapping[str, np.ndarray], str], None]
 PROVENANCE_NAME = "conversion.json"
 
 
@@ -441,15 +444,11 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
 # Conversion
 
 
-def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str) -> None:
-    """The tensors must form exactly the model that ``config`` describes: the model classes are the
-    one place that knows every tensor name and shape, so building one is the check."""
-    from .modeling import DinatForImageClassification, DinatModel
-
-    has_head = any(name.startswith("classifier.") for name in tensors)
-    model_class = DinatForImageClassification if has_head else DinatModel
+def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str,
+                   check_weights: WeightsCheck) -> None:
+    """The tensors must form exactly the model that ``config`` describes, with finite values."""
     try:
-        model_class(config, tensors=tensors, source=source)
+        check_weights(config, tensors, source)
     except WeightsMismatchError as error:
         lines = [f"the tensors of {source} do not form a complete {config.model_type} model:"]
         for title, names in (("missing", error.missing), ("unexpected", error.unexpected),
@@ -462,13 +461,17 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, sourc
         raise ConversionError(f"{source}: tensors with NaN/inf values: {', '.join(sorted(bad)[:10])}")
 
 
-def convert_state_dict(tensors: Mapping[str, np.ndarray], *, entry: Mapping[str, Any] | None = None,
+def convert_state_dict(tensors: Mapping[str, np.ndarray], *, check_weights: WeightsCheck,
+                       entry: Mapping[str, Any] | None = None,
                        config: Mapping[str, Any] | None = None, source: str = "checkpoint",
                        config_from: str = "config.json") -> tuple[dict[str, np.ndarray], DinatConfig]:
     """Turn a loaded state dict (original or HF names) into HF-named tensors and a checked config.
 
     Args:
         tensors: the checkpoint's tensors (float32).
+        check_weights: builds the model from ``(config, tensors, source)``, raising
+            :class:`WeightsMismatchError` for missing, unexpected or misshaped tensors
+            (``dinat_np.modeling.check_weights``; the converter does not import the models).
         entry: a registry entry (architecture, dilations, labels), if known.
         config: HF ``config.json`` fields (or original constructor names such as ``num_classes``,
             ``layer_scale``); they override the registry entry.
@@ -510,11 +513,12 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], *, entry: Mapping[str,
     for name, tensor in body.items():
         top = name.startswith(_HF_BODY)
         out[f"{prefix}.{name}" if top else name] = tensor
-    _check_tensors(out, cfg, source)
+    _check_tensors(out, cfg, source, check_weights)
     return out, cfg
 
 
-def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, check_weights: WeightsCheck,
+                       model: str | None = None,
                        config: str | os.PathLike | Mapping[str, Any] | None = None, dtype: str = "float32",
                        overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
                        registry: Mapping[str, Any] | None = None) -> Path:
@@ -527,6 +531,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     Args:
         src: original ``.pth``, HF ``pytorch_model.bin`` / ``model.safetensors``, or an HF folder.
         out_dir: the folder to create.
+        check_weights: the model check of :func:`convert_state_dict` (``dinat_np.modeling.check_weights``).
         model: a registry name; supplies dilations, labels and a cross-check of the architecture.
         config: a ``config.json`` path or dict (HF fields); overrides the source folder's config.json.
         dtype: storage of floating tensors: ``float32``, ``float16`` or ``bfloat16``.
@@ -550,10 +555,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     entry = None
     if model is not None:
-        from . import hub
-
         try:
-            entry = hub.registry_entry(model, registry=registry)
+            entry = registry_entry(model, registry=registry)
         except LookupError as exc:
             raise ConversionError(str(exc.args[0] if exc.args else exc)) from None
         if entry.get("local"):
@@ -570,8 +573,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     elif ckpt.config is not None:
         given, given_from = ckpt.config, str(ckpt.config_path)
 
-    tensors, cfg = convert_state_dict(ckpt.tensors, entry=entry, config=given, source=str(ckpt.source),
-                                      config_from=given_from)
+    tensors, cfg = convert_state_dict(ckpt.tensors, check_weights=check_weights, entry=entry, config=given,
+                                      source=str(ckpt.source), config_from=given_from)
     record = {
         "converted_by": "dinat-np",
         "source": str(ckpt.source.resolve()),

@@ -16,10 +16,8 @@ Environment:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import http.client
-import importlib
 import json
 import os
 import sys
@@ -29,9 +27,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .configuration import make_shareable, read_json_object, write_atomic
+from .configuration import make_shareable, write_atomic
+from .registry import UnknownModelError, load_registry, packaged_weights_dir, registry_entry
+
+if TYPE_CHECKING:
+    from .convert import WeightsCheck
 
 __all__ = [
     "UnknownModelError",
@@ -46,14 +48,9 @@ __all__ = [
 
 ENV_HOME = "DINAT_NP_HOME"
 ENV_OFFLINE = "DINAT_NP_OFFLINE"
-ENV_REGISTRY = "DINAT_NP_REGISTRY"
 ENV_BASE_URL = "DINAT_NP_BASE_URL"
 _CHUNK = 1 << 20
 _TIMEOUT = 60.0
-
-
-class UnknownModelError(LookupError):
-    """A name that is neither an existing folder nor a registry entry."""
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -83,60 +80,6 @@ class WeightsUnavailableError(RuntimeError):
 
 class DownloadError(WeightsUnavailableError):
     """A download that started but did not complete (cut transfer, bad checksum)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-
-def _packaged_weights_dir() -> Path:
-    return Path(importlib.import_module("dinat_np.weights").__file__).resolve().parent
-
-
-def load_registry(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """The registry's models by name (``path``, else ``$DINAT_NP_REGISTRY``, else the packaged one).
-
-    Raises:
-        ValueError: the registry file is not valid.
-    """
-    if path is None:
-        path = os.environ.get(ENV_REGISTRY) or _packaged_weights_dir() / "registry.json"
-    path = Path(path)
-    try:
-        data = read_json_object(path, "model registry")
-    except FileNotFoundError as error:
-        raise ValueError(str(error)) from None
-    models = data.get("models")
-    if not isinstance(models, dict):
-        raise ValueError(f"model registry {path} has no 'models' object")
-    return models
-
-
-def _as_models(registry: Mapping[str, Any] | str | os.PathLike | None) -> Mapping[str, Any]:
-    if registry is None or isinstance(registry, (str, os.PathLike)):
-        return load_registry(registry)
-    return registry.get("models", registry) if isinstance(registry.get("models"), dict) else registry
-
-
-def registry_entry(name: str, registry: Mapping[str, Any] | str | os.PathLike | None = None) -> dict[str, Any]:
-    """A copy of one registry entry, with its ``"name"``; HF repo ids (``shi-labs/...``) work too.
-
-    Raises:
-        UnknownModelError: no such entry.
-    """
-    models = _as_models(registry)
-    entry = models.get(name)
-    if entry is None:
-        entry = next((e for e in models.values() if e.get("hf_repo") and e.get("hf_repo") == name), None)
-        if entry is not None:
-            name = next(k for k, v in models.items() if v is entry)
-    if entry is None:
-        raise UnknownModelError(
-            f"unknown model {name!r}: not a folder and not in the registry (known: {', '.join(sorted(models))})"
-        )
-    out = copy.deepcopy(dict(entry))
-    out["name"] = name
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +255,7 @@ def _cached_download(url: str, downloads: Path, entry: Mapping[str, Any], target
     return dest, record
 
 
-def resolve_model(name_or_path: str | os.PathLike, *, registry: Mapping[str, Any] | str | os.PathLike | None = None,
+def resolve_model(name_or_path: str | os.PathLike, *, check_weights: WeightsCheck, registry: Mapping[str, Any] | str | os.PathLike | None = None,
                   cache_dir: str | os.PathLike | None = None, base_url: str | None = None, dtype: str = "float32",
                   progress: bool = True) -> Path:
     """The folder (``config.json`` + ``model.safetensors``) for a folder path or a registry name.
@@ -323,6 +266,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, registry: Mapping[str, Any
 
     Args:
         name_or_path: a folder, a registry name, or the Hugging Face repo id of a registry entry.
+        check_weights: the model check a conversion runs (``dinat_np.modeling.check_weights``).
         registry: registry dict or path (default: ``$DINAT_NP_REGISTRY`` or the packaged one).
         cache_dir: cache folder (default ``$DINAT_NP_HOME`` or ``~/.cache/dinat-np``).
         base_url: fetch ``base_url/<file name>`` instead of the entry's URL (mirrors, tests).
@@ -346,7 +290,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, registry: Mapping[str, Any
     name = entry["name"]
     local = entry.get("local")
     if local:
-        folder = _packaged_weights_dir() / local
+        folder = packaged_weights_dir() / local
         if not _is_model_folder(folder):
             raise UnknownModelError(f"the packaged model {name!r} is missing from this installation ({folder})")
         return folder
@@ -363,7 +307,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, registry: Mapping[str, Any
     if progress:
         print(f"Converting {checkpoint.name} -> {target}", file=sys.stderr, flush=True)
     try:
-        convert_checkpoint(checkpoint, target, model=name, dtype=dtype, overwrite=True,
+        convert_checkpoint(checkpoint, target, check_weights=check_weights, model=name, dtype=dtype, overwrite=True,
                            registry={"models": {name: entry}},
                            provenance={"url": record.get("url", url), "sha256": record.get("sha256")})
     except ConversionError as exc:

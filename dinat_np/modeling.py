@@ -405,7 +405,7 @@ class DinatPreTrainedModel:
         if not folder.is_dir():
             from .hub import resolve_model  # only needed for names; keeps the import light
 
-            folder = resolve_model(str(folder_or_name))
+            folder = resolve_model(str(folder_or_name), check_weights=check_weights)
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file() and (folder / "pytorch_model.bin").is_file():
             raise FileNotFoundError(
@@ -583,6 +583,18 @@ class DinatBackbone(DinatPreTrainedModel):
         if not self._resolve(return_dict, True):
             return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=attentions)
+
+
+def check_weights(config: DinatConfig, tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """Build the model ``config`` describes from ``tensors`` (the classifier when they have a head):
+    the model classes are the one place that knows every tensor name and shape.
+
+    Raises:
+        WeightsMismatchError: tensors missing, unexpected or of the wrong shape (all listed at once).
+    """
+    has_head = any(name.startswith("classifier.") for name in tensors)
+    model_class = DinatForImageClassification if has_head else DinatModel
+    model_class(config, tensors=tensors, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------
