@@ -260,21 +260,31 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
 def write_atomic(target: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` (bytes, or a function writing to a binary stream) to ``target`` through a
     temporary file in the same folder, flushed to disk, then renamed: never a half-written target."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as stream:
             if callable(data):
                 data(stream)
             else:
                 stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+
+    replace_atomically(target, write)
+
+
+def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` create a temporary file beside ``target`` (for writers that take a path), flush it
+    to disk, give it the mode the umask allows, then rename it to ``target``; on failure remove it."""
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         make_shareable(temporary)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
 
 
 def _read_umask() -> int:
