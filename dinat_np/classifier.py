@@ -153,14 +153,21 @@ class ImageClassifier:
         device: str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
+        *,
+        revision: str | None = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        local_files_only: bool = False,
+        token: Union[str, bool, None] = None,
     ) -> "ImageClassifier":
-        """Load a folder, a registry name (cached, else downloaded and converted) or a bundled model.
+        """Load a folder, a registry name or Hub repo id (cached, else downloaded and converted) or a
+        bundled model; ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` as in
+        :func:`dinat_np.hub.resolve_model`.
 
         ``progress`` shows a download progress bar (and the conversion message) on stderr when the
         name is not cached yet; False keeps stderr quiet.
 
         Raises:
-            dinat_np.hub.UnknownModelError: neither a folder nor a registry name.
+            dinat_np.hub.UnknownModelError: not a folder, a registry name nor a DiNAT / NAT Hub repository.
             dinat_np.hub.WeightsUnavailableError: not cached and cannot be downloaded (the message
                 names the checkpoint, its URL and the ways out).
         """
@@ -168,7 +175,9 @@ class ImageClassifier:
         from .modeling import DinatForImageClassification, check_weights
         from .preprocessing import ImageProcessor
 
-        folder = Path(hub.resolve_model(name_or_folder, check_weights=check_weights, progress=progress))
+        folder = Path(hub.resolve_model(name_or_folder, check_weights=check_weights, revision=revision,
+                                        cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                                        progress=progress))
         model = DinatForImageClassification.from_pretrained(folder, device=device)
         # Most specific first: the folder's HF processor config, the transform recorded when the
         # folder was converted, the registry entry of the name, timm's 224-pixel default.

@@ -54,6 +54,7 @@ DTYPES = STORAGE_DTYPES
 # Builds the model from (config, tensors, source); WeightsMismatchError when they do not fit.
 WeightsCheck = Callable[[DinatConfig, Mapping[str, np.ndarray], str], None]
 PROVENANCE_NAME = "conversion.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
 
 
 class ConversionError(ValueError):
@@ -444,6 +445,22 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
 # Conversion
 
 
+def _source_preprocessor(ckpt: Checkpoint, model_type: str) -> tuple[bytes | None, str | None]:
+    """The ``preprocessor_config.json`` beside the source's ``config.json``, and what became of it:
+    kept when dinat-np applies it as transformers does (ViT and ConvNext image processors)."""
+    from .preprocessing import ImageProcessor
+
+    path = ckpt.config_path.parent / PREPROCESSOR_NAME if ckpt.config_path is not None else None
+    if path is None or not path.is_file():
+        return None, None
+    try:
+        ImageProcessor.from_hf_config(read_json_object(path, "preprocessor configuration"), model_type=model_type)
+    except (OSError, ValueError) as error:
+        return None, f"{path} not copied: {error}"
+    return path.read_bytes(), f"copied from {path}"
+
+
+
 def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str,
                    check_weights: WeightsCheck) -> None:
     """The tensors must form exactly the model that ``config`` describes, with finite values."""
@@ -584,6 +601,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
     }
     if entry is not None:
         record["preprocessing"] = entry.get("preprocessing")
+    preprocessor, preprocessor_note = _source_preprocessor(ckpt, cfg.model_type)
+    if preprocessor_note is not None:
+        record["preprocessor_config"] = preprocessor_note
     record.update(provenance or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -591,15 +611,19 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
     try:
         write_safetensors(stage / WEIGHTS_NAME, tensors, dtype)
         cfg.save_pretrained(stage)
+        if preprocessor is not None:
+            (stage / PREPROCESSOR_NAME).write_bytes(preprocessor)
         (stage / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         make_shareable(stage)  # mkdtemp makes it 0700; a shared cache must stay readable
         if out_dir.is_dir() and any(out_dir.iterdir()):
-            # Overwriting keeps the folder's other files, so the three are replaced one by one:
+            # Overwriting keeps the folder's other files, so the model's are replaced one by one:
             # config.json goes first and comes back last, so that an interruption leaves a folder
             # that fails to load rather than new weights under an old config.json.
             (out_dir / CONFIG_NAME).unlink(missing_ok=True)
-            for name in (WEIGHTS_NAME, PROVENANCE_NAME, CONFIG_NAME):
-                os.replace(stage / name, out_dir / name)
+            (out_dir / PREPROCESSOR_NAME).unlink(missing_ok=True)  # an old transform must not outlive its model
+            for name in (WEIGHTS_NAME, PREPROCESSOR_NAME, PROVENANCE_NAME, CONFIG_NAME):
+                if (stage / name).exists():
+                    os.replace(stage / name, out_dir / name)
             stage.rmdir()
         else:
             if out_dir.is_dir():

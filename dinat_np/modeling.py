@@ -398,14 +398,19 @@ class DinatPreTrainedModel:
     # -- loading and saving
     @classmethod
     def from_pretrained(
-        cls, folder_or_name: str | os.PathLike, device: str = "cpu", **kwargs: Any
+        cls, folder_or_name: str | os.PathLike, device: str = "cpu", *, revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, token: str | bool | None = None,
+        **kwargs: Any,
     ) -> "DinatPreTrainedModel":
-        """Load ``config.json`` + ``model.safetensors`` from a folder, or a registry name via the cache."""
+        """Load ``config.json`` + ``model.safetensors`` from a folder, or a registry name or Hub repo id
+        through the cache (``revision``, ``cache_dir``, ``local_files_only``, ``token``: see
+        :func:`dinat_np.hub.resolve_model`)."""
         folder = Path(folder_or_name)
         if not folder.is_dir():
             from .hub import resolve_model  # only needed for names; keeps the import light
 
-            folder = resolve_model(str(folder_or_name), check_weights=check_weights)
+            folder = resolve_model(str(folder_or_name), check_weights=check_weights, revision=revision,
+                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file() and (folder / "pytorch_model.bin").is_file():
             raise FileNotFoundError(

@@ -40,7 +40,7 @@ def _registry(url: str, sha256: str | None = None) -> dict:
         "architecture": {k: CONSTRUCTOR[k] for k in ("embed_dim", "depths", "num_heads", "kernel_size",
                                                      "dilations", "mlp_ratio")},
         "url": url,
-        "hf_repo": "test-org/tiny-dinat",
+        "hf_repo": None,  # the original checkpoint only: tests/test_hub_sources.py serves the Hub
         "label_set": None,
         "sha256": sha256,
         "preprocessing": {"resolution": 160, "crop_pct": 0.875, "interpolation": "bicubic",
@@ -57,7 +57,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    """What a run left in the cache, apart from its lock files."""
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    return [name for name in found if not name.startswith(".locks")]
 
 
 def test_download_convert_and_cache(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,11 +80,9 @@ def test_download_convert_and_cache(server, tmp_path: Path, capsys: pytest.Captu
     logits = DinatForImageClassification.from_pretrained(folder)(expected["pixel_values"]).logits
     np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-4)
 
-    # cached: no second request, also when offline
+    # cached: no second request
     assert resolve("tiny-dinat", registry=registry) == folder
     assert len(server.requests) == 1
-    # the HF repo id of an entry resolves to the same folder
-    assert resolve("test-org/tiny-dinat", registry=registry) == folder
 
 
 def test_registry_file_from_environment(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
