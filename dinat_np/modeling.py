@@ -457,6 +457,16 @@ class DinatPreTrainedModel:
     def _resolve(self, value: bool | None, default: bool = False) -> bool:
         return default if value is None else bool(value)
 
+    # -- pickling: the weights travel as their HF state dict, the backend is rebuilt from its device name
+    def __getstate__(self) -> dict[str, Any]:
+        settings = {name: value for name, value in vars(self).items() if isinstance(value, (bool, int, float, str))}
+        return {"config": self.config, "tensors": self.state_dict(), "settings": settings}  # settings: device, ...
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state["settings"])
+        DinatPreTrainedModel.__init__(self, state["config"], tensors=state["tensors"], source="a pickled model",
+                                      device=self.device)
+
     def to(self, device: str) -> "DinatPreTrainedModel":
         """The same model with its weights on ``device`` ("cpu" or "cuda")."""
         if device == self.device:
