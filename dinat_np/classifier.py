@@ -53,6 +53,14 @@ class ClassificationResult:
     def ok(self) -> bool:
         return self.error is None
 
+    def to_dict(self, path: str | None = None) -> dict[str, Any]:
+        """``{"path", "predictions"}`` or, for an image that failed, ``{"path", "error"}`` (JSON-ready);
+        ``path`` names the input (default: the source as text)."""
+        name = str(self.source) if path is None else path
+        if self.error is not None:
+            return {"path": name, "error": self.error.reason}
+        return {"path": name, "predictions": [p.to_dict() for p in self.predictions]}
+
 
 def _labels_from_config(config: Any) -> list[str]:
     id2label = {int(k): str(v) for k, v in getattr(config, "id2label", {}).items()}
@@ -298,6 +306,22 @@ class ImageClassifier:
                 raise result.error
             results.append(result.predictions)
         return results
+
+    def __call__(
+        self, images: Union[ImageInput, Iterable[ImageInput]], top_k: int = 5
+    ) -> Union[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+        """What transformers' ``pipeline("image-classification")`` returns: ``[{"label", "score"}]``
+        (best first) for one image, a list of those for several.
+
+        Raises:
+            ImageLoadError: an image cannot be read or decoded (its message names it).
+        """
+        from .preprocessing import is_single_image
+
+        single = is_single_image(images)
+        ranked = self.predict(images, top_k=top_k)
+        answers = [[{"label": p.label, "score": p.score} for p in predictions] for predictions in ranked]
+        return answers[0] if single else answers
 
     def __repr__(self) -> str:
         return (

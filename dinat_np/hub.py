@@ -57,6 +57,7 @@ __all__ = [
     "WeightsUnavailableError",
     "cache_home",
     "cached_folders",
+    "cached_repo_ids",
     "download",
     "load_registry",
     "registry_entry",
@@ -603,3 +604,12 @@ def cached_folders(name: str, registry: Mapping[str, Any] | str | os.PathLike | 
     if entry is not None and _is_model_folder(home / entry["name"]):
         found.append(home / entry["name"])
     return found
+
+
+def cached_repo_ids() -> list[str]:
+    """The Hub repositories that have a converted commit in the cache (no network)."""
+    hub_folder = cache_home() / "hub"
+    if not hub_folder.is_dir():
+        return []
+    return sorted(folder.name.removeprefix("models--").replace("--", "/") for folder in hub_folder.glob("models--*")
+                  if any(_is_model_folder(commit) for commit in folder.iterdir()))
