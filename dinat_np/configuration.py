@@ -87,6 +87,7 @@ class DinatConfig:
         self.id2label = {int(k): str(v) for k, v in id2label.items()}
         if num_labels is not None and num_labels != len(self.id2label):
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            label2id = None  # the labels given were for another number of classes
         self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id else {
             v: k for k, v in self.id2label.items()
         }
@@ -196,12 +197,13 @@ class DinatConfig:
             raise ValueError(f"invalid model configuration: {error}") from None
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "DinatConfig":
-        """Read ``folder/config.json`` (or a path to a JSON file)."""
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> "DinatConfig":
+        """Read ``folder/config.json`` (or a path to a JSON file); ``overrides`` replace the values read,
+        as in transformers (``DinatConfig.from_pretrained(folder, num_labels=5)``)."""
         path = Path(folder)
         if path.suffix != ".json":
             path = path / CONFIG_NAME
-        return cls.from_dict(read_json_object(path, "model configuration"))
+        return cls.from_dict({**read_json_object(path, "model configuration"), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """The HF ``config.json`` dict, derived fields included."""
