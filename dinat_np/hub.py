@@ -386,13 +386,12 @@ def _hub_folder(home: Path, repo_id: str) -> Path:
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """What a failed transfer raises: requests' errors (huggingface_hub 0.x) and HfHubHTTPError are
-    OSErrors; huggingface_hub 1.x transfers with httpx."""
-    try:
-        import httpx
-    except ImportError:
-        return (OSError,)
-    return (OSError, httpx.HTTPError)
+    """What a failed transfer raises: OSError, and the errors of the HTTP library huggingface_hub uses
+    (requests' are OSErrors; httpx's, in 1.x, and httpx2's, in 2.x, are not), found as the
+    ``HTTPError`` that its ``HfHubHTTPError`` derives from."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (OSError,) + tuple(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
 
 
 @contextlib.contextmanager
