@@ -1,10 +1,17 @@
 """``dinat-classify``: classify image files with a DiNAT / NAT model.
 
-    dinat-classify IMAGE_OR_DIR... [--model NAME | --weights DIR] [--top-k 5] [--json]
-                   [--batch-size N] [--threads N] [--device cpu|cuda] [--no-progress]
+    dinat-classify IMAGE_OR_DIR... [--files-from FILE|-] [--model NAME_OR_HUB_ID | --weights DIR]
+                   [--top-k 5] [--json | --jsonl] [--batch-size N] [--threads N] [--device cpu|cuda]
+                   [--dask SCHEDULER_ADDRESS] [--no-progress]
+    dinat-classify --list-models | --version
 
-Exit status: 0 every image classified, 1 some image could not be read or decoded, 2 usage error
-(bad option, model not available, nothing to classify).
+``-`` as an input reads one image from standard input. ``--jsonl`` prints one JSON object per image
+as soon as it is classified, ``{"path", "predictions"}``, or ``{"path", "error"}`` for an image that
+could not be read (``--json`` lists those too).
+
+Exit status: 0 every image classified, 1 some image could not be read or decoded, 2 usage error (bad
+option, unknown model, nothing to classify), 3 the model's weights are unavailable (not cached, and
+no source can deliver them: offline, no network, an interrupted download), 130 interrupted.
 
 Only argparse, the standard library and ``dinat_np.classifier`` (which defers NumPy, Pillow and the
 model code to first use) are imported before the arguments are parsed: ``--threads`` must reach
@@ -17,16 +24,24 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
+from dinat_np import __version__
 from dinat_np.classifier import DEFAULT_BATCH_SIZE  # light: the standard library only, no NumPy
 
 PROG = "dinat-classify"
 DEFAULT_MODEL = "dinat-mini-in1k-224"
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
+EXIT_SOME_FAILED, EXIT_USAGE, EXIT_WEIGHTS_UNAVAILABLE = 1, 2, 3
+
+
 class UsageError(Exception):
     """A problem with the command line or the model choice: message, exit status 2."""
+
+
+class WeightsUnavailable(Exception):
+    """The model is not cached and cannot be fetched: message, exit status 3."""
 
 
 def _positive_int(text: str) -> int:
@@ -46,16 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images with a DiNAT / NAT model (NumPy + Numba, no PyTorch).",
         epilog=(
             "Directories are searched recursively for image files. The default model is downloaded "
-            "and converted on first use and cached (see DINAT_NP_HOME); the bundled offline demo is "
-            "--model digits-demo. Exit status: 0 all images classified, 1 some image failed, "
-            "2 usage error."
+            "and converted on first use and cached (see DINAT_NP_HOME and the Hugging Face cache); the "
+            "bundled offline demo is --model digits-demo. Exit status: 0 all images classified, 1 some "
+            "image failed, 2 usage error, 3 the model's weights are unavailable, 130 interrupted."
         ),
     )
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories")
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR",
+                        help="image files or directories; - reads one image from standard input")
+    parser.add_argument("--files-from", metavar="FILE", default=None,
+                        help="also classify the paths listed in FILE, one per line (- for standard input)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--model", metavar="NAME", default=None,
-        help=f"registry name of the model (default: {DEFAULT_MODEL}; offline demo: digits-demo)",
+        help=f"registry name or Hugging Face repo id of the model (default: {DEFAULT_MODEL}; "
+             "offline demo: digits-demo; see --list-models)",
     )
     source.add_argument(
         "--weights", metavar="DIR", default=None,
@@ -63,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
                         help="number of classes to show per image (default: 5)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    output.add_argument("--jsonl", action="store_true",
+                        help="print one JSON object per line and image, as soon as it is classified")
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                         help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -71,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars on stderr (classification, model download)")
+    parser.add_argument("--dask", metavar="SCHEDULER_ADDRESS", default=None,
+                        help="classify on a Dask cluster, one model per worker process (needs the 'dask' "
+                             "extra; the workers must see the image files)")
+    parser.add_argument("--list-models", action="store_true",
+                        help="list the registry's models, their Hugging Face ids and which are cached, then exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -182,11 +210,11 @@ class Progress:
             self.stream.flush()
 
 
-def format_table(path: str, predictions: Sequence[Any]) -> str:
+def format_table(path: str, predictions: Sequence[dict[str, Any]]) -> str:
     """The readable per-image block: a header line, then rank, probability and label."""
     lines = [path, f"  {'rank':>4}  {'probability':>11}  label"]
     for p in predictions:
-        lines.append(f"  {p.rank:>4}  {100.0 * p.score:>10.2f}%  {p.label}")
+        lines.append(f"  {p['rank']:>4}  {100.0 * p['score']:>10.2f}%  {p['label']}")
     return "\n".join(lines)
 
 
@@ -201,17 +229,20 @@ def _error(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status (0 ok, 1 some image failed, 2 usage error)."""
+    """Run the command; returns the exit status (see the module's documentation)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse already printed usage / help
-        return int(exit_.code or 0) if isinstance(exit_.code, int) else 2
+    except SystemExit as exit_:  # argparse already printed usage / help / the version
+        return int(exit_.code or 0) if isinstance(exit_.code, int) else EXIT_USAGE
     try:
-        return _run(args)
+        return _list_models(args) if args.list_models else _run(args)
     except UsageError as error:
         _error(str(error))
-        return 2
+        return EXIT_USAGE
+    except WeightsUnavailable as error:
+        _error(str(error))
+        return EXIT_WEIGHTS_UNAVAILABLE
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130
@@ -221,34 +252,28 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         configure_threads(args.threads)
 
-    inputs = collect_inputs(args.inputs)
-    if not inputs:
-        raise UsageError(
-            "nothing to classify: no image files in " + ", ".join(repr(a) for a in args.inputs)
-        )
+    items = _gather_inputs(args)
     classifier = _load_classifier(args)
 
-    progress = Progress(len(inputs), sys.stderr, enabled=not args.no_progress)
+    progress = Progress(len(items), sys.stderr, enabled=not args.no_progress)
     documents: list[dict[str, Any]] = []
     failures = 0
     progress.start()
     try:
-        for result in classifier.iter_predict(
-            inputs, top_k=args.top_k, batch_size=args.batch_size, on_progress=progress.update
-        ):
-            path = str(result.source)
-            if result.error is not None:
+        for record in _classify(classifier, items, args, progress):
+            if "error" in record:
                 failures += 1
-                progress.message(f"{PROG}: cannot classify {path}: {result.error.reason}")
-                continue
-            if args.json:
-                documents.append({"path": path, "predictions": [p.to_dict() for p in result.predictions]})
-            else:
+                progress.message(f"{PROG}: cannot classify {record['path']}: {record['error']}")
+            if args.jsonl:
+                _write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
+            elif args.json:
+                documents.append(record)
+            elif "error" not in record:
                 # stdout and stderr often share the terminal: keep the bar off the table's lines.
                 shared = sys.stdout.isatty()
                 if shared:
                     progress.clear()
-                _write_stdout(format_table(path, result.predictions) + "\n\n")
+                _write_stdout(format_table(record["path"], record["predictions"]) + "\n\n")
                 if shared:
                     progress.redraw()
     finally:
@@ -256,9 +281,81 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         _write_stdout(json.dumps(documents, indent=2, ensure_ascii=False) + "\n")
     if failures:
-        ok = len(inputs) - failures
-        _error(f"{failures} of {len(inputs)} image(s) could not be classified ({ok} classified)")
-        return 1
+        ok = len(items) - failures
+        _error(f"{failures} of {len(items)} image(s) could not be classified ({ok} classified)")
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def _gather_inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(name, source) of every image: files and directories, ``--files-from``'s list, ``-``'s bytes."""
+    if "-" in args.inputs and args.files_from == "-":
+        raise UsageError("standard input cannot hold both an image (-) and the file list (--files-from -)")
+    listed: list[str] = []
+    if args.files_from is not None:
+        try:
+            if args.files_from == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.files_from, encoding="utf-8") as stream:
+                    text = stream.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--files-from {args.files_from}: {getattr(error, 'strerror', None) or error}") from None
+        listed = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    items: list[tuple[str, Any]] = []
+    for argument in args.inputs:
+        if argument == "-":
+            items.append(("-", sys.stdin.buffer.read()))
+        else:
+            items.extend((path, path) for path in collect_inputs([argument]))
+    items.extend((path, path) for path in collect_inputs(listed))
+    if not items:
+        given = [repr(a) for a in args.inputs] + ([f"--files-from {args.files_from}"] if args.files_from else [])
+        raise UsageError("nothing to classify: " + (
+            "no image files in " + ", ".join(given) if given
+            else "give image files, directories, --files-from FILE or - (one image on standard input)"))
+    return items
+
+
+def _classify(classifier: Any, items: list[tuple[str, Any]], args: argparse.Namespace,
+              progress: Progress) -> Iterator[dict[str, Any]]:
+    """One record per input, in input order: here, or on the Dask cluster of ``--dask``."""
+    if args.dask is not None:
+        from dinat_np.cli.on_dask import DaskUnavailable, classify_on_dask
+
+        try:
+            yield from classify_on_dask(args.dask, classifier, items, top_k=args.top_k, batch_size=args.batch_size,
+                                        threads=args.threads, on_progress=progress.update)
+        except DaskUnavailable as error:
+            raise UsageError(str(error)) from None
+        return
+    names = iter([name for name, _ in items])
+    # Drawn to the end (not zipped with the names): the last batch reports its progress after it is yielded.
+    for result in classifier.iter_predict([source for _, source in items], top_k=args.top_k,
+                                          batch_size=args.batch_size, on_progress=progress.update):
+        yield result.to_dict(path=next(names))
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    """The registry's models, their Hugging Face ids and cached folders; Hub repos cached by id too."""
+    from dinat_np import hub
+
+    rows = []
+    for name, entry in sorted(hub.load_registry().items()):
+        rows.append({"name": name, "hf_repo": entry.get("hf_repo"), "description": entry.get("description", ""),
+                     "cached": [str(folder) for folder in hub.cached_folders(name)]})
+    known = {row["hf_repo"] for row in rows}
+    for repo_id in hub.cached_repo_ids():
+        if repo_id not in known:
+            rows.append({"name": repo_id, "hf_repo": repo_id, "description": "",
+                         "cached": [str(folder) for folder in hub.cached_folders(repo_id)]})
+    if args.json or args.jsonl:
+        lines = [json.dumps(row) for row in rows] if args.jsonl else [json.dumps(rows, indent=2)]
+        _write_stdout("\n".join(lines) + "\n")
+        return 0
+    _write_stdout(f"{'NAME':36} {'HUGGING FACE ID':40} CACHED\n")
+    for row in rows:
+        _write_stdout(f"{row['name']:36} {row['hf_repo'] or '-':40} {'yes' if row['cached'] else 'no'}\n")
     return 0
 
 
@@ -274,8 +371,10 @@ def _write_stdout(text: str) -> None:
 
 
 def _load_classifier(args: argparse.Namespace) -> Any:
-    """Build the ImageClassifier; model problems become a UsageError with a plain message."""
+    """Build the ImageClassifier; unavailable weights become a WeightsUnavailable (exit 3), other model
+    problems a UsageError (exit 2), each with a plain message."""
     from dinat_np.classifier import ImageClassifier
+    from dinat_np.hub import WeightsUnavailableError
 
     if args.weights is not None:
         if not os.path.isdir(args.weights):
@@ -287,6 +386,8 @@ def _load_classifier(args: argparse.Namespace) -> Any:
         return ImageClassifier.from_pretrained(
             target, device=args.device, batch_size=args.batch_size, progress=not args.no_progress
         )
+    except WeightsUnavailableError as error:
+        raise WeightsUnavailable(_model_message(target, error)) from None
     except LookupError as error:  # unknown names; str(KeyError) would quote the message
         raise UsageError(_model_message(target, error.args[0] if error.args else error)) from None
     except (OSError, ValueError, RuntimeError, ImportError) as error:

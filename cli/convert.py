@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.list:
-            from dinat_np.hub import load_registry
+            from dinat_np.registry import load_registry
 
             for name, entry in sorted(load_registry().items()):
                 print(f"{name:36s} {entry.get('description', '')}")
@@ -62,9 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("dinat-convert: error: SRC and OUT_DIR are required", file=sys.stderr)
             return 2
         from dinat_np.convert import convert_checkpoint
+        from dinat_np.modeling import check_weights
 
-        out = convert_checkpoint(args.src, args.out_dir, model=args.model, config=args.config, dtype=args.dtype,
-                                 overwrite=args.overwrite)
+        out = convert_checkpoint(args.src, args.out_dir, check_weights=check_weights, model=args.model,
+                                 config=args.config, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({args.dtype})")
         return 0
     except KeyboardInterrupt:

@@ -53,6 +53,14 @@ class ClassificationResult:
     def ok(self) -> bool:
         return self.error is None
 
+    def to_dict(self, path: str | None = None) -> dict[str, Any]:
+        """``{"path", "predictions"}`` or, for an image that failed, ``{"path", "error"}`` (JSON-ready);
+        ``path`` names the input (default: the source as text)."""
+        name = str(self.source) if path is None else path
+        if self.error is not None:
+            return {"path": name, "error": self.error.reason}
+        return {"path": name, "predictions": [p.to_dict() for p in self.predictions]}
+
 
 def _labels_from_config(config: Any) -> list[str]:
     id2label = {int(k): str(v) for k, v in getattr(config, "id2label", {}).items()}
@@ -68,12 +76,12 @@ def _labels_from_config(config: Any) -> list[str]:
 
 def _registry_entry(name_or_folder: Union[str, os.PathLike], folder: Path) -> dict | None:
     """The registry entry of a model given by name; None for a folder given as such (or no entry)."""
-    from . import hub
+    from .registry import registry_entry
 
     if folder == Path(name_or_folder).expanduser():  # resolve_model hands folders back unchanged
         return None
     try:
-        return hub.registry_entry(os.fspath(name_or_folder))
+        return registry_entry(os.fspath(name_or_folder))
     except (LookupError, ValueError):  # unknown name (UnknownModelError is a LookupError), bad registry
         return None
 
@@ -153,22 +161,31 @@ class ImageClassifier:
         device: str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
+        *,
+        revision: str | None = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        local_files_only: bool = False,
+        token: Union[str, bool, None] = None,
     ) -> "ImageClassifier":
-        """Load a folder, a registry name (cached, else downloaded and converted) or a bundled model.
+        """Load a folder, a registry name or Hub repo id (cached, else downloaded and converted) or a
+        bundled model; ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` as in
+        :func:`dinat_np.hub.resolve_model`.
 
         ``progress`` shows a download progress bar (and the conversion message) on stderr when the
         name is not cached yet; False keeps stderr quiet.
 
         Raises:
-            dinat_np.hub.UnknownModelError: neither a folder nor a registry name.
+            dinat_np.hub.UnknownModelError: not a folder, a registry name nor a DiNAT / NAT Hub repository.
             dinat_np.hub.WeightsUnavailableError: not cached and cannot be downloaded (the message
                 names the checkpoint, its URL and the ways out).
         """
         from . import hub
-        from .modeling import DinatForImageClassification
+        from .modeling import DinatForImageClassification, check_weights
         from .preprocessing import ImageProcessor
 
-        folder = Path(hub.resolve_model(name_or_folder, progress=progress))
+        folder = Path(hub.resolve_model(name_or_folder, check_weights=check_weights, revision=revision,
+                                        cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                                        progress=progress))
         model = DinatForImageClassification.from_pretrained(folder, device=device)
         # Most specific first: the folder's HF processor config, the transform recorded when the
         # folder was converted, the registry entry of the name, timm's 224-pixel default.
@@ -289,6 +306,22 @@ class ImageClassifier:
                 raise result.error
             results.append(result.predictions)
         return results
+
+    def __call__(
+        self, images: Union[ImageInput, Iterable[ImageInput]], top_k: int = 5
+    ) -> Union[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+        """What transformers' ``pipeline("image-classification")`` returns: ``[{"label", "score"}]``
+        (best first) for one image, a list of those for several.
+
+        Raises:
+            ImageLoadError: an image cannot be read or decoded (its message names it).
+        """
+        from .preprocessing import is_single_image
+
+        single = is_single_image(images)
+        ranked = self.predict(images, top_k=top_k)
+        answers = [[{"label": p.label, "score": p.score} for p in predictions] for predictions in ranked]
+        return answers[0] if single else answers
 
     def __repr__(self) -> str:
         return (

@@ -89,6 +89,7 @@ class DinatConfig:
         self.id2label = {int(k): str(v) for k, v in id2label.items()}
         if num_labels is not None and num_labels != len(self.id2label):
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            label2id = None  # the labels given were for another number of classes
         self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id else {
             v: k for k, v in self.id2label.items()
         }
@@ -198,12 +199,13 @@ class DinatConfig:
             raise ValueError(f"invalid model configuration: {error}") from None
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "DinatConfig":
-        """Read ``folder/config.json`` (or a path to a JSON file)."""
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> "DinatConfig":
+        """Read ``folder/config.json`` (or a path to a JSON file); ``overrides`` replace the values read,
+        as in transformers (``DinatConfig.from_pretrained(folder, num_labels=5)``)."""
         path = Path(folder)
         if path.suffix != ".json":
             path = path / CONFIG_NAME
-        return cls.from_dict(read_json_object(path, "model configuration"))
+        return cls.from_dict({**read_json_object(path, "model configuration"), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """The HF ``config.json`` dict, derived fields included."""
@@ -262,21 +264,31 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
 def write_atomic(target: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` (bytes, or a function writing to a binary stream) to ``target`` through a
     temporary file in the same folder, flushed to disk, then renamed: never a half-written target."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as stream:
             if callable(data):
                 data(stream)
             else:
                 stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+
+    replace_atomically(target, write)
+
+
+def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` create a temporary file beside ``target`` (for writers that take a path), flush it
+    to disk, give it the mode the umask allows, then rename it to ``target``; on failure remove it."""
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         make_shareable(temporary)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
 
 
 def _read_umask() -> int:

@@ -22,12 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .configuration import CONFIG_NAME, DinatConfig, make_shareable, read_json_object
 from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
+from .registry import registry_entry
 from .state_dict import (
     STORAGE_DTYPES,
     WEIGHTS_NAME,
@@ -50,7 +51,10 @@ __all__ = [
 ]
 
 DTYPES = STORAGE_DTYPES
+# Builds the model from (config, tensors, source); WeightsMismatchError when they do not fit.
+WeightsCheck = Callable[[DinatConfig, Mapping[str, np.ndarray], str], None]
 PROVENANCE_NAME = "conversion.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
 
 
 class ConversionError(ValueError):
@@ -441,15 +445,27 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
 # Conversion
 
 
-def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str) -> None:
-    """The tensors must form exactly the model that ``config`` describes: the model classes are the
-    one place that knows every tensor name and shape, so building one is the check."""
-    from .modeling import DinatForImageClassification, DinatModel
+def _source_preprocessor(ckpt: Checkpoint, model_type: str) -> tuple[bytes | None, str | None]:
+    """The ``preprocessor_config.json`` beside the source's ``config.json``, and what became of it:
+    kept when dinat-np applies it as transformers does (ViT and ConvNext image processors)."""
+    from .preprocessing import ImageProcessor
 
-    has_head = any(name.startswith("classifier.") for name in tensors)
-    model_class = DinatForImageClassification if has_head else DinatModel
+    path = ckpt.config_path.parent / PREPROCESSOR_NAME if ckpt.config_path is not None else None
+    if path is None or not path.is_file():
+        return None, None
     try:
-        model_class(config, tensors=tensors, source=source)
+        ImageProcessor.from_hf_config(read_json_object(path, "preprocessor configuration"), model_type=model_type)
+    except (OSError, ValueError) as error:
+        return None, f"{path} not copied: {error}"
+    return path.read_bytes(), f"copied from {path}"
+
+
+
+def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str,
+                   check_weights: WeightsCheck) -> None:
+    """The tensors must form exactly the model that ``config`` describes, with finite values."""
+    try:
+        check_weights(config, tensors, source)
     except WeightsMismatchError as error:
         lines = [f"the tensors of {source} do not form a complete {config.model_type} model:"]
         for title, names in (("missing", error.missing), ("unexpected", error.unexpected),
@@ -462,13 +478,17 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, sourc
         raise ConversionError(f"{source}: tensors with NaN/inf values: {', '.join(sorted(bad)[:10])}")
 
 
-def convert_state_dict(tensors: Mapping[str, np.ndarray], *, entry: Mapping[str, Any] | None = None,
+def convert_state_dict(tensors: Mapping[str, np.ndarray], *, check_weights: WeightsCheck,
+                       entry: Mapping[str, Any] | None = None,
                        config: Mapping[str, Any] | None = None, source: str = "checkpoint",
                        config_from: str = "config.json") -> tuple[dict[str, np.ndarray], DinatConfig]:
     """Turn a loaded state dict (original or HF names) into HF-named tensors and a checked config.
 
     Args:
         tensors: the checkpoint's tensors (float32).
+        check_weights: builds the model from ``(config, tensors, source)``, raising
+            :class:`WeightsMismatchError` for missing, unexpected or misshaped tensors
+            (``dinat_np.modeling.check_weights``; the converter does not import the models).
         entry: a registry entry (architecture, dilations, labels), if known.
         config: HF ``config.json`` fields (or original constructor names such as ``num_classes``,
             ``layer_scale``); they override the registry entry.
@@ -510,11 +530,12 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], *, entry: Mapping[str,
     for name, tensor in body.items():
         top = name.startswith(_HF_BODY)
         out[f"{prefix}.{name}" if top else name] = tensor
-    _check_tensors(out, cfg, source)
+    _check_tensors(out, cfg, source, check_weights)
     return out, cfg
 
 
-def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, check_weights: WeightsCheck,
+                       model: str | None = None,
                        config: str | os.PathLike | Mapping[str, Any] | None = None, dtype: str = "float32",
                        overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
                        registry: Mapping[str, Any] | None = None) -> Path:
@@ -527,6 +548,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     Args:
         src: original ``.pth``, HF ``pytorch_model.bin`` / ``model.safetensors``, or an HF folder.
         out_dir: the folder to create.
+        check_weights: the model check of :func:`convert_state_dict` (``dinat_np.modeling.check_weights``).
         model: a registry name; supplies dilations, labels and a cross-check of the architecture.
         config: a ``config.json`` path or dict (HF fields); overrides the source folder's config.json.
         dtype: storage of floating tensors: ``float32``, ``float16`` or ``bfloat16``.
@@ -550,10 +572,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     entry = None
     if model is not None:
-        from . import hub
-
         try:
-            entry = hub.registry_entry(model, registry=registry)
+            entry = registry_entry(model, registry=registry)
         except LookupError as exc:
             raise ConversionError(str(exc.args[0] if exc.args else exc)) from None
         if entry.get("local"):
@@ -570,8 +590,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     elif ckpt.config is not None:
         given, given_from = ckpt.config, str(ckpt.config_path)
 
-    tensors, cfg = convert_state_dict(ckpt.tensors, entry=entry, config=given, source=str(ckpt.source),
-                                      config_from=given_from)
+    tensors, cfg = convert_state_dict(ckpt.tensors, check_weights=check_weights, entry=entry, config=given,
+                                      source=str(ckpt.source), config_from=given_from)
     record = {
         "converted_by": "dinat-np",
         "source": str(ckpt.source.resolve()),
@@ -581,6 +601,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     }
     if entry is not None:
         record["preprocessing"] = entry.get("preprocessing")
+    preprocessor, preprocessor_note = _source_preprocessor(ckpt, cfg.model_type)
+    if preprocessor_note is not None:
+        record["preprocessor_config"] = preprocessor_note
     record.update(provenance or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -588,15 +611,19 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     try:
         write_safetensors(stage / WEIGHTS_NAME, tensors, dtype)
         cfg.save_pretrained(stage)
+        if preprocessor is not None:
+            (stage / PREPROCESSOR_NAME).write_bytes(preprocessor)
         (stage / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         make_shareable(stage)  # mkdtemp makes it 0700; a shared cache must stay readable
         if out_dir.is_dir() and any(out_dir.iterdir()):
-            # Overwriting keeps the folder's other files, so the three are replaced one by one:
+            # Overwriting keeps the folder's other files, so the model's are replaced one by one:
             # config.json goes first and comes back last, so that an interruption leaves a folder
             # that fails to load rather than new weights under an old config.json.
             (out_dir / CONFIG_NAME).unlink(missing_ok=True)
-            for name in (WEIGHTS_NAME, PROVENANCE_NAME, CONFIG_NAME):
-                os.replace(stage / name, out_dir / name)
+            (out_dir / PREPROCESSOR_NAME).unlink(missing_ok=True)  # an old transform must not outlive its model
+            for name in (WEIGHTS_NAME, PREPROCESSOR_NAME, PROVENANCE_NAME, CONFIG_NAME):
+                if (stage / name).exists():
+                    os.replace(stage / name, out_dir / name)
             stage.rmdir()
         else:
             if out_dir.is_dir():

@@ -1,25 +1,35 @@
-"""Model registry, download and cache: turn a model name into a folder the engine can load.
+"""Names to model folders: the Hugging Face Hub, the original SHI-Labs checkpoints, one cache, locks.
 
-``resolve_model("dinat-mini-in1k-224")`` returns ``$DINAT_NP_HOME/dinat-mini-in1k-224/`` (default
-``~/.cache/dinat-np``), holding ``config.json`` + ``model.safetensors``.  On first use the original
-SHI-Labs checkpoint is downloaded (progress on stderr) to ``$DINAT_NP_HOME/downloads/`` and converted
-by :mod:`dinat_np.convert`.  Every step writes to a temporary name that is renamed only when
-complete, so an interrupted download or conversion never leaves something that looks finished.
+``resolve_model(name)`` returns a folder holding ``config.json`` + ``model.safetensors`` (and the
+source's ``preprocessor_config.json`` when it has one):
+
+- an existing folder is returned as is; a registry entry shipped with the package (``"local"``) too;
+- a Hugging Face repository (a registry entry's ``hf_repo``, or any ``org/name`` whose ``config.json``
+  describes a DiNAT or NAT model): ``config.json``, ``preprocessor_config.json`` and the weights
+  (``model.safetensors``, else ``pytorch_model.bin``, read by the project's pickle reader that runs no
+  code) come through ``huggingface_hub`` into the standard HF cache, which honours ``HF_HOME``,
+  ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` as transformers does; they are
+  converted once into ``$DINAT_NP_HOME/hub/models--ORG--NAME/COMMIT/``;
+- a registry entry's original SHI-Labs URL (the only source of the in22k models): the checkpoint is
+  downloaded to ``$DINAT_NP_HOME/downloads/`` and converted into ``$DINAT_NP_HOME/NAME/``.
+
+A name with both sources takes the Hub first; when one source cannot deliver, the other is used and
+stderr says so. Every step writes under a temporary name that is renamed only when complete, and a
+file lock per model lets one of several racing processes download and convert while the others wait
+and reuse its result.
 
 Environment:
-    DINAT_NP_HOME      cache folder (default ``~/.cache/dinat-np``)
-    DINAT_NP_OFFLINE   ``1`` forbids downloads (a missing model raises :class:`WeightsUnavailableError`)
+    DINAT_NP_HOME      cache of converted models (default ``~/.cache/dinat-np``)
+    DINAT_NP_OFFLINE   ``1`` forbids downloads from either source (as ``HF_HUB_OFFLINE=1`` does)
     DINAT_NP_REGISTRY  path of a registry JSON to use instead of the packaged one
-    DINAT_NP_BASE_URL  fetch checkpoints from ``BASE_URL/<file name>`` instead of their original host
-                       (for mirrors and tests)
+    DINAT_NP_BASE_URL  fetch original checkpoints from ``BASE_URL/<file name>`` (mirrors, tests)
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import http.client
-import importlib
 import json
 import os
 import sys
@@ -28,119 +38,104 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import filelock
 
 from .configuration import make_shareable, read_json_object, write_atomic
+from .registry import UnknownModelError, load_registry, packaged_weights_dir, registry_entry
+
+if TYPE_CHECKING:
+    from .convert import WeightsCheck
 
 __all__ = [
+    "DownloadError",
+    "SourceFailure",
     "UnknownModelError",
     "WeightsUnavailableError",
-    "DownloadError",
+    "cache_home",
+    "cached_folders",
+    "cached_repo_ids",
+    "download",
     "load_registry",
     "registry_entry",
     "resolve_model",
-    "cache_home",
-    "download",
 ]
 
 ENV_HOME = "DINAT_NP_HOME"
 ENV_OFFLINE = "DINAT_NP_OFFLINE"
-ENV_REGISTRY = "DINAT_NP_REGISTRY"
 ENV_BASE_URL = "DINAT_NP_BASE_URL"
+HF_OFFLINE = "HF_HUB_OFFLINE"
 _CHUNK = 1 << 20
 _TIMEOUT = 60.0
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 
 
-class UnknownModelError(LookupError):
-    """A name that is neither an existing folder nor a registry entry."""
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class SourceFailure:
+    """Why one source could not deliver a model, and what a user can do about that source."""
+
+    source: str
+    reason: str
+    way_out: str
+    url: str | None = None
 
 
 class WeightsUnavailableError(RuntimeError):
-    """A registry model that is not cached and cannot be downloaded (offline, no network, HTTP error).
+    """A model that is not cached and that none of its sources can deliver (offline, no network, HTTP error).
 
     Attributes:
-        name: the registry name.
-        url: where the checkpoint comes from.
+        name: the model's name.
         target: the cache folder it would be converted to.
-        reason: why it could not be fetched.
+        failures: one :class:`SourceFailure` per source tried.
+        reason: the first source's reason; url: the original checkpoint's URL, if it was tried.
     """
 
-    def __init__(self, name: str, url: str, target: Path, reason: str):
-        self.name, self.url, self.target, self.reason = name, url, target, reason
-        filename = Path(urllib.parse.urlparse(url).path).name or "CHECKPOINT.pth"
-        super().__init__(
-            f"model {name!r} is not in the cache ({target}) and cannot be downloaded: {reason}.\n"
-            f"Its checkpoint is {url}\n"
-            "Two ways out:\n"
-            f"  1. fetch that file by hand (any machine with network access), convert it with\n"
-            f"       dinat-convert {filename} DIR --model {name}\n"
-            f"     and pass the folder: --weights DIR (or from_pretrained(\"DIR\")); using {target} as DIR\n"
-            f"     makes the name {name!r} work from then on;\n"
-            f"  2. connect to the network{' and unset ' + ENV_OFFLINE if _offline() else ''}, then retry."
-        )
+    def __init__(self, name: str, target: Path, failures: Sequence[SourceFailure]):
+        self.name, self.target, self.failures = name, target, list(failures)
+        self.reason = self.failures[0].reason
+        self.url = next((f.url for f in self.failures if f.url), None)
+        lines = [f"model {name!r} is not in the cache and cannot be downloaded:"]
+        lines += [f"  from {f.source}: {f.reason}" for f in self.failures]
+        lines.append("Ways out:")
+        ways = [f.way_out for f in self.failures]
+        switches = [v for v in (ENV_OFFLINE, HF_OFFLINE) if _flag(v)]
+        ways.append("connect to the network" + (f" and unset {' and '.join(switches)}" if switches else "")
+                    + ", then retry.")
+        lines += [f"  {i}. {way}" for i, way in enumerate(ways, 1)]
+        super().__init__("\n".join(lines))
 
 
 class DownloadError(WeightsUnavailableError):
     """A download that started but did not complete (cut transfer, bad checksum)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Registry
+def _url_failure(name: str, url: str, target: Path, reason: str) -> SourceFailure:
+    filename = Path(urllib.parse.urlparse(url).path).name or "CHECKPOINT.pth"
+    way_out = (f"fetch {url} by hand (any machine with network access), convert it with\n"
+               f"       dinat-convert {filename} DIR --model {name}\n"
+               f"     and pass the folder: --weights DIR (or from_pretrained(\"DIR\")); using {target} as DIR\n"
+               f"     makes the name {name!r} work from then on;")
+    return SourceFailure(url, reason, way_out, url=url)
 
 
-def _packaged_weights_dir() -> Path:
-    return Path(importlib.import_module("dinat_np.weights").__file__).resolve().parent
-
-
-def load_registry(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """The registry's models by name (``path``, else ``$DINAT_NP_REGISTRY``, else the packaged one).
-
-    Raises:
-        ValueError: the registry file is not valid.
-    """
-    if path is None:
-        path = os.environ.get(ENV_REGISTRY) or _packaged_weights_dir() / "registry.json"
-    path = Path(path)
-    try:
-        data = read_json_object(path, "model registry")
-    except FileNotFoundError as error:
-        raise ValueError(str(error)) from None
-    models = data.get("models")
-    if not isinstance(models, dict):
-        raise ValueError(f"model registry {path} has no 'models' object")
-    return models
-
-
-def _as_models(registry: Mapping[str, Any] | str | os.PathLike | None) -> Mapping[str, Any]:
-    if registry is None or isinstance(registry, (str, os.PathLike)):
-        return load_registry(registry)
-    return registry.get("models", registry) if isinstance(registry.get("models"), dict) else registry
-
-
-def registry_entry(name: str, registry: Mapping[str, Any] | str | os.PathLike | None = None) -> dict[str, Any]:
-    """A copy of one registry entry, with its ``"name"``; HF repo ids (``shi-labs/...``) work too.
-
-    Raises:
-        UnknownModelError: no such entry.
-    """
-    models = _as_models(registry)
-    entry = models.get(name)
-    if entry is None:
-        entry = next((e for e in models.values() if e.get("hf_repo") and e.get("hf_repo") == name), None)
-        if entry is not None:
-            name = next(k for k, v in models.items() if v is entry)
-    if entry is None:
-        raise UnknownModelError(
-            f"unknown model {name!r}: not a folder and not in the registry (known: {', '.join(sorted(models))})"
-        )
-    out = copy.deepcopy(dict(entry))
-    out["name"] = name
-    return out
+def _hub_failure(repo_id: str, revision: str | None, reason: str) -> SourceFailure:
+    pinned = f" --revision {revision}" if revision else ""
+    way_out = (f"on a machine with network access, fill a Hugging Face cache with\n"
+               f"       hf download {repo_id}{pinned}   (huggingface-cli download in huggingface_hub 0.x)\n"
+               f"     and copy it into this machine's cache (HF_HUB_CACHE, or cache_dir=...);")
+    return SourceFailure(f"the Hugging Face Hub ({repo_id}{', revision ' + revision if revision else ''})",
+                         reason, way_out)
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache
+# Cache, environment, locks
 
 
 def cache_home() -> Path:
@@ -149,18 +144,58 @@ def cache_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "dinat-np"
 
 
-def _offline() -> bool:
-    return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no", "off")
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _offline_reason(local_files_only: bool) -> str | None:
+    """Why downloads are off (``None`` when they are allowed)."""
+    if local_files_only:
+        return "downloads are disabled (local_files_only=True)"
+    switched = [v for v in (ENV_OFFLINE, HF_OFFLINE) if _flag(v)]
+    return f"downloads are disabled ({switched[0]}=1)" if switched else None
 
 
 def _is_model_folder(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+@contextlib.contextmanager
+def _exclusive(home: Path, key: str, what: str, progress: bool) -> Iterator[None]:
+    """Hold the cache's lock ``key`` (one download and conversion at a time); others wait, saying so."""
+    locks = home / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(locks / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=1)
+    except filelock.Timeout:
+        if progress:
+            print(f"Waiting for another process to finish {what}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _convert_into(target: Path, source: Path, *, what: str, check_weights: WeightsCheck, entry: Mapping | None,
+                  dtype: str, provenance: Mapping[str, Any], progress: bool) -> None:
+    """Convert a downloaded checkpoint (file or HF folder) into the cache folder ``target``."""
+    from .convert import convert_checkpoint  # heavy imports only when converting
+
+    if progress:
+        print(f"Converting {what} -> {target}", file=sys.stderr, flush=True)
+    name = entry["name"] if entry is not None else None
+    convert_checkpoint(source, target, check_weights=check_weights, model=name, dtype=dtype, overwrite=True,
+                       registry={"models": {name: entry}} if entry is not None else None, provenance=provenance)
+
+
+# ---------------------------------------------------------------------------------------------
+# The original checkpoints (SHI-Labs URLs)
+
+
 def _checkpoint_url(entry: Mapping[str, Any], base_url: str | None) -> str:
-    url = entry.get("url")
-    if not url:
-        raise UnknownModelError(f"registry entry {entry.get('name')!r} has no checkpoint URL")
+    url = entry["url"]
     base = base_url if base_url is not None else os.environ.get(ENV_BASE_URL)
     if base:
         url = base.rstrip("/") + "/" + Path(urllib.parse.urlparse(url).path).name
@@ -231,6 +266,9 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
         WeightsUnavailableError: cannot connect / HTTP error.
         DownloadError: the transfer was cut, or the sha256 differs from ``expected_sha256``.
     """
+    def unavailable(reason: str, kind: type[WeightsUnavailableError] = WeightsUnavailableError) -> Exception:
+        return kind(name, target, [_url_failure(name, url, target, reason)])
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "dinat-np"})
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -241,10 +279,10 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
         try:
             response = urllib.request.urlopen(request, timeout=_TIMEOUT)
         except urllib.error.HTTPError as exc:
-            raise WeightsUnavailableError(name, url, target, f"the server answered HTTP {exc.code} {exc.reason}") from None
+            raise unavailable(f"the server answered HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise WeightsUnavailableError(name, url, target, f"no network connection to the host ({reason})") from None
+            raise unavailable(f"no network connection to the host ({reason})") from None
         with response, os.fdopen(fd, "wb") as out:
             fd = -1
             length = response.headers.get("Content-Length")
@@ -261,17 +299,16 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
                     done += len(chunk)
                     bar.update(done)
             except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(name, url, target, f"the transfer was interrupted after {done} bytes ({exc})") from None
+                raise unavailable(f"the transfer was interrupted after {done} bytes ({exc})", DownloadError) from None
             if total is not None and done != total:
-                raise DownloadError(name, url, target,
-                                    f"the transfer was interrupted after {done} of {total} bytes")
+                raise unavailable(f"the transfer was interrupted after {done} of {total} bytes", DownloadError)
             if done == 0:
-                raise DownloadError(name, url, target, "the server sent an empty file")
+                raise unavailable("the server sent an empty file", DownloadError)
             out.flush()
             os.fsync(out.fileno())
         sha = digest.hexdigest()
         if expected_sha256 and sha != expected_sha256.lower():
-            raise DownloadError(name, url, target, f"sha256 {sha} differs from the registry's {expected_sha256}")
+            raise unavailable(f"sha256 {sha} differs from the registry's {expected_sha256}", DownloadError)
         bar.close(done, ok=True)
         make_shareable(tmp)
         os.replace(tmp, dest)
@@ -305,33 +342,196 @@ def _cached_download(url: str, downloads: Path, entry: Mapping[str, Any], target
             record = {}
         if record.get("sha256") and record.get("sha256") == _sha256(dest):
             return dest, record
-    if _offline():
-        raise WeightsUnavailableError(entry["name"], url, target, f"downloads are disabled ({ENV_OFFLINE}=1)")
     record = download(url, dest, name=entry["name"], target=target, expected_sha256=entry.get("sha256"),
                       progress=progress)
     return dest, record
 
 
-def resolve_model(name_or_path: str | os.PathLike, *, registry: Mapping[str, Any] | str | os.PathLike | None = None,
-                  cache_dir: str | os.PathLike | None = None, base_url: str | None = None, dtype: str = "float32",
-                  progress: bool = True) -> Path:
-    """The folder (``config.json`` + ``model.safetensors``) for a folder path or a registry name.
+def _from_url(entry: Mapping[str, Any], home: Path, *, base_url: str | None, offline: str | None,
+              check_weights: WeightsCheck, dtype: str, progress: bool) -> Path:
+    """The original checkpoint, downloaded and converted into ``home/NAME`` (once, under the name's lock)."""
+    from .convert import ConversionError
 
-    An existing folder is returned as is.  A registry name resolves to its packaged folder
-    (``"local"`` entries) or to ``cache_dir/<name>`` (default :func:`cache_home`), downloading and
-    converting the original checkpoint on first use.
+    name = entry["name"]
+    target = home / name
+    if _is_model_folder(target):
+        return target
+    url = _checkpoint_url(entry, base_url)
+    if offline:
+        raise WeightsUnavailableError(name, target, [_url_failure(name, url, target, offline)])
+    with _exclusive(home, name, f"downloading and converting {name}", progress):
+        if _is_model_folder(target):  # done by the process we waited for
+            return target
+        checkpoint, record = _cached_download(url, home / "downloads", entry, target, progress)
+        try:
+            _convert_into(target, checkpoint, what=checkpoint.name, check_weights=check_weights, entry=entry,
+                          dtype=dtype, provenance={"url": record.get("url", url), "sha256": record.get("sha256")},
+                          progress=progress)
+        except ConversionError as exc:
+            # A complete transfer of the wrong thing (an HTML error page, another model): do not keep it.
+            checkpoint.unlink(missing_ok=True)
+            checkpoint.with_name(checkpoint.name + ".json").unlink(missing_ok=True)
+            raise ConversionError(f"the checkpoint downloaded for {name!r} from {url} does not convert "
+                                  f"(it was deleted): {exc}") from None
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Hub (through huggingface_hub)
+
+
+def _hub_folder(home: Path, repo_id: str) -> Path:
+    """Where the converted commits of a Hub repository live (named as the HF cache names repositories)."""
+    return home / "hub" / ("models--" + repo_id.replace("/", "--"))
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a failed transfer raises: OSError, and the errors of the HTTP library huggingface_hub uses
+    (requests' are OSErrors; httpx's, in 1.x, and httpx2's, in 2.x, are not), found as the
+    ``HTTPError`` that its ``HfHubHTTPError`` derives from."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (OSError,) + tuple(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+def _check_model_type(config_path: Path, repo_id: str) -> None:
+    """A repository named by id alone must hold a DiNAT or NAT model."""
+    try:
+        model_type = read_json_object(config_path, "model configuration").get("model_type")
+    except ValueError as error:
+        raise UnknownModelError(f"{repo_id}: {error}") from None
+    if model_type not in ("dinat", "nat"):
+        raise UnknownModelError(f"{repo_id} is not a DiNAT or NAT model (its config.json says model_type "
+                                f"{model_type!r}); dinat-np runs only those")
+
+
+def _from_hub(repo_id: str, entry: Mapping[str, Any] | None, home: Path, *, revision: str | None,
+              cache_dir: str | os.PathLike | None, offline: str | None, token: str | bool | None,
+              check_weights: WeightsCheck, dtype: str, progress: bool) -> Path:
+    """A Hub repository's files through huggingface_hub, converted once per commit into
+    ``home/hub/models--ORG--NAME/COMMIT``."""
+    import huggingface_hub
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = entry["name"] if entry is not None else repo_id
+    base = _hub_folder(home, repo_id)
+
+    def fetch(filename: str, at: str | None) -> Path:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=at, cache_dir=cache_dir,
+                                                    local_files_only=offline is not None, token=token))
+
+    def fetch_if_present(filename: str, commit: str) -> Path | None:
+        """None when the repository lacks the file: the Hub said so, now or on an earlier visit."""
+        try:
+            return fetch(filename, commit)
+        except EntryNotFoundError as error:
+            unknown = isinstance(error, LocalEntryNotFoundError) and huggingface_hub.try_to_load_from_cache(
+                repo_id, filename, cache_dir=cache_dir, revision=commit) is None
+            if unknown:
+                raise
+            return None
+
+    def unavailable(reason: str, kind: type[WeightsUnavailableError] = WeightsUnavailableError) -> Exception:
+        return kind(name, base, [_hub_failure(repo_id, revision, reason)])
+
+    try:
+        with _hub_progress_bars(progress):
+            config_path = fetch("config.json", revision)
+            commit = config_path.parent.name  # the file's snapshot folder is named by its commit
+            target = base / commit
+            if _is_model_folder(target):
+                return target
+            if entry is None:
+                _check_model_type(config_path, repo_id)
+            with _exclusive(home, f"{base.name}--{commit}", f"downloading and converting {repo_id}", progress):
+                if _is_model_folder(target):  # done by the process we waited for
+                    return target
+                fetch_if_present("preprocessor_config.json", commit)
+                for filename in _HUB_WEIGHTS:
+                    weights = fetch_if_present(filename, commit)
+                    if weights is not None:
+                        break
+                else:
+                    raise unavailable(f"the repository has neither {' nor '.join(_HUB_WEIGHTS)}")
+                _convert_into(target, config_path.parent, what=f"{repo_id}@{commit[:12]} ({weights.name})",
+                              check_weights=check_weights, entry=entry, dtype=dtype, progress=progress,
+                              provenance={"hf_repo": repo_id, "revision": revision or "main", "commit": commit})
+            return target
+    except RevisionNotFoundError:
+        raise UnknownModelError(f"{repo_id} has no revision {revision!r} on the Hugging Face Hub") from None
+    except RepositoryNotFoundError:
+        if entry is None:
+            raise UnknownModelError(
+                f"unknown model {repo_id!r}: not a folder, not in the registry, and the Hugging Face Hub has no "
+                "such repository (a private or gated one needs a token: HF_TOKEN or `hf auth login`)"
+            ) from None
+        raise unavailable("the repository does not exist (or is private: set HF_TOKEN)") from None
+    except EntryNotFoundError as error:
+        if isinstance(error, LocalEntryNotFoundError):
+            cause = error.__cause__ or error.__context__
+            raise unavailable(offline or f"the Hub cannot be reached ({cause or error})") from None
+        if entry is None:
+            raise UnknownModelError(f"{repo_id} has no config.json: not a transformers model repository") from None
+        raise unavailable("the repository has no config.json") from None
+    except _transport_errors() as error:
+        raise unavailable(f"the transfer failed ({type(error).__name__}: {error})", DownloadError) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Names to folders
+
+
+def _is_repo_id(name: str) -> bool:
+    """``org/name`` as the Hub spells repository ids (letters, digits, ``-``, ``_``, ``.``)."""
+    parts = name.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return len(parts) == 2 and all(p and p[0] not in "-." and set(p) <= allowed and len(p) <= 96 for p in parts)
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, check_weights: WeightsCheck, revision: str | None = None,
+                  cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                  token: str | bool | None = None, registry: Mapping[str, Any] | str | os.PathLike | None = None,
+                  base_url: str | None = None, dtype: str = "float32", progress: bool = True) -> Path:
+    """The folder (``config.json`` + ``model.safetensors``) for a folder, a registry name or a Hub repo id.
 
     Args:
-        name_or_path: a folder, a registry name, or the Hugging Face repo id of a registry entry.
+        name_or_path: a folder, a registry name, the Hub repo id of a registry entry, or any Hub repo
+            id of a DiNAT / NAT model (``org/name``).
+        check_weights: the model check a conversion runs (``dinat_np.modeling.check_weights``).
+        revision: a Hub branch, tag or commit (default ``main``); pins the Hub source, so a name
+            given with a revision is never served from its original checkpoint instead.
+        cache_dir: the Hugging Face cache to download into (default ``HF_HUB_CACHE``, as transformers).
+        local_files_only: no network: only what the caches hold (as ``HF_HUB_OFFLINE=1``).
+        token: Hub token for private or gated repositories (default: ``HF_TOKEN`` or the stored login).
         registry: registry dict or path (default: ``$DINAT_NP_REGISTRY`` or the packaged one).
-        cache_dir: cache folder (default ``$DINAT_NP_HOME`` or ``~/.cache/dinat-np``).
-        base_url: fetch ``base_url/<file name>`` instead of the entry's URL (mirrors, tests).
+        base_url: fetch original checkpoints from ``base_url/<file name>`` (mirrors, tests).
         dtype: storage dtype of a fresh conversion (``float32``, ``float16``, ``bfloat16``).
-        progress: show a progress bar on stderr while downloading.
+        progress: progress bars and messages (conversion, a fallback to the other source) on stderr.
 
     Raises:
-        UnknownModelError: neither a folder nor a registry name.
-        WeightsUnavailableError: not cached and offline / no network (``DownloadError`` for cut transfers).
+        UnknownModelError: not a folder, a registry name, nor a DiNAT / NAT Hub repository (or no such
+            revision).
+        WeightsUnavailableError: not cached and no source can deliver (``DownloadError`` for cut
+            transfers); the message says why for each source and the ways out.
         dinat_np.convert.ConversionError: the downloaded checkpoint does not convert.
     """
     path = Path(name_or_path).expanduser()
@@ -342,34 +542,73 @@ def resolve_model(name_or_path: str | os.PathLike, *, registry: Mapping[str, Any
         raise UnknownModelError(
             f"{name} is a file, not a model folder: convert it first with `dinat-convert {name} DIR`"
         )
-    entry = registry_entry(name, registry)
-    name = entry["name"]
-    local = entry.get("local")
-    if local:
-        folder = _packaged_weights_dir() / local
+    try:
+        entry: dict[str, Any] | None = registry_entry(name, registry)
+    except UnknownModelError:
+        if not _is_repo_id(name):
+            raise
+        entry = None
+    if entry is not None and entry.get("local"):
+        folder = packaged_weights_dir() / entry["local"]
         if not _is_model_folder(folder):
-            raise UnknownModelError(f"the packaged model {name!r} is missing from this installation ({folder})")
+            raise UnknownModelError(f"the packaged model {entry['name']!r} is missing from this installation ({folder})")
         return folder
 
-    home = Path(cache_dir).expanduser() if cache_dir is not None else cache_home()
-    target = home / name
-    if _is_model_folder(target):
-        return target
-    url = _checkpoint_url(entry, base_url)
-    checkpoint, record = _cached_download(url, home / "downloads", entry, target, progress)
+    home = cache_home()
+    offline = _offline_reason(local_files_only)
+    repo_id = entry.get("hf_repo") if entry is not None else name
+    options = dict(check_weights=check_weights, dtype=dtype, progress=progress)
+    sources: list[tuple[str, Callable[[], Path]]] = []
+    if repo_id:
+        sources.append((f"the Hugging Face Hub ({repo_id})", lambda: _from_hub(
+            repo_id, entry, home, revision=revision, cache_dir=cache_dir, offline=offline, token=token, **options)))
+    if entry is not None and entry.get("url") and revision is None:
+        sources.append((f"the original checkpoint ({entry['url']})", lambda: _from_url(
+            entry, home, base_url=base_url, offline=offline, **options)))
+    if not sources:
+        raise UnknownModelError(f"model {entry['name']!r}: a revision applies to Hugging Face repositories, and its "
+                                "registry entry has none" if revision is not None
+                                else f"registry entry {entry['name']!r} names no source (hf_repo, url or local)")
+    errors: list[WeightsUnavailableError] = []
+    for label, fetch in sources:
+        try:
+            folder = fetch()
+        except WeightsUnavailableError as error:
+            errors.append(error)
+            continue
+        if errors and progress:
+            print(f"{errors[0].failures[0].source} cannot deliver {errors[0].name!r} ({errors[0].reason}); "
+                  f"using {label} instead", file=sys.stderr, flush=True)
+        return folder
+    if len(errors) == 1:
+        raise errors[0]
+    kind = DownloadError if all(isinstance(e, DownloadError) for e in errors) else WeightsUnavailableError
+    raise kind(errors[0].name, errors[-1].target, [f for e in errors for f in e.failures])
 
-    from .convert import ConversionError, convert_checkpoint  # heavy imports only when converting
 
-    if progress:
-        print(f"Converting {checkpoint.name} -> {target}", file=sys.stderr, flush=True)
+def cached_folders(name: str, registry: Mapping[str, Any] | str | os.PathLike | None = None) -> list[Path]:
+    """The converted folders the cache holds for a registry name or Hub repo id (no network)."""
     try:
-        convert_checkpoint(checkpoint, target, model=name, dtype=dtype, overwrite=True,
-                           registry={"models": {name: entry}},
-                           provenance={"url": record.get("url", url), "sha256": record.get("sha256")})
-    except ConversionError as exc:
-        # A complete transfer of the wrong thing (an HTML error page, another model): do not keep it.
-        checkpoint.unlink(missing_ok=True)
-        checkpoint.with_name(checkpoint.name + ".json").unlink(missing_ok=True)
-        raise ConversionError(f"the checkpoint downloaded for {name!r} from {url} does not convert "
-                              f"(it was deleted): {exc}") from None
-    return target
+        entry: dict[str, Any] | None = registry_entry(name, registry)
+    except UnknownModelError:
+        entry = None
+    home = cache_home()
+    if entry is not None and entry.get("local"):
+        folder = packaged_weights_dir() / entry["local"]
+        return [folder] if _is_model_folder(folder) else []
+    repo_id = entry.get("hf_repo") if entry is not None else name
+    found = []
+    if repo_id and _is_repo_id(repo_id) and _hub_folder(home, repo_id).is_dir():
+        found += sorted(f for f in _hub_folder(home, repo_id).iterdir() if _is_model_folder(f))
+    if entry is not None and _is_model_folder(home / entry["name"]):
+        found.append(home / entry["name"])
+    return found
+
+
+def cached_repo_ids() -> list[str]:
+    """The Hub repositories that have a converted commit in the cache (no network)."""
+    hub_folder = cache_home() / "hub"
+    if not hub_folder.is_dir():
+        return []
+    return sorted(folder.name.removeprefix("models--").replace("--", "/") for folder in hub_folder.glob("models--*")
+                  if any(_is_model_folder(commit) for commit in folder.iterdir()))

@@ -35,7 +35,7 @@ __all__ = [
     "BackboneOutput", "DinatBackbone", "DinatDownsampler", "DinatEmbeddings", "DinatEncoder",
     "DinatForImageClassification", "DinatImageClassifierOutput", "DinatLayer", "DinatModel", "DinatModelOutput",
     "DinatPreTrainedModel", "DinatStage", "ModelOutput", "NeighborhoodAttention", "WeightsMismatchError",
-    "classification_loss",
+    "check_weights", "classification_loss",
 ]
 
 # HF builds these LayerNorms with PyTorch's default eps, not config.layer_norm_eps.
@@ -248,6 +248,13 @@ class DinatPreTrainedModel(PreTrainedModel):
 
     config_class = DinatConfig
 
+    @staticmethod
+    def check_weights(config: DinatConfig, tensors: Mapping[str, np.ndarray], source: str) -> None:
+        """Build the classifier (tensors with a head) or the bare model from ``tensors``: the model classes
+        are the one place that knows every tensor name and shape."""
+        has_head = any(name.startswith("classifier.") for name in tensors)
+        (DinatForImageClassification if has_head else DinatModel)(config, tensors=tensors, source=source)
+
 
 class DinatModel(DinatPreTrainedModel):
     """The bare DiNAT encoder: final LayerNorm'd feature map and (optionally) its average."""
@@ -379,3 +386,6 @@ class DinatBackbone(DinatPreTrainedModel):
         if not self._resolve(return_dict, True):
             return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=attentions)
+
+
+check_weights = DinatPreTrainedModel.check_weights  # what the converter and the CLIs are given

@@ -266,14 +266,27 @@ class PreTrainedModel:
         return getattr(self, self.config.weights_prefix, self)
 
     # -- loading and saving
+    @staticmethod
+    def check_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str) -> None:
+        """Build the model ``config`` describes from ``tensors`` (WeightsMismatchError listing every missing,
+        unexpected or misshaped tensor): the check a conversion runs. Each model family defines it."""
+        raise NotImplementedError
+
     @classmethod
-    def from_pretrained(cls, folder_or_name: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> PreTrainedModel:
-        """Load ``config.json`` + ``model.safetensors`` from a folder, or a registry name via the cache."""
+    def from_pretrained(
+        cls, folder_or_name: str | os.PathLike, device: str = "cpu", *, revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> PreTrainedModel:
+        """Load ``config.json`` + ``model.safetensors`` from a folder, or a registry name or Hub repo id
+        through the cache (``revision``, ``cache_dir``, ``local_files_only``, ``token``: see
+        :func:`dinat_np.hub.resolve_model`)."""
         folder = Path(folder_or_name)
         if not folder.is_dir():
             from .hub import resolve_model  # only needed for names; keeps the import light
 
-            folder = resolve_model(str(folder_or_name))
+            folder = resolve_model(str(folder_or_name), check_weights=cls.check_weights, revision=revision,
+                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file() and (folder / "pytorch_model.bin").is_file():
             raise FileNotFoundError(
@@ -299,6 +312,16 @@ class PreTrainedModel:
         folder.mkdir(parents=True, exist_ok=True)
         write_safetensors(folder / WEIGHTS_NAME, self.state_dict(), dtype)
         self.config.save_pretrained(folder)
+
+    # -- pickling: the weights travel as their HF state dict, the backend is rebuilt from its device name
+    def __getstate__(self) -> dict[str, Any]:
+        settings = {name: value for name, value in vars(self).items() if isinstance(value, (bool, int, float, str))}
+        return {"config": self.config, "tensors": self.state_dict(), "settings": settings}  # settings: device, ...
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state["settings"])
+        PreTrainedModel.__init__(self, state["config"], tensors=state["tensors"], source="a pickled model",
+                                 device=self.device)
 
     def to(self, device: str) -> PreTrainedModel:
         """The same model with its weights on ``device`` ("cpu" or "cuda")."""

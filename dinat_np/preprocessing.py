@@ -416,9 +416,9 @@ class ImageProcessor:
         and ``std``; missing keys take timm's defaults (224, 0.875, bicubic, ImageNet mean/std).
         """
         if isinstance(entry, str):
-            from . import hub  # lazy: the registry is only needed for names
+            from .registry import registry_entry  # lazy: the registry is only needed for names
 
-            entry = hub.registry_entry(entry)
+            entry = registry_entry(entry)
         block = entry.get("preprocessing", entry) if isinstance(entry, Mapping) else None
         if not isinstance(block, Mapping):
             raise ValueError(f"registry entry has no 'preprocessing' block: {entry!r}")

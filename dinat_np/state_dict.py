@@ -1,9 +1,11 @@
-"""Reading and writing ``model.safetensors`` without copying the file, and checking tensor names.
+"""Reading and writing ``model.safetensors`` through the ``safetensors`` package, without copying the file.
 
-The safetensors format is an 8-byte little-endian header length, a JSON header of
-``{name: {"dtype", "shape", "data_offsets"}}`` and the raw little-endian data. Reading it ourselves
-lets float32 tensors be views of one read-only memory map (no copy of the file in memory), and the
-format holds no code, so loading a checkpoint can never run any.
+The reference library checks every file before a byte of it is used: the header, the dtypes and
+shapes, and that the tensors tile the data exactly (no overlap, no gap, no trailing bytes); one more
+rule is ours, no tensor name twice (the library keeps the last of two identical entries). Tensors are
+then views of one read-only memory map: the library's own NumPy reader copies every tensor into
+memory, which would double a model's footprint at load. The format holds no code, so loading a
+checkpoint can never run any. bfloat16, which NumPy lacks, comes from ``ml_dtypes``.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-from .configuration import write_atomic
+from .configuration import replace_atomically
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -24,84 +29,91 @@ _DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),  # no NumPy bfloat16: read the raw bits, widen below
+    "BF16": np.dtype(ml_dtypes.bfloat16),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_MAX_HEADER = 100 * 1024 * 1024
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # what write_safetensors stores weight matrices as
+_STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 class SafetensorsError(ValueError):
     """A file that is not a valid safetensors file."""
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == _DTYPES["BF16"]  # ml_dtypes' bfloat16 is not of NumPy's kind "f"
+
+
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Widen raw bfloat16 bits (uint16) to float32: bfloat16 is the top half of a float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    """Widen raw bfloat16 bits (uint16, as other formats store them) to float32."""
+    return np.ascontiguousarray(bits, dtype="<u2").view(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """Round float32 to the nearest bfloat16 (ties to even), returned as raw uint16 bits."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + 0x7FFF
-    return ((bits + rounding) >> 16).astype(np.uint16)
+def _refuse_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SafetensorsError(f"the header names tensor(s) {repeated} more than once")
+    return dict(pairs)
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The data's start and the header's entries by tensor name (read after the library checked them)."""
+    with open(path, "rb") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        text = stream.read(length)
+    try:
+        header = json.loads(text, object_pairs_hook=_refuse_repeated_names)
+    except SafetensorsError as error:
+        raise SafetensorsError(f"{path} is not a valid safetensors file: {error}") from None
+    header.pop("__metadata__", None)
+    return 8 + length, header
 
 
 def read_safetensors(path: str | os.PathLike, as_float32: bool = True) -> dict[str, np.ndarray]:
     """Tensors of a safetensors file, memory-mapped read-only.
 
     With ``as_float32`` every floating tensor is returned as float32 (float32 ones are views of the
-    map; float16/bfloat16/float64 ones are widened or narrowed copies). Otherwise bfloat16 comes back
-    as its raw ``uint16`` bits.
+    map; float16/bfloat16/float64 ones are widened or narrowed copies). Otherwise each keeps its
+    stored dtype (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        SafetensorsError: anything the reference library refuses, a name given twice, or a dtype
+            dinat-np does not read.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as stream:
-            prefix = stream.read(8)
-            if len(prefix) < 8:
-                raise SafetensorsError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            (header_length,) = struct.unpack("<Q", prefix)
-            if header_length > min(_MAX_HEADER, size - 8):
-                raise SafetensorsError(f"{path}: header length {header_length} does not fit a {size}-byte file")
-            header_bytes = stream.read(header_length)
+        with safe_open(path, framework="numpy"):  # the reference check of the whole file
+            pass
     except FileNotFoundError:
         raise FileNotFoundError(f"no weights file at {path}") from None
-    try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SafetensorsError(f"{path}: header is not valid JSON (not a safetensors file?)") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: header is not a JSON object")
-    header.pop("__metadata__", None)
-
-    data_start = 8 + header_length
-    data_size = size - data_start
-    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    except SafetensorError as error:
+        reason = str(error).removeprefix("Error while deserializing header: ")
+        reason = reason.replace("invalid JSON in header", "the header is not valid JSON")
+        raise SafetensorsError(
+            f"{path} is not a valid safetensors file (truncated or corrupt, or of another format): {reason}"
+        ) from None
+    data_start, header = _header(path)
+    if not header:
+        return {}
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors: dict[str, np.ndarray] = {}
     for name, entry in header.items():
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name!r} has an unsupported or malformed entry {entry!r}") from None
-        if any(n < 0 for n in shape) or not 0 <= begin <= end <= data_size:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} lies outside the file (offsets {begin}..{end}, "
-                f"{data_size} data bytes): the file is truncated or corrupt"
-            )
-        if (end - begin) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {entry['dtype']}")
-        array = mapped[data_start + begin : data_start + end].view(dtype).reshape(shape)
-        if as_float32 and entry["dtype"] == "BF16":
-            array = bfloat16_bits_to_float32(array)
-        elif as_float32 and dtype.kind == "f" and dtype != np.float32:
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise SafetensorsError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which dinat-np does not read")
+        begin, end = entry["data_offsets"]
+        array = mapped[data_start + begin : data_start + end].view(dtype).reshape(entry["shape"])
+        if as_float32 and _is_float(dtype) and dtype != np.float32:
             array = array.astype(np.float32)
         tensors[name] = array
     return tensors
@@ -117,45 +129,26 @@ def stored_in_reduced_precision(name: str, tensor: np.ndarray) -> bool:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> None:
-    """Write ``tensors`` as safetensors, streamed to a temporary file renamed when complete.
+    """Write ``tensors`` as safetensors (the library writes a temporary file that is renamed when complete).
 
     Float tensors are stored as float32, weight matrices as ``dtype`` ("float32", "float16" or
-    "bfloat16"; see :func:`stored_in_reduced_precision`); other dtypes are kept. The header says
-    ``"format": "pt"`` so that Hugging Face transformers loads the file too.
+    "bfloat16", rounded to nearest even; see :func:`stored_in_reduced_precision`); other dtypes are
+    kept. The header says ``"format": "pt"`` so that Hugging Face transformers loads the file too.
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
-    codes = {v: k for k, v in _DTYPES.items() if k != "BF16"}
-    header: dict[str, dict] = {"__metadata__": {"format": "pt", "storage": dtype}}
-    arrays: list[np.ndarray] = []
-    offset = 0
-    for name in sorted(tensors):
-        array = np.asarray(tensors[name])
-        if array.dtype.kind == "f":
-            array, code = array.astype("<f4", copy=False), "F32"
+    arrays: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        array = np.asarray(tensor)
+        if _is_float(array.dtype):
+            array = array.astype("<f4", copy=False)
             if dtype != "float32" and stored_in_reduced_precision(name, array):
-                if dtype == "float16":
-                    array, code = array.astype("<f2"), "F16"
-                else:
-                    array, code = float32_to_bfloat16_bits(array), "BF16"
-        else:
-            array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-            code = codes.get(array.dtype)
-            if code is None:
-                raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
-        array = np.ascontiguousarray(array)
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        arrays.append(array)
-        offset += array.nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # keeps the data 8-byte aligned, as the format advises
-
-    def stream(output) -> None:
-        output.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for array in arrays:
-            output.write(memoryview(array.reshape(-1).view(np.uint8)))
-
-    write_atomic(Path(path), stream)
+                array = array.astype(_STORAGE[dtype])
+        elif array.dtype.newbyteorder("<") not in _DTYPES.values():
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
+        arrays[name] = np.ascontiguousarray(array)
+    metadata = {"format": "pt", "storage": dtype}
+    replace_atomically(Path(path), lambda temporary: save_file(arrays, temporary, metadata=metadata))
 
 
 class WeightsMismatchError(ValueError):

@@ -202,13 +202,14 @@ def test_registry_preprocessing_for_names_only(tmp_path, monkeypatch):
     import json
 
     from dinat_np import hub
+    from dinat_np.modeling import check_weights
 
     folder = make_tiny_model(tmp_path / "cache" / "tiny-net", preprocessor={})
     registry = tmp_path / "registry.json"
     block = {"resolution": 160, "crop_pct": 0.9, "interpolation": "bilinear"}
     registry.write_text(json.dumps({"models": {"tiny-net": {"local": str(folder), "preprocessing": block}}}))
     monkeypatch.setenv("DINAT_NP_REGISTRY", str(registry))
-    assert hub.resolve_model("tiny-net") == folder  # an absolute "local" path is taken as is
+    assert hub.resolve_model("tiny-net", check_weights=check_weights) == folder  # an absolute "local" path is taken as is
     by_name = ImageClassifier.from_pretrained("tiny-net")
     assert by_name.processor == ImageProcessor.timm_eval(160, 0.9, "bilinear")
     monkeypatch.chdir(folder.parent)  # now "tiny-net" is also a folder, which wins over the name

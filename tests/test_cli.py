@@ -134,8 +134,11 @@ def test_directory_walk_and_partial_failure(model_args, tmp_path):
     assert_no_traceback(result)
     assert result.returncode == 1
     document = json.loads(result.stdout)
-    assert sorted(entry["path"] for entry in document) == sorted(str(p) for p in good)
-    assert all(len(entry["predictions"]) == 5 for entry in document)
+    classified = [entry for entry in document if "predictions" in entry]
+    assert sorted(entry["path"] for entry in classified) == sorted(str(p) for p in good)
+    assert all(len(entry["predictions"]) == 5 for entry in classified)
+    failed = {entry["path"]: entry["error"] for entry in document if "predictions" not in entry}
+    assert sorted(failed) == sorted(str(p) for p in (truncated, not_image, missing))  # listed too
     stderr = result.stderr
     assert f"{truncated}:" in stderr and "truncated" in stderr
     assert f"{not_image}:" in stderr and "not an image file" in stderr
@@ -159,7 +162,7 @@ def test_single_image_has_no_progress_bar(model_args, photos):
         (["--top-k", "0", "x.jpg"], "--top-k"),
         (["--device", "tpu", "x.jpg"], "--device"),
         (["--model", "a", "--weights", "b", "x.jpg"], "not allowed with argument"),
-        ([], "the following arguments are required"),
+        ([], "nothing to classify: give image files"),
     ],
 )
 def test_usage_errors_exit_2(arguments, message):
@@ -199,7 +202,7 @@ def test_default_model_offline_names_checkpoint_and_ways_out(tmp_path, photos):
     pytest.importorskip("dinat_np.hub")
     result = run_cli(photos[0], env={"DINAT_NP_HOME": str(tmp_path / "cache"), "DINAT_NP_OFFLINE": "1"})
     assert_no_traceback(result)
-    assert result.returncode == 2
+    assert result.returncode == 3  # the weights are unavailable: not a usage error
     assert "dinat-mini-in1k-224" in result.stderr
     assert "http" in result.stderr  # the URL to fetch by hand
     assert "convert" in result.stderr  # one way out: fetch the file by hand and convert it

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinat_np import DinatForImageClassification
+from dinat_np import DinatForImageClassification, convert
 from dinat_np.convert import (
     ConversionError,
-    convert_checkpoint,
     infer_architecture,
     load_label_set,
     original_to_hf,
     registry_config,
 )
+from dinat_np.modeling import check_weights
 from dinat_np.state_dict import read_safetensors
 
 torch = pytest.importorskip("torch")
@@ -26,6 +26,11 @@ torch = pytest.importorskip("torch")
 DATA = Path(__file__).parent / "data"
 MANIFEST = json.loads((DATA / "manifest.json").read_text())
 ORIGINALS = {item["name"]: item for item in MANIFEST["original"]}
+
+
+def convert_checkpoint(src, out_dir, **options) -> Path:
+    """The converter with the model classes' weight check, as its callers pass it."""
+    return convert.convert_checkpoint(src, out_dir, check_weights=check_weights, **options)
 
 
 def _constructor_config(name: str) -> dict:
