@@ -19,6 +19,7 @@ import numpy as np
 from .configuration import DinatConfig
 from .kernels import get_backend
 from .state_dict import WEIGHTS_NAME, WeightsMismatchError, read_safetensors, write_safetensors
+from .tensor_checks import check_tensor_values
 
 # HF builds these LayerNorms with PyTorch's default eps, not config.layer_norm_eps.
 _DEFAULT_LAYER_NORM_EPS = 1e-5
@@ -414,6 +415,7 @@ class DinatPreTrainedModel:
             )
         config = DinatConfig.from_pretrained(folder)
         tensors = read_safetensors(weights_path)
+        check_tensor_values(tensors, config, str(weights_path))
         return cls(config, tensors=tensors, source=str(weights_path), device=device, **kwargs)
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -58,8 +58,10 @@ def make_staging_dir(target: Path, suffix: str) -> Path:
 
 
 def _writer_is_gone(host: str, pid: str) -> bool:
-    if host != _HOST or not pid.isdigit():
-        return False  # another machine's (shared folders): it cannot be checked from here
+    if os.name != "posix" or host != _HOST or not pid.isdigit():
+        # Another machine's (shared folders) cannot be checked from here; and on Windows os.kill
+        # does not probe, it stops the process.
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
