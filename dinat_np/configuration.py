@@ -342,7 +342,7 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     except IsADirectoryError:
         raise ValueError(f"{what} {path} is a folder, not a JSON file") from None
     if len(raw) > MAX_JSON_BYTES:
-        raise ValueError(f"{what} {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a configuration file")
+        raise ValueError(f"{what} {path} is larger than {MAX_JSON_BYTES:,} bytes; not a configuration file")
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

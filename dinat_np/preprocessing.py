@@ -80,6 +80,9 @@ _RESAMPLE_BY_NAME = {
 # The largest side of a processed image (resize and crop sizes, or an image kept whole): far beyond the
 # 224-512 pixels DiNAT classifiers are evaluated at, small enough to bound the memory of a batch.
 MAX_OUTPUT_SIDE = 4096
+# Pixel statistics are about 1 (about 255 for unscaled pixels); beyond this the values are typos, and the
+# normalised pixels could overflow float32.
+_STATISTIC_LIMIT = 1e6
 # Beyond this many pixels a resize is computed only where the crop keeps it (see resize_and_crop).
 _WHOLE_RESIZE_PIXELS = MAX_OUTPUT_SIDE**2
 
@@ -446,16 +449,20 @@ class ImageProcessor:
         object.__setattr__(self, "resample", resample_from_name(self.resample))
         if self.rescale_factor is not None and (
             isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float))
-            or not math.isfinite(self.rescale_factor)
+            or not abs(self.rescale_factor) <= _STATISTIC_LIMIT
         ):
-            raise ValueError(f"rescale_factor must be a finite number, got {self.rescale_factor!r}")
+            raise ValueError(f"rescale_factor must be a number of magnitude at most {_STATISTIC_LIMIT:g}, "
+                             f"got {self.rescale_factor!r}")
         if (self.image_mean is None) != (self.image_std is None):
             raise ValueError("give both image_mean and image_std, or neither")
         if self.image_mean is not None:
-            object.__setattr__(self, "image_mean", _as_triple(self.image_mean, "image_mean"))
-            std = _as_triple(self.image_std, "image_std")
-            if any(s == 0 for s in std):
-                raise ValueError(f"image_std must not contain 0, got {std}")
+            mean, std = _as_triple(self.image_mean, "image_mean"), _as_triple(self.image_std, "image_std")
+            if any(abs(m) > _STATISTIC_LIMIT for m in mean):
+                raise ValueError(f"image_mean must be of magnitude at most {_STATISTIC_LIMIT:g}, got {mean}")
+            if any(not 1 / _STATISTIC_LIMIT <= abs(s) <= _STATISTIC_LIMIT for s in std):
+                raise ValueError(f"image_std must be of magnitude {1 / _STATISTIC_LIMIT:g} to {_STATISTIC_LIMIT:g}, "
+                                 f"got {std}")
+            object.__setattr__(self, "image_mean", mean)
             object.__setattr__(self, "image_std", std)
 
     # -- constructors ------------------------------------------------------------------------------------
@@ -638,7 +645,8 @@ class ImageProcessor:
             kept = image.resize((resized_width, resized_height), resample=self.resample).crop((left, top, right, bottom))
         else:
             # Pillow resizes a box of the source with the filter of the whole resize, but takes its
-            # corners in single precision: pixels may differ by one level from the whole resize.
+            # corners in single precision and may pass the two axes in the other order: pixels may
+            # differ from the whole resize by a level or two.
             scale_x, scale_y = width / resized_width, height / resized_height
             box = (left * scale_x, top * scale_y, min(right * scale_x, width), min(bottom * scale_y, height))
             kept = image.resize((right - left, bottom - top), resample=self.resample, box=box)

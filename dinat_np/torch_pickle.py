@@ -282,7 +282,7 @@ def _view(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | N
         last = offset + sum((n - 1) * s for n, s in zip(size_t, stride_t))
         if last >= base.size:
             raise TorchCheckpointError(
-                f"tensor view out of bounds: storage {storage.key} has {base.size} elements, "
+                f"{storage.reader.path}: tensor view out of bounds: storage {storage.key} has {base.size} elements, "
                 f"view needs index {last} (offset {offset}, size {size_t}, stride {stride_t})"
             )
         contiguous = tuple(math.prod(size_t[i + 1:]) for i in range(len(size_t)))

@@ -445,6 +445,87 @@ def test_int32_and_float_images():
     np.testing.assert_array_equal(np.asarray(to_rgb(byte_float))[..., 0], [[0, 17, 255]])
 
 
+def test_wide_value_ranges_are_scaled_not_clipped():
+    """Above 255 a float image (and above 65535 an integer one) is scaled to its largest value: such
+    images once came out white. Negative values and NaN are black, +inf white."""
+    big_float = Image.fromarray(np.array([[-3.0, 17.4, 300.0, 600.0]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(big_float))[..., 0], [[0, 7, 128, 255]])
+    rng = np.random.default_rng(5)
+    scientific = rng.uniform(0, 4000, size=(20, 30)).astype(np.float32)
+    gray = np.asarray(to_rgb(Image.fromarray(scientific, mode="F")))[..., 0]
+    np.testing.assert_array_equal(gray, np.rint(scientific.astype(np.float64) * 255 / scientific.max()))
+    assert (gray == 255).mean() < 0.01
+    odd = Image.fromarray(np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(odd))[..., 0], [[0, 255, 0, 128]])
+    big_int = Image.fromarray(np.array([[0, 70000, 140000, -5]], dtype=np.int32), mode="I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(big_int))[..., 0], [[0, 128, 255, 0]])
+
+
+def test_extreme_aspect_ratios_resize_only_the_crop(photos, monkeypatch):
+    """A strip whose whole resize would be huge is resized only where the crop keeps it: the same
+    picture as the whole resize, within the rounding Pillow's box resize allows."""
+    from dinat_np import preprocessing
+
+    astronaut = photos[1]
+    for box in ((0, 200, 512, 223), (200, 0, 223, 512), (0, 250, 512, 256), (100, 100, 105, 105)):
+        image = astronaut.crop(box)  # 512 x 23, 23 x 512, 512 x 6, 5 x 5
+        for processor in (ImageProcessor.timm_eval(64, 0.875, "bicubic"),
+                          ImageProcessor(shortest_edge=50, crop_size=(60, 40), resample="bilinear")):
+            whole = processor.resize_and_crop(image)
+            monkeypatch.setattr(preprocessing, "_WHOLE_RESIZE_PIXELS", 1)
+            boxed = processor.resize_and_crop(image)
+            monkeypatch.undo()
+            assert boxed.shape == whole.shape == processor.crop_size + (3,)
+            difference = np.abs(boxed.astype(int) - whole)
+            assert difference.max() <= 2 and difference.mean() < 0.3, (box, processor.name)
+    # A 60000 x 1 strip, which resized whole is 15,360,000 x 256 pixels.
+    rng = np.random.default_rng(8)
+    strip = Image.fromarray(rng.integers(0, 256, (1, 60000, 3), dtype=np.uint8))
+    assert ImageProcessor.timm_eval(224)(strip).shape == (1, 3, 224, 224)
+
+
+def test_sizes_and_statistics_are_bounded(photos):
+    for settings, message in [
+        ({"image_processor_type": "ViTImageProcessor", "size": {"height": 5000, "width": 224}}, "at most 4096"),
+        ({"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 1e-300},
+         r"crop_pct 1e-300 resizes to \d+ pixels"),
+        ({"image_processor_type": "ConvNextImageProcessor", "size": 224, "crop_pct": "0.9"}, "crop_pct must be"),
+        ({"image_mean": [0.5, 0.5, float("nan")]}, "image_mean must be a finite number"),
+        ({"image_std": [1e-30, 1, 1]}, "image_std must be of magnitude"),
+        ({"image_mean": 1e300}, "image_mean must be of magnitude"),
+        ({"rescale_factor": 1e30}, "rescale_factor must be a number of magnitude"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ImageProcessor.from_hf_config(settings)
+    with pytest.raises(ValueError, match="shortest_edge must be an integer from 1 to 4096"):
+        ImageProcessor(shortest_edge=10**9)
+    with pytest.raises(ValueError, match="crop_pct 1e-09"):
+        ImageProcessor.timm_eval(224, crop_pct=1e-9)
+    # Without resizing, an image is kept whole: beyond 4096 pixels on a side it is refused.
+    keep = ImageProcessor(rescale_factor=None, image_mean=None, image_std=None)
+    with pytest.raises(ImageLoadError, match=r"<Image>: the processed image would be 5000 x 2 pixels"):
+        keep(Image.new("RGB", (5000, 2)))
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"pipe\.png: is a FIFO \(named pipe\), not an image file"):
+        load_image(fifo)  # a blocking open would wait for a writer forever
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    with pytest.raises(ImageLoadError, match="a symbolic link loop"):
+        load_image(tmp_path / "loop.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ImageLoadError, match=r"no such file \(a broken symbolic link\)"):
+        load_image(tmp_path / "broken.png")
+    with pytest.raises(ImageLoadError, match="is a character device"):
+        load_image("/dev/zero")
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exif_orientation_is_applied(tmp_path, orientation):
     pixels = _gradient(40, 24, seed=5)
