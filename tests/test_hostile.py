@@ -15,12 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import select
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -72,32 +70,43 @@ class Outcome:
         return self.stdout.decode("utf-8", "replace")
 
 
-def _cap_address_space() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (_ADDRESS_SPACE, _ADDRESS_SPACE))
-
-
 def _environment(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DINAT_NP_")}
     env.update(DINAT_NP_HOME=str(home), DINAT_NP_OFFLINE="1", **extra)
     return env
 
 
+# The command runs under this small Python process, which caps its address space and reports its peak RSS.
+# Forked straight from the test process, the command's peak would include the test process's own memory
+# (Linux keeps the high-water mark of the memory a process had before exec).
+_MEASURE = """
+import resource, subprocess, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
+status = subprocess.call(sys.argv[3:])
+with open(sys.argv[1], "w") as report:
+    report.write(f"{status} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+"""
+
+
 def run(command: Path, *args: Any, env: dict[str, str], timeout: float = TIMEOUT_S) -> Outcome:
-    """Run a command to completion; its own peak RSS comes from wait4 (not shared with other children)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([str(command), *[a if isinstance(a, bytes) else str(a) for a in args]],
-                                   stdout=out, stderr=err, env=env, preexec_fn=_cap_address_space)
-        killer = threading.Timer(timeout, process.kill)
-        killer.start()
+    """Run a command to completion, with its own peak RSS."""
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
+        report = Path(scratch) / "report"
+        argv = [str(command), *[a if isinstance(a, bytes) else str(a) for a in args]]
+        process = subprocess.Popen([sys.executable, "-c", _MEASURE, str(report), str(_ADDRESS_SPACE), *argv],
+                                   stdout=out, stderr=err, env=env, start_new_session=True)
         try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            killer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
+            process.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            timed_out = True
+        status, max_rss_kb = map(int, report.read_text().split()) if report.exists() else (-9, 0)
         out.seek(0)
         err.seek(0)
-        return Outcome(process.returncode, out.read(), err.read().decode("utf-8", "replace"),
-                       usage.ru_maxrss / 1024, killer.finished.is_set() and process.returncode < 0)
+        return Outcome(status, out.read(), err.read().decode("utf-8", "replace"), max_rss_kb / 1024, timed_out)
 
 
 def debris(folder: Path) -> list[str]:
