@@ -367,8 +367,9 @@ def _normalise_user_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _classes_asked(given: Mapping[str, Any]) -> int:
     """How many classes a configuration asks for: ``num_labels``, or named labels (HF writes two
     ``LABEL_i`` placeholders into every config.json, also a base model's: those ask for nothing)."""
-    if given.get("num_labels"):
-        return int(given["num_labels"])
+    count = given.get("num_labels")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
     id2label = given.get("id2label") or {}
     named = isinstance(id2label, Mapping) and any(str(label) != f"LABEL_{key}" for key, label in id2label.items())
     return len(id2label) if named else 0
