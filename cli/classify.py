@@ -9,9 +9,10 @@
 as soon as it is classified, ``{"path", "predictions"}``, or ``{"path", "error"}`` for an image that
 could not be read (``--json`` lists those too).
 
-Exit status: 0 every image classified, 1 some image could not be read or decoded, 2 usage error (bad
-option, unknown model, nothing to classify), 3 the model's weights are unavailable (not cached, and
-no source can deliver them: offline, no network, an interrupted download), 130 interrupted.
+Exit status: 0 every image classified, 1 some image could not be read, decoded or classified, 2 usage
+error (bad option, unknown model, a model that is broken, nothing to classify), 3 the model's weights
+are unavailable (not cached, and no source can deliver them: offline, no network, an interrupted
+download), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). What is refused and why: docs/limits.md.
 
 Only argparse, the standard library and ``dinat_np.classifier`` (which defers NumPy, Pillow and the
 model code to first use) are imported before the arguments are parsed: ``--threads`` must reach
@@ -22,16 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import stat
 import sys
 from typing import Any, Iterator, Sequence, TextIO
 
 from dinat_np import __version__
 from dinat_np.classifier import DEFAULT_BATCH_SIZE  # light: the standard library only, no NumPy
+from dinat_np.staging import Terminated, raise_on_sigterm  # the standard library only
 
 PROG = "dinat-classify"
 DEFAULT_MODEL = "dinat-mini-in1k-224"
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+# A batch's pixels and activations stay in memory together: 256 images at 224 px take about 2 GB.
+MAX_BATCH_SIZE = 256
 
 EXIT_SOME_FAILED, EXIT_USAGE, EXIT_WEIGHTS_UNAVAILABLE = 1, 2, 3
 
@@ -52,6 +59,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _bounded_int(most: int, why: str) -> Any:
+    """An argparse type: an integer from 1 to ``most``."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"at most {most} ({why}), got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     output.add_argument("--jsonl", action="store_true",
                         help="print one JSON object per line and image, as soon as it is classified")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
-                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                        help="CPU threads for Numba kernels and BLAS (default: all cores)")
+    parser.add_argument("--batch-size", type=_bounded_int(MAX_BATCH_SIZE, "a batch is held in memory at once"),
+                        default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"images per forward pass, 1 to {MAX_BATCH_SIZE} (default: {DEFAULT_BATCH_SIZE})")
+    cpus = os.cpu_count() or 1
+    parser.add_argument("--threads", type=_bounded_int(cpus, "the number of CPUs"), default=None, metavar="N",
+                        help=f"CPU threads for Numba kernels and BLAS, 1 to {cpus} (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars on stderr (classification, model download)")
@@ -142,10 +163,23 @@ def collect_inputs(arguments: Sequence[str]) -> list[str]:
                     if name.startswith("."):
                         continue
                     if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                        found.append(os.path.join(root, name))
+                        path = os.path.join(root, name)
+                        if _is_special_file(path):
+                            # A FIFO would block the whole run; a device could be endless.
+                            _error(f"skipping {path}: not a regular file (a FIFO, socket or device)", "warning")
+                            continue
+                        found.append(path)
         else:
             found.append(argument)  # a missing or unreadable file is reported when it is loaded
     return found
+
+
+def _is_special_file(path: str) -> bool:
+    """A FIFO, socket or device (a broken link is not: loading it reports what is wrong)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Progress:
@@ -218,8 +252,8 @@ def format_table(path: str, predictions: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _error(text: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {text}\n")
+def _error(text: str, kind: str = "error") -> None:
+    sys.stderr.write(f"{PROG}: {kind}: {text}\n")
     sys.stderr.flush()
 
 
@@ -243,14 +277,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightsUnavailable as error:
         _error(str(error))
         return EXIT_WEIGHTS_UNAVAILABLE
+    except Terminated:
+        sys.stderr.write(f"\n{PROG}: terminated\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130
 
 
 def _run(args: argparse.Namespace) -> int:
+    raise_on_sigterm()  # so that an interrupted download removes its partial file
     if args.threads is not None:
         configure_threads(args.threads)
+    _refuse_bombs_quietly()
 
     items = _gather_inputs(args)
     classifier = _load_classifier(args)
@@ -261,11 +300,12 @@ def _run(args: argparse.Namespace) -> int:
     progress.start()
     try:
         for record in _classify(classifier, items, args, progress):
+            record = _without_non_finite_scores(record)
             if "error" in record:
                 failures += 1
                 progress.message(f"{PROG}: cannot classify {record['path']}: {record['error']}")
             if args.jsonl:
-                _write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
+                _write_stdout(json_text(record), as_utf8=True)
             elif args.json:
                 documents.append(record)
             elif "error" not in record:
@@ -279,7 +319,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.json:
-        _write_stdout(json.dumps(documents, indent=2, ensure_ascii=False) + "\n")
+        _write_stdout(json_text(documents, indent=2), as_utf8=True)
     if failures:
         ok = len(items) - failures
         _error(f"{failures} of {len(items)} image(s) could not be classified ({ok} classified)")
@@ -359,9 +399,52 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_stdout(text: str) -> None:
+def _refuse_bombs_quietly() -> None:
+    """Make Pillow's DecompressionBombWarning an error, which the image loader turns into its own message.
+
+    Pillow warns between MAX_IMAGE_PIXELS and twice it, on stderr and naming its own source file; the
+    loader refuses those images anyway. A process-wide filter: fine for a program, not for a library.
+    """
+    import warnings
+
+    from PIL import Image
+
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def _without_non_finite_scores(record: dict[str, Any]) -> dict[str, Any]:
+    """The record, or an error record when its scores are NaN or infinite (the model overflowed): such
+    scores are never shown."""
+    if all(math.isfinite(p["score"]) for p in record.get("predictions", ())):
+        return record
+    return {"path": record["path"],
+            "error": "the model gave NaN or infinite scores (its weights make the values overflow float32)"}
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(data: Any, indent: int | None = None) -> str:
+    """A line (``indent`` None: --jsonl) or document of valid JSON in UTF-8, also for file names that are
+    not UTF-8: those reach Python with each undecodable byte as a lone surrogate (U+DC80..U+DCFF), written
+    as ``\\udcXX`` escapes, which ``os.fsencode(json.loads(...))`` turns back into the bytes."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False)
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text) + "\n"
+
+
+def _write_stdout(text: str, as_utf8: bool = False) -> None:
+    """Write to stdout: ``as_utf8`` in UTF-8 whatever the locale (JSON); otherwise in the locale's
+    encoding, with backslash escapes for what it cannot encode."""
     try:
-        sys.stdout.write(text)
+        if as_utf8 and hasattr(sys.stdout, "buffer"):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text.encode("utf-8"))
+        else:
+            try:
+                sys.stdout.write(text)
+            except UnicodeEncodeError:
+                encoding = sys.stdout.encoding or "utf-8"
+                sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, as other command-line tools do.
@@ -380,6 +463,8 @@ def _load_classifier(args: argparse.Namespace) -> Any:
         if not os.path.isdir(args.weights):
             raise UsageError(f"--weights {args.weights}: no such folder")
         target = args.weights
+    elif args.model is not None and not args.model.strip():
+        raise UsageError("--model needs a model name (see `dinat-convert --list`), got an empty one")
     else:
         target = args.model or DEFAULT_MODEL
     try:

@@ -5,6 +5,9 @@
 
 SRC is an original SHI-Labs .pth, a Hugging Face pytorch_model.bin or model.safetensors, or a
 Hugging Face folder.  No PyTorch is needed and nothing in the checkpoint is executed.
+
+Exit status: 0 converted, 1 the conversion failed (nothing was written), 2 usage error, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM); an interrupted conversion leaves no partial output behind.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from dinat_np.staging import Terminated, raise_on_sigterm
 from dinat_np.state_dict import STORAGE_DTYPES
 
 _EPILOG = """\
@@ -50,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dinat-convert``; returns the exit status (0 on success)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    raise_on_sigterm()  # so that the staging folder of an interrupted conversion is removed
     try:
         if args.list:
             from dinat_np.registry import load_registry
@@ -68,13 +73,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  config=args.config, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({args.dtype})")
         return 0
+    except Terminated:
+        print("dinat-convert: terminated; no partial output was left behind", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("dinat-convert: interrupted; nothing was written", file=sys.stderr)
+        print("dinat-convert: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
     except Exception as exc:  # every failure is reported as a message, never a traceback
-        message = str(exc) or type(exc).__name__
-        print(f"dinat-convert: error: {message}", file=sys.stderr)
+        print(f"dinat-convert: error: {_describe(exc)}", file=sys.stderr)
         return 1
+
+
+def _describe(error: Exception) -> str:
+    """The message of an error; for the operating system's, its wording without the errno number."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error) or type(error).__name__
 
 
 if __name__ == "__main__":

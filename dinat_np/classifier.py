@@ -240,11 +240,13 @@ class ImageClassifier:
         and do not stop the others. ``on_progress(n)`` is called after each batch with the number of
         images it handled.
         """
+        from .preprocessing import as_image_list
+
         _check_positive(top_k, "top_k")
         size = self.batch_size if batch_size is None else batch_size
         _check_positive(size, "batch_size")
         pending: list[Any] = []
-        for image in images:
+        for image in as_image_list(images):
             pending.append(image)
             if len(pending) == size:
                 yield from self._run_batch(pending, top_k)
@@ -296,10 +298,6 @@ class ImageClassifier:
         Raises:
             ImageLoadError: an image cannot be read or decoded (its message names it).
         """
-        from .preprocessing import is_single_image
-
-        if is_single_image(images):
-            images = [images]
         results = []
         for result in self.iter_predict(images, top_k=top_k, batch_size=batch_size):
             if result.error is not None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from .kernels.common import ACTIVATIONS
+from .staging import make_staging_file
 
 CONFIG_NAME = "config.json"
 
@@ -32,6 +33,18 @@ _DEFAULTS: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
     "layer_scale_init_value": 0.0,
 }
+
+# Ranges outside which a configuration is refused before anything is allocated (docs/limits.md): far
+# beyond every published DiNAT / NAT model, small enough that no size computation overflows.
+MAX_PARAMETERS = 2_000_000_000  # ten times DiNAT-Large
+MAX_LABELS = 100_000
+MAX_CHANNELS = 1024
+MAX_EMBED_DIM = 65536
+MAX_STAGES = 8
+MAX_DEPTH = 1024
+MAX_KERNEL_SIZE = 127
+MAX_DILATION = 4096
+MAX_MLP_RATIO = 64
 
 SUPPORTED_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "identity")  # what the kernels implement
 _MODEL_TYPES = {"dinat": "Dinat", "nat": "Nat"}
@@ -73,7 +86,9 @@ class DinatConfig:
         for name, default in _DEFAULTS.items():
             setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
         if model_type == "nat" and kwargs.get("dilations") is None:
-            self.dilations = [[1] * depth for depth in self.depths] if _int_list(self.depths) else []
+            # Only for depths that validation will accept: [1] * 10**12 would not be refused in time.
+            sane = _int_list(self.depths) and len(self.depths) <= MAX_STAGES and all(d <= MAX_DEPTH for d in self.depths)
+            self.dilations = [[1] * depth for depth in self.depths] if sane else []
         # HF derives these; a config.json carries them too, so they must not become "extra" keys.
         for derived in ("hidden_size", "num_layers", "stage_names"):
             kwargs.pop(derived, None)
@@ -82,17 +97,25 @@ class DinatConfig:
         for field, value in (("id2label", id2label), ("label2id", label2id)):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"DinatConfig.{field}: must be a mapping, got {type(value).__name__}")
-        if num_labels is not None and (not _is_int(num_labels) or num_labels < 0):
-            raise ValueError(f"DinatConfig.num_labels: must be an integer >= 0, got {num_labels!r}")
+        if num_labels is not None and (not _is_int(num_labels) or not 0 <= num_labels <= MAX_LABELS):
+            raise ValueError(f"DinatConfig.num_labels: must be an integer from 0 to {MAX_LABELS}, got {num_labels!r}")
+        if id2label is not None and len(id2label) > MAX_LABELS:
+            raise ValueError(f"DinatConfig.id2label: {len(id2label)} labels, more than the limit of {MAX_LABELS}")
         if id2label is None:
             id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
-        self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        try:
+            self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"DinatConfig.id2label: keys must be class indices, got {list(id2label)[:5]!r}") from None
         if num_labels is not None and num_labels != len(self.id2label):
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
             label2id = None  # the labels given were for another number of classes
-        self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id else {
-            v: k for k, v in self.id2label.items()
-        }
+        try:
+            self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id else {
+                v: k for k, v in self.id2label.items()
+            }
+        except (TypeError, ValueError):
+            raise ValueError(f"DinatConfig.label2id: values must be class indices, got {label2id!r:.200}") from None
         if problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
             raise ValueError(f"problem_type: unknown value {problem_type!r}")
         self.problem_type = problem_type
@@ -121,46 +144,90 @@ class DinatConfig:
         """Prefix of the base-model weights in a classification checkpoint (HF ``base_model_prefix``)."""
         return self.model_type
 
+    def parameter_count(self, head: bool = True) -> int:
+        """How many values the weights hold: those of DinatForImageClassification, or with ``head=False``
+        those of the base model (DinatModel, DinatBackbone), which every model class needs."""
+        embed, span = self.embed_dim, 2 * self.kernel_size - 1
+
+        def conv3x3(in_channels: int, out_channels: int, bias: bool) -> int:
+            return 9 * in_channels * out_channels + (out_channels if bias else 0)
+
+        count = conv3x3(self.num_channels, embed // 2, True) + conv3x3(embed // 2, embed, True) + 2 * embed
+        for stage, (dilations, heads) in enumerate(zip(self.dilations, self.num_heads)):
+            dim = embed * 2**stage
+            hidden = int(self.mlp_ratio * dim)
+            layer = (
+                4 * dim  # the two LayerNorms
+                + 4 * dim * dim + (3 * dim if self.qkv_bias else 0) + dim  # query, key, value, output
+                + heads * span * span  # relative position bias
+                + 2 * dim * hidden + hidden + dim  # the MLP
+                + (2 * dim if self.layer_scale_init_value > 0 else 0)
+            )
+            count += len(dilations) * layer
+            if stage < len(self.depths) - 1:
+                count += conv3x3(dim, 2 * dim, False) + 4 * dim  # downsampler and its LayerNorm
+        count += 2 * self.hidden_size
+        if head and self.num_labels:
+            count += self.num_labels * (self.hidden_size + 1)
+        return count
+
     # ---- validation -------------------------------------------------------------------------
     def _validate(self) -> None:
         def fail(field: str, why: str) -> None:
             raise ValueError(f"DinatConfig.{field}: {why}")
 
+        def check_int(field: str, value: Any, low: int, high: int, what: str = "") -> None:
+            if not _is_int(value) or not low <= value <= high:
+                fail(field, f"{what}must be an integer from {low} to {high}, got {value!r}")
+
         if self.patch_size != 4:
             fail("patch_size", f"only 4 is supported (two stride-2 convolutions), got {self.patch_size}")
-        if not isinstance(self.num_channels, int) or self.num_channels < 1:
-            fail("num_channels", f"must be a positive integer, got {self.num_channels!r}")
-        if not isinstance(self.embed_dim, int) or self.embed_dim < 2 or self.embed_dim % 2:
-            fail("embed_dim", f"must be a positive even integer, got {self.embed_dim!r}")
-        if not _int_list(self.depths) or not self.depths or min(self.depths) < 1:
-            fail("depths", f"must be a non-empty list of positive integers, got {self.depths!r}")
+        check_int("num_channels", self.num_channels, 1, MAX_CHANNELS)
+        check_int("embed_dim", self.embed_dim, 2, MAX_EMBED_DIM)
+        if self.embed_dim % 2:
+            fail("embed_dim", f"must be even, got {self.embed_dim!r}")
+        if not _int_list(self.depths) or not 1 <= len(self.depths) <= MAX_STAGES:
+            fail("depths", f"must be a list of 1 to {MAX_STAGES} positive integers (one per stage), got {self.depths!r}")
+        for stage, depth in enumerate(self.depths):
+            check_int("depths", depth, 1, MAX_DEPTH, f"stage {stage}: ")
         if not _int_list(self.num_heads) or len(self.num_heads) != len(self.depths):
             fail("num_heads", f"needs one entry per stage ({len(self.depths)}), got {self.num_heads!r}")
         for stage, heads in enumerate(self.num_heads):
             dim = self.embed_dim * 2**stage
-            if not isinstance(heads, int) or heads < 1 or dim % heads:
+            if heads < 1 or dim % heads:
                 fail("num_heads", f"stage {stage}: dim {dim} is not divisible by {heads} heads")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            fail("kernel_size", f"must be an odd integer >= 1, got {self.kernel_size!r}")
+        check_int("kernel_size", self.kernel_size, 1, MAX_KERNEL_SIZE)
+        if self.kernel_size % 2 == 0:
+            fail("kernel_size", f"must be odd, got {self.kernel_size!r}")
         if (
             not isinstance(self.dilations, list)
             or not all(_int_list(stage) for stage in self.dilations)
             or [len(stage) for stage in self.dilations] != self.depths
         ):
             fail("dilations", f"must match depths {self.depths}, got {self.dilations!r}")
-        if any(d < 1 for stage in self.dilations for d in stage):
-            fail("dilations", f"every dilation must be an integer >= 1, got {self.dilations!r}")
+        if any(not 1 <= d <= MAX_DILATION for stage in self.dilations for d in stage):
+            fail("dilations", f"every dilation must be an integer from 1 to {MAX_DILATION}, got {self.dilations!r}")
         for field in ("mlp_ratio", "layer_norm_eps", "layer_scale_init_value", "initializer_range"):
-            if not _is_real(getattr(self, field)):
-                fail(field, f"must be a number, got {getattr(self, field)!r}")
-        if self.mlp_ratio <= 0:
-            fail("mlp_ratio", f"must be positive, got {self.mlp_ratio!r}")
+            value = getattr(self, field)
+            if not _is_real(value) or not math.isfinite(value):
+                fail(field, f"must be a finite number, got {value!r}")
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
+            fail("mlp_ratio", f"must be above 0 and at most {MAX_MLP_RATIO}, got {self.mlp_ratio!r}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in SUPPORTED_ACTIVATIONS:
             fail("hidden_act", f"must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}")
-        if self.layer_norm_eps <= 0:
-            fail("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
+        if not 0 < self.layer_norm_eps <= 1:
+            fail("layer_norm_eps", f"must be above 0 and at most 1, got {self.layer_norm_eps!r}")
         if self.layer_scale_init_value < 0:
             fail("layer_scale_init_value", f"must be >= 0, got {self.layer_scale_init_value!r}")
+        if self.initializer_range < 0:
+            fail("initializer_range", f"must be >= 0, got {self.initializer_range!r}")
+        parameters = self.parameter_count()
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"DinatConfig: the configuration describes a model of {parameters:,} parameters, above the limit of "
+                f"{MAX_PARAMETERS:,} (embed_dim {self.embed_dim}, depths {self.depths}, mlp_ratio {self.mlp_ratio}, "
+                f"num_channels {self.num_channels}, {self.num_labels} labels)"
+            )
 
     def _align_outputs(
         self, out_features: list[str] | None, out_indices: list[int] | None
@@ -247,15 +314,46 @@ class DinatConfig:
         return f"DinatConfig({self.to_json_string()})"
 
 
+# JSON files dinat-np reads (config.json, preprocessor_config.json, the registry) are a few kilobytes;
+# the limit keeps a huge or endless file from being read into memory.
+MAX_JSON_BYTES = 32 * 1024 * 1024
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a 64-bit float")
+    return value
+
+
 def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """The JSON object in ``path``; FileNotFoundError or ValueError saying which ``what`` is wrong."""
+    """The JSON object in ``path``; FileNotFoundError or ValueError saying which ``what`` is wrong.
+
+    NaN, Infinity and numbers that overflow a float are refused: they are not JSON, and no
+    setting of a model or a transform can use them.
+    """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as stream:
+            raw = stream.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a JSON file") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} {path} is larger than {MAX_JSON_BYTES:,} bytes; not a configuration file")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
+    except ValueError as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
     return data
@@ -278,16 +376,16 @@ def write_atomic(target: Path, data: bytes | Callable[[BinaryIO], None]) -> None
 def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Let ``write`` create a temporary file beside ``target`` (for writers that take a path), flush it
     to disk, give it the mode the umask allows, then rename it to ``target``; on failure remove it."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temporary = make_staging_file(target, ".tmp")
     os.close(handle)
     try:
-        write(Path(temporary))
+        write(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         make_shareable(temporary)
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

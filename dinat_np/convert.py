@@ -15,16 +15,17 @@ where original names are mapped to HF names.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from .configuration import CONFIG_NAME, DinatConfig, make_shareable, read_json_object
 from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
@@ -37,6 +38,8 @@ from .state_dict import (
     read_safetensors,
     write_safetensors,
 )
+from .staging import make_staging_dir
+from .tensor_checks import BadWeightsError, check_tensor_values
 from .torch_pickle import TorchCheckpointError, is_torch_zip, load_torch_checkpoint
 
 __all__ = [
@@ -55,6 +58,7 @@ DTYPES = STORAGE_DTYPES
 WeightsCheck = Callable[[DinatConfig, Mapping[str, np.ndarray], str], None]
 PROVENANCE_NAME = "conversion.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
+LOCK_NAME = ".dinat-convert.lock"
 
 
 class ConversionError(ValueError):
@@ -364,6 +368,17 @@ def _normalise_user_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _classes_asked(given: Mapping[str, Any]) -> int:
+    """How many classes a configuration asks for: ``num_labels``, or named labels (HF writes two
+    ``LABEL_i`` placeholders into every config.json, also a base model's: those ask for nothing)."""
+    count = given.get("num_labels")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
+    id2label = given.get("id2label") or {}
+    named = isinstance(id2label, Mapping) and any(str(label) != f"LABEL_{key}" for key, label in id2label.items())
+    return len(id2label) if named else 0
+
+
 def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, model_type_hint: str | None,
                  source: str, given_from: str) -> DinatConfig:
     """Merge what the weights tell with a registry entry / config.json, checking they agree.
@@ -389,6 +404,8 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
         conflicts.append(f"num_labels: the head has {num_labels} outputs, {given_from} says {given['num_labels']}")
     if num_labels is not None and id2label is not None and len(id2label) != num_labels:
         conflicts.append(f"labels: the head has {num_labels} outputs, {given_from} names {len(id2label)} classes")
+    if num_labels is None and (asked := _classes_asked(given)):
+        conflicts.append(f"num_labels: the checkpoint has no classification head, {given_from} asks for {asked} classes")
     if conflicts:
         raise ConversionError(f"{source} does not match {given_from}:\n  " + "\n  ".join(conflicts))
 
@@ -473,9 +490,6 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, sourc
             if names:
                 lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
         raise ConversionError("\n".join(lines)) from None
-    bad = [n for n, t in tensors.items() if t.dtype.kind == "f" and not np.isfinite(t).all()]
-    if bad:
-        raise ConversionError(f"{source}: tensors with NaN/inf values: {', '.join(sorted(bad)[:10])}")
 
 
 def convert_state_dict(tensors: Mapping[str, np.ndarray], *, check_weights: WeightsCheck,
@@ -530,6 +544,10 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], *, check_weights: Weig
     for name, tensor in body.items():
         top = name.startswith(_HF_BODY)
         out[f"{prefix}.{name}" if top else name] = tensor
+    try:
+        check_tensor_values(out, cfg, source)
+    except BadWeightsError as error:
+        raise ConversionError(str(error)) from None
     _check_tensors(out, cfg, source, check_weights)
     return out, cfg
 
@@ -567,6 +585,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"{out_dir} exists and is not a folder")
+    above = next((parent for parent in out_dir.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConversionError(f"cannot create {out_dir}: {above} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{out_dir} exists and is not empty (use --overwrite to replace its model files)")
 
@@ -607,7 +628,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
     record.update(provenance or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    stage = make_staging_dir(out_dir, ".partial")
     try:
         write_safetensors(stage / WEIGHTS_NAME, tensors, dtype)
         cfg.save_pretrained(stage)
@@ -615,21 +636,41 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
             (stage / PREPROCESSOR_NAME).write_bytes(preprocessor)
         (stage / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         make_shareable(stage)  # mkdtemp makes it 0700; a shared cache must stay readable
-        if out_dir.is_dir() and any(out_dir.iterdir()):
-            # Overwriting keeps the folder's other files, so the model's are replaced one by one:
-            # config.json goes first and comes back last, so that an interruption leaves a folder
-            # that fails to load rather than new weights under an old config.json.
+        _install(stage, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out_dir
+
+
+_LOCK_TIMEOUT = 60.0  # seconds; moving three files in takes milliseconds
+
+
+def _install(stage: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished files of ``stage`` into ``out_dir``."""
+    try:
+        # One rename creates out_dir (or replaces an empty one): of two conversions racing to
+        # create the same folder, exactly one succeeds.
+        os.rename(stage, out_dir)
+        return
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if not overwrite:
+        raise ConversionError(f"{out_dir} was created by another process during the conversion; "
+                              "it was left as that process wrote it")
+    # Overwriting keeps the folder's other files, so the model's are replaced one by one, under a lock
+    # (a file in the folder, so that nothing is left beside it) that keeps two overwriting conversions
+    # from mixing their files. config.json goes first and comes back last, so that an interruption
+    # leaves a folder that fails to load rather than new weights under an old config.json.
+    try:
+        with FileLock(out_dir / LOCK_NAME, timeout=_LOCK_TIMEOUT):
             (out_dir / CONFIG_NAME).unlink(missing_ok=True)
             (out_dir / PREPROCESSOR_NAME).unlink(missing_ok=True)  # an old transform must not outlive its model
             for name in (WEIGHTS_NAME, PREPROCESSOR_NAME, PROVENANCE_NAME, CONFIG_NAME):
                 if (stage / name).exists():
                     os.replace(stage / name, out_dir / name)
-            stage.rmdir()
-        else:
-            if out_dir.is_dir():
-                out_dir.rmdir()
-            os.replace(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return out_dir
+    except Timeout:
+        raise ConversionError(f"another process has been writing {out_dir} for {_LOCK_TIMEOUT:.0f} s; "
+                              "try again when it is done") from None
+    stage.rmdir()

@@ -33,7 +33,6 @@ import http.client
 import json
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -46,6 +45,7 @@ import filelock
 
 from .configuration import make_shareable, read_json_object, write_atomic
 from .registry import UnknownModelError, load_registry, packaged_weights_dir, registry_entry
+from .staging import make_staging_file
 
 if TYPE_CHECKING:
     from .convert import WeightsCheck
@@ -271,8 +271,7 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "dinat-np"})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = make_staging_file(dest, ".part")
     done = 0
     bar: _Progress | None = None
     try:
@@ -291,7 +290,7 @@ def download(url: str, dest: Path, *, name: str, target: Path, expected_sha256: 
             digest = hashlib.sha256()
             try:
                 while True:
-                    chunk = response.read(_CHUNK)
+                    chunk = response.read1(_CHUNK)  # what has arrived: counted even if the next read stalls
                     if not chunk:
                         break
                     out.write(chunk)

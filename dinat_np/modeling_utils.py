@@ -21,6 +21,7 @@ from .configuration import DinatConfig
 from .kernels import Backend, Conv, Linear, Norm, get_backend
 from .kernels.backend import Array
 from .state_dict import WEIGHTS_NAME, WeightsMismatchError, read_safetensors, write_safetensors
+from .tensor_checks import check_tensor_values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ class PreTrainedModel:
             )
         config = cls.config_class.from_pretrained(folder)
         tensors = read_safetensors(weights_path)
+        check_tensor_values(tensors, config, str(weights_path))
         return cls(config, tensors=tensors, source=str(weights_path), device=device, **kwargs)
 
     def state_dict(self) -> dict[str, np.ndarray]:

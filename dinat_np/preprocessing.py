@@ -14,9 +14,11 @@ Both resize with Pillow on 8-bit RGB, so the same Pillow gives bit-identical res
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -32,9 +34,11 @@ __all__ = [
     "IMAGENET_STANDARD_MEAN",
     "IMAGENET_STANDARD_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_OUTPUT_SIDE",
     "ImageLoadError",
     "ImageTooLargeError",
     "ImageProcessor",
+    "as_image_list",
     "is_single_image",
     "load_image",
     "to_rgb",
@@ -71,6 +75,16 @@ _RESAMPLE_BY_NAME = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+
+
+# The largest side of a processed image (resize and crop sizes, or an image kept whole): far beyond the
+# 224-512 pixels DiNAT classifiers are evaluated at, small enough to bound the memory of a batch.
+MAX_OUTPUT_SIDE = 4096
+# Pixel statistics are about 1 (about 255 for unscaled pixels); beyond this the values are typos, and the
+# normalised pixels could overflow float32.
+_STATISTIC_LIMIT = 1e6
+# Beyond this many pixels a resize is computed only where the crop keeps it (see resize_and_crop).
+_WHOLE_RESIZE_PIXELS = MAX_OUTPUT_SIDE**2
 
 
 class ImageLoadError(ValueError):
@@ -130,31 +144,43 @@ def _sixteen_bit_to_8bit(values: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def _wide_to_8bit(values: np.ndarray, ranges: tuple[float, ...]) -> np.ndarray:
+    """Scale 32-bit integer or float samples to 0..255: the first of ``ranges`` that holds the
+    largest finite value is taken as white, or that value itself above them all. Negative values and
+    NaN become 0, +inf white."""
+    finite = values[np.isfinite(values)]
+    peak = float(finite.max()) if finite.size else 0.0
+    white = next((top for top in ranges if peak <= top), peak)
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=white, neginf=0.0)
+    return np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return ``image`` as an 8-bit RGB ``PIL.Image``.
 
     Alpha is dropped without compositing, as ``PIL.Image.convert("RGB")`` does and as Hugging Face's
     ``load_image`` / ``convert_rgb`` do, so results match models evaluated through transformers.
-    Integer and float images (``I;16*``, ``I``, ``F``) are scaled to 8 bits instead of being clipped at
-    255 the way Pillow's own conversion does (which turns most 16-bit photographs white).
+    Integer and float images are scaled to 8 bits instead of being clipped at 255 the way Pillow's own
+    conversion does (which turns most 16-bit photographs white):
+
+    * ``I;16*``: 0..65535 to 0..255;
+    * ``I`` (32-bit integers): values up to 255 are kept, up to 65535 scaled as 16-bit samples, larger
+      ones scaled so that the largest is white;
+    * ``F`` (floats): values up to 1 are scaled from 0..1, up to 255 kept, larger ones scaled so
+      that the largest is white.
+
+    Negative values and NaN become black, +inf white.
     """
     mode = image.mode
     if mode == "RGB":
         return image
     if mode.startswith("I;16"):
         return Image.fromarray(_sixteen_bit_to_8bit(np.asarray(image)), mode="L").convert("RGB")
-    if mode == "I":
-        values = np.asarray(image)
-        if values.size and values.min() >= 0 and values.max() <= 255:
-            return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
-        # 32-bit integer images in practice carry 16-bit samples (older Pillow opened 16-bit PNGs as "I").
-        return Image.fromarray(_sixteen_bit_to_8bit(values), mode="L").convert("RGB")
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
-            values = values * 255.0
-        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in ("I", "F"):
+        # 32-bit integer images in practice carry 8- or 16-bit samples (older Pillow opened 16-bit PNGs
+        # as "I"); float images 0..1 or 0..255 values.
+        ranges = (255.0, 65535.0) if mode == "I" else (1.0, 255.0)
+        return Image.fromarray(_wide_to_8bit(np.asarray(image), ranges), mode="L").convert("RGB")
     if mode == "P" and isinstance(image.info.get("transparency"), bytes):
         # Pillow warns when a direct conversion drops per-entry palette alpha; through RGBA the colours
         # are the same and nothing warns (silencing it would change process-wide warning filters).
@@ -175,6 +201,18 @@ def is_single_image(value: Any) -> bool:
     return isinstance(value, _SINGLE_IMAGE_TYPES)
 
 
+def as_image_list(images: Any) -> Iterable[ImageInput]:
+    """One image as a list of one, a collection of images as it is; TypeError for anything else."""
+    if is_single_image(images):
+        return [images]
+    if isinstance(images, Iterable) and not isinstance(images, Mapping):
+        return images
+    raise TypeError(
+        f"expected an image (a path, bytes, a PIL image or a uint8 array) or a list of them, "
+        f"got {type(images).__name__}"
+    )
+
+
 def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
@@ -185,6 +223,8 @@ def _describe(source: Any) -> str:
 
 def _finish(image: Image.Image, name: str) -> Image.Image:
     """Decode the current (first) frame, apply EXIF orientation and convert to RGB."""
+    if 0 in image.size:
+        raise ImageLoadError(name, f"empty image ({image.size[0]} x {image.size[1]} pixels)")
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
@@ -229,20 +269,44 @@ def load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         return _open_and_finish(io.BytesIO(bytes(source)), name)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageLoadError(name, "no such file")
-        if path.is_dir():
-            raise ImageLoadError(name, "is a directory, not an image file")
-        try:
-            handle = open(path, "rb")
-        except OSError as exc:
-            raise ImageLoadError(name, f"cannot read file ({exc.strerror or exc})") from None
-        with handle:
+        with _open_regular_file(source, name) as handle:
             return _open_and_finish(handle, name)
     raise TypeError(
         f"cannot load an image from {type(source).__name__}; pass a path, bytes, a PIL image or a uint8 array"
     )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_regular_file(path: Union[str, os.PathLike], name: str) -> io.BufferedReader:
+    """Open an image file for reading; anything but a regular file is refused, never read.
+
+    Opening without blocking, then checking what was opened, means a FIFO without a writer (or a
+    device that never ends) cannot hang the caller, and nothing can be swapped in between.
+    """
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        broken = os.path.islink(path)
+        raise ImageLoadError(name, "no such file" + (" (a broken symbolic link)" if broken else "")) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageLoadError(name, "a symbolic link loop (too many levels of symbolic links)") from None
+        if exc.errno == errno.ENXIO:  # a socket
+            raise ImageLoadError(name, f"is {_file_kind(os.stat(path).st_mode)}, not an image file") from None
+        raise ImageLoadError(name, f"cannot read file ({exc.strerror or exc})") from None
+    mode = os.fstat(handle).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(handle)
+        raise ImageLoadError(name, f"is {_file_kind(mode)}, not an image file")
+    return os.fdopen(handle, "rb")
 
 
 def _open_and_finish(stream: io.BufferedIOBase, name: str) -> Image.Image:
@@ -307,18 +371,35 @@ def _as_pair(value: Any, what: str) -> tuple[int, int]:
         raise ValueError(f"{what} must be an integer or (height, width), got {value!r}")
     if pair[0] < 1 or pair[1] < 1:
         raise ValueError(f"{what} must be positive, got {value!r}")
+    if max(pair) > MAX_OUTPUT_SIDE:
+        raise ValueError(f"{what} must be at most {MAX_OUTPUT_SIDE} pixels, got {value!r}")
     return pair
 
 
 def _as_triple(value: Any, what: str) -> tuple[float, float, float]:
+    triple: tuple[float, ...] = ()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (float(value),) * 3
-    if isinstance(value, (list, tuple)) and len(value) == 3:
+        triple = (float(value),) * 3
+    elif isinstance(value, (list, tuple)) and len(value) == 3:
         try:
-            return tuple(float(v) for v in value)  # type: ignore[return-value]
+            triple = tuple(float(v) for v in value)
         except (TypeError, ValueError):
             pass
-    raise ValueError(f"{what} must be a number or three numbers (one per RGB channel), got {value!r}")
+    if len(triple) == 3 and all(math.isfinite(v) for v in triple):
+        return triple  # type: ignore[return-value]
+    raise ValueError(f"{what} must be a finite number or three (one per RGB channel), got {value!r}")
+
+
+def _resize_for_crop(crop: int, crop_pct: Any, what: str) -> int:
+    """The resize before a center crop of ``crop`` pixels that keeps ``crop_pct`` of the image."""
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not math.isfinite(crop_pct) \
+            or crop_pct <= 0:
+        raise ValueError(f"{what} must be a positive number, got {crop_pct!r}")
+    size = crop / crop_pct
+    if size > MAX_OUTPUT_SIDE:
+        raise ValueError(f"{what} {crop_pct!r} resizes to {size:.0f} pixels for a {crop}-pixel crop, more than "
+                         f"{MAX_OUTPUT_SIDE}")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -357,21 +438,31 @@ class ImageProcessor:
         if self.resize_size is not None:
             object.__setattr__(self, "resize_size", _as_pair(self.resize_size, "resize_size"))
         if self.shortest_edge is not None and (
-            not isinstance(self.shortest_edge, int) or isinstance(self.shortest_edge, bool) or self.shortest_edge < 1
+            not isinstance(self.shortest_edge, int) or isinstance(self.shortest_edge, bool)
+            or not 1 <= self.shortest_edge <= MAX_OUTPUT_SIDE
         ):
-            raise ValueError(f"shortest_edge must be a positive integer, got {self.shortest_edge!r}")
+            raise ValueError(f"shortest_edge must be an integer from 1 to {MAX_OUTPUT_SIDE}, got {self.shortest_edge!r}")
         if self.crop_size is not None:
             object.__setattr__(self, "crop_size", _as_pair(self.crop_size, "crop_size"))
         if self.crop_rounding not in ("floor", "round"):
             raise ValueError(f"crop_rounding must be 'floor' or 'round', got {self.crop_rounding!r}")
         object.__setattr__(self, "resample", resample_from_name(self.resample))
+        if self.rescale_factor is not None and (
+            isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float))
+            or not abs(self.rescale_factor) <= _STATISTIC_LIMIT
+        ):
+            raise ValueError(f"rescale_factor must be a number of magnitude at most {_STATISTIC_LIMIT:g}, "
+                             f"got {self.rescale_factor!r}")
         if (self.image_mean is None) != (self.image_std is None):
             raise ValueError("give both image_mean and image_std, or neither")
         if self.image_mean is not None:
-            object.__setattr__(self, "image_mean", _as_triple(self.image_mean, "image_mean"))
-            std = _as_triple(self.image_std, "image_std")
-            if any(s == 0 for s in std):
-                raise ValueError(f"image_std must not contain 0, got {std}")
+            mean, std = _as_triple(self.image_mean, "image_mean"), _as_triple(self.image_std, "image_std")
+            if any(abs(m) > _STATISTIC_LIMIT for m in mean):
+                raise ValueError(f"image_mean must be of magnitude at most {_STATISTIC_LIMIT:g}, got {mean}")
+            if any(not 1 / _STATISTIC_LIMIT <= abs(s) <= _STATISTIC_LIMIT for s in std):
+                raise ValueError(f"image_std must be of magnitude {1 / _STATISTIC_LIMIT:g} to {_STATISTIC_LIMIT:g}, "
+                                 f"got {std}")
+            object.__setattr__(self, "image_mean", mean)
             object.__setattr__(self, "image_std", std)
 
     # -- constructors ------------------------------------------------------------------------------------
@@ -396,7 +487,7 @@ class ImageProcessor:
             raise ValueError(f"only square evaluation resolutions are supported, got {height}x{width}")
         if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
-        scale_size = math.floor(height / crop_pct)
+        scale_size = _resize_for_crop(height, crop_pct, "crop_pct")
         return cls(
             shortest_edge=scale_size,
             crop_size=(height, width),
@@ -450,6 +541,8 @@ class ImageProcessor:
         rescale_factor = config.get("rescale_factor", 1 / 255)
         if rescale_factor is None:
             rescale_factor = 1 / 255
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)):
+            raise ValueError(f"rescale_factor must be a number, got {rescale_factor!r}")
         do_normalize = bool(config.get("do_normalize", True))
         mean = config.get("image_mean")
         std = config.get("image_std")
@@ -472,9 +565,8 @@ class ImageProcessor:
         # ConvNext
         shortest = _hf_shortest_edge(size if size is not None else {"shortest_edge": 384})
         crop_pct = config.get("crop_pct")
-        crop_pct = 224 / 256 if crop_pct is None else float(crop_pct)
-        if crop_pct <= 0:
-            raise ValueError(f"crop_pct must be positive, got {crop_pct}")
+        crop_pct = 224 / 256 if crop_pct is None else crop_pct
+        resize = _resize_for_crop(shortest, crop_pct, "crop_pct")
         name = f"ConvNextImageProcessor shortest_edge={shortest} crop_pct={crop_pct:g}"
         if not do_resize:
             return cls(name=name, **common)  # type: ignore[arg-type]
@@ -482,7 +574,7 @@ class ImageProcessor:
             # transformers warps (no crop) at 384 and above, as ConvNeXt was evaluated at those sizes.
             return cls(resize_size=(shortest, shortest), name=name, **common)  # type: ignore[arg-type]
         return cls(
-            shortest_edge=int(shortest / crop_pct),
+            shortest_edge=resize,
             crop_size=(shortest, shortest),
             crop_rounding="floor",
             name=name,
@@ -518,21 +610,52 @@ class ImageProcessor:
             return self.crop_size
         return self.resize_size
 
-    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
-        """Resize and crop an RGB image; returns uint8 (H, W, 3)."""
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the whole image after the resize (which is never computed as a whole)."""
         if self.resize_size is not None:
-            height, width = self.resize_size
-            image = image.resize((width, height), resample=self.resample)
-        elif self.shortest_edge is not None:
-            width, height = image.size
+            return self.resize_size[1], self.resize_size[0]
+        if self.shortest_edge is not None:
             short, long = (width, height) if width <= height else (height, width)
             new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-            image = image.resize((new_w, new_h), resample=self.resample)
-        pixels = np.asarray(image, dtype=np.uint8)
-        if self.crop_size is not None:
-            pixels = _center_crop(pixels, self.crop_size, self.crop_rounding)
-        return pixels
+            return (new_short, new_long) if width <= height else (new_long, new_short)
+        return width, height
+
+    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop an RGB image; returns uint8 (H, W, 3).
+
+        The whole image is resized, then cropped, as the reference implementations do; where that
+        would make more than ``_WHOLE_RESIZE_PIXELS`` (a 60000 x 1 strip resized to a 256-pixel short
+        side makes 15 million pixels) only the part the crop keeps is resized, so an extreme aspect
+        ratio costs no more memory than a square image. An image smaller than the crop is zero-padded
+        around it, as transformers does.
+        """
+        width, height = image.size
+        resized_width, resized_height = self._resized_size(width, height)
+        crop_height, crop_width = self.crop_size or (resized_height, resized_width)
+        if max(crop_height, crop_width) > MAX_OUTPUT_SIDE:  # no crop: the whole (resized) image is kept
+            raise ImageLoadError(
+                "", f"the processed image would be {resized_width} x {resized_height} pixels, more than "
+                f"{MAX_OUTPUT_SIDE} on a side, and {self.name} does not crop"
+            )
+        top, bottom, pad_top = _crop_window(resized_height, crop_height, self.crop_rounding)
+        left, right, pad_left = _crop_window(resized_width, crop_width, self.crop_rounding)
+        if (resized_width, resized_height) == (width, height):
+            kept = image.crop((left, top, right, bottom))
+        elif resized_width * resized_height <= _WHOLE_RESIZE_PIXELS:
+            kept = image.resize((resized_width, resized_height), resample=self.resample).crop((left, top, right, bottom))
+        else:
+            # Pillow resizes a box of the source with the filter of the whole resize, but takes its
+            # corners in single precision and may pass the two axes in the other order: pixels may
+            # differ from the whole resize by a level or two.
+            scale_x, scale_y = width / resized_width, height / resized_height
+            box = (left * scale_x, top * scale_y, min(right * scale_x, width), min(bottom * scale_y, height))
+            kept = image.resize((right - left, bottom - top), resample=self.resample, box=box)
+        pixels = np.asarray(kept, dtype=np.uint8)
+        if pixels.shape[:2] == (crop_height, crop_width):
+            return pixels
+        padded = np.zeros((crop_height, crop_width, 3), dtype=np.uint8)
+        padded[pad_top:pad_top + pixels.shape[0], pad_left:pad_left + pixels.shape[1]] = pixels
+        return padded
 
     def to_pixel_values(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) -> float32 (3, H, W): rescale then normalize, with transformers' arithmetic."""
@@ -549,13 +672,16 @@ class ImageProcessor:
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image (anything :func:`load_image` takes) -> float32 (3, H, W)."""
-        return self.to_pixel_values(self.resize_and_crop(load_image(image)))
+        loaded = load_image(image)
+        try:
+            pixels = self.resize_and_crop(loaded)
+        except ImageLoadError as error:
+            raise ImageLoadError(_describe(image), error.reason) from None
+        return self.to_pixel_values(pixels)
 
     def __call__(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
         """One image or a list of images -> float32 ``pixel_values`` of shape (B, 3, H, W)."""
-        if is_single_image(images):
-            images = [images]
-        arrays = [self.preprocess(image) for image in images]
+        arrays = [self.preprocess(image) for image in as_image_list(images)]
         if not arrays:
             raise ValueError("no images given")
         shapes = {a.shape for a in arrays}
@@ -566,25 +692,15 @@ class ImageProcessor:
         return np.stack(arrays)
 
 
-def _center_crop(pixels: np.ndarray, size: tuple[int, int], rounding: str) -> np.ndarray:
-    """Center-crop (H, W, C); an image smaller than the crop is zero-padded around it (as transformers)."""
-    crop_h, crop_w = size
-    height, width = pixels.shape[:2]
-    if height < crop_h or width < crop_w:
-        # Pad the short sides up to the crop, centred with the extra row/column at the start (ceil), then
-        # crop the result with the same rule: padded sides now match the crop, the others still exceed it.
-        new_h, new_w = max(height, crop_h), max(width, crop_w)
-        top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
-        padded = np.zeros((new_h, new_w) + pixels.shape[2:], dtype=pixels.dtype)
-        padded[top_pad:top_pad + height, left_pad:left_pad + width] = pixels
-        return _center_crop(padded, size, rounding)
-    top, left = _crop_offset(height - crop_h, rounding), _crop_offset(width - crop_w, rounding)
-    return pixels[top:top + crop_h, left:left + crop_w]
-
-
-def _crop_offset(excess: int, rounding: str) -> int:
-    """Where a center crop starts along an axis that is ``excess`` (>= 0) pixels longer than the crop."""
-    return excess // 2 if rounding == "floor" else int(round(excess / 2))
+def _crop_window(length: int, crop: int, rounding: str) -> tuple[int, int, int]:
+    """Along one axis of ``length`` pixels: the kept range ``start, stop`` of a center crop of ``crop``
+    pixels, and where it lands in the output (after the zero padding of an axis shorter than the crop,
+    whose extra pixel goes at the start: ceil, as transformers pads)."""
+    if length < crop:
+        return 0, length, math.ceil((crop - length) / 2)
+    excess = length - crop
+    start = excess // 2 if rounding == "floor" else int(round(excess / 2))
+    return start, start + crop, 0
 
 
 def _hf_processor_kind(config: Mapping[str, Any], model_type: str | None) -> str:

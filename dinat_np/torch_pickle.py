@@ -274,13 +274,15 @@ def _view(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | N
         bf16 = bool(is_bf16)
 
     numel = math.prod(size_t)  # Python ints: a crafted size cannot overflow into a small number
+    # Counted whether or not it is a copy: whoever uses the tensor may copy it.
+    storage.reader.reserve(numel * (4 if bf16 else base.itemsize), f"tensor of shape {size_t}")
     if numel == 0:
         out = np.zeros(size_t, dtype=base.dtype)
     else:
         last = offset + sum((n - 1) * s for n, s in zip(size_t, stride_t))
         if last >= base.size:
             raise TorchCheckpointError(
-                f"tensor view out of bounds: storage {storage.key} has {base.size} elements, "
+                f"{storage.reader.path}: tensor view out of bounds: storage {storage.key} has {base.size} elements, "
                 f"view needs index {last} (offset {offset}, size {size_t}, stride {stride_t})"
             )
         contiguous = tuple(math.prod(size_t[i + 1:]) for i in range(len(size_t)))
@@ -388,6 +390,9 @@ _MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
 _MEMO_GET = {"BINGET", "LONG_BINGET", "GET"}
 _NO_STACK_CHANGE = {"PROTO", "FRAME", "MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
 _FORBIDDEN_OPS = {"EXT1", "EXT2", "EXT4"}  # copyreg extension registry: indirect globals
+# A state dict's pickle holds about fifteen opcodes per tensor; the limit bounds the objects that
+# unpickling a crafted one could create.
+_MAX_PICKLE_OPS = 2_000_000
 
 
 def scan_pickle_globals(data: bytes, where: str = "the checkpoint") -> list[tuple[str, str]]:
@@ -404,10 +409,12 @@ def scan_pickle_globals(data: bytes, where: str = "the checkpoint") -> list[tupl
     found: list[tuple[str, str]] = []
     memo: dict[int, Any] = {}
     recent: list[Any] = []  # values of the most recent stack pushes (None = not a string)
-    next_memo = 0
     not_str = object()
     try:
-        for op, arg, _pos in pickletools.genops(data):
+        for count, (op, arg, _pos) in enumerate(pickletools.genops(data)):
+            if count == _MAX_PICKLE_OPS:
+                raise TorchCheckpointError(f"{where}: data.pkl has more than {_MAX_PICKLE_OPS:,} opcodes; "
+                                           "a checkpoint's object tree is far smaller")
             name = op.name
             if name in _FORBIDDEN_OPS:
                 raise UnsafeCheckpointError(f"refusing to load {where}: its pickle uses the {name} opcode "
@@ -434,8 +441,8 @@ def scan_pickle_globals(data: bytes, where: str = "the checkpoint") -> list[tupl
                 value = arg.decode("latin-1") if isinstance(arg, bytes) else arg
                 recent.append(value)
             elif name == "MEMOIZE":
-                memo[next_memo] = recent[-1] if recent else not_str
-                next_memo += 1
+                # The unpickler's rule: the next index is the memo's size, counting entries PUT set.
+                memo[len(memo)] = recent[-1] if recent else not_str
             elif name in _MEMO_PUT:
                 memo[int(arg)] = recent[-1] if recent else not_str
             elif name in _MEMO_GET:
@@ -444,7 +451,7 @@ def scan_pickle_globals(data: bytes, where: str = "the checkpoint") -> list[tupl
                 recent.append(not_str)
             if len(recent) > 64:
                 del recent[:-8]
-    except UnsafeCheckpointError:
+    except TorchCheckpointError:
         raise
     except Exception as exc:  # pickletools raises ValueError etc. on garbage
         raise TorchCheckpointError(f"{where}: data.pkl is not a valid pickle ({exc})") from None
@@ -480,6 +487,11 @@ def _describe_non_zip(path: Path) -> str:
 
 
 _BYTEORDER_MAX = 16  # "little" / "big" plus whitespace
+_PICKLE_MAX = 16 * 2**20  # data.pkl of a state dict: tens of kilobytes; bounded before it is inflated
+# What reading one checkpoint may allocate: its storages (1x its size), their bfloat16 values widened to
+# float32 (2x), transposed and shared views; plus room for small files.
+_MEMORY_PER_FILE_BYTE = 4
+_MEMORY_SLACK = 64 * 2**20
 
 
 class _ArchiveReader:
@@ -490,6 +502,9 @@ class _ArchiveReader:
 
     def __init__(self, path: Path):
         self.path = path
+        self.size = path.stat().st_size
+        self.memory_limit = _MEMORY_PER_FILE_BYTE * self.size + _MEMORY_SLACK
+        self.memory_used = 0
         try:
             self.zip = zipfile.ZipFile(path)  # closes its own file if it raises
         except zipfile.BadZipFile as exc:
@@ -558,7 +573,22 @@ class _ArchiveReader:
 
     def data_pkl(self) -> bytes:
         name = self.prefix + "data.pkl"
-        return self._read(name, self._entry(name).file_size)
+        size = self._entry(name).file_size
+        if size > _PICKLE_MAX:
+            raise TorchCheckpointError(f"{self.path}: data.pkl is {size:,} bytes; a checkpoint's object tree "
+                                       f"takes far less than the {_PICKLE_MAX:,} bytes allowed")
+        return self._read(name, size)
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` that ``what`` is about to allocate; refuse past the file's memory limit."""
+        self.memory_used += nbytes
+        if self.memory_used > self.memory_limit:
+            raise TorchCheckpointError(
+                f"{self.path}: {what} would bring the memory its tensors take to {self.memory_used:,} bytes, "
+                f"beyond the {self.memory_limit:,} a {self.size:,}-byte checkpoint may take "
+                f"({_MEMORY_PER_FILE_BYTE} x its size + {_MEMORY_SLACK // 2**20} MiB): a damaged or crafted file "
+                "(zero-stride or repeated views, storages that inflate far beyond their compressed size)"
+            )
 
     def storage(self, key: str, stype: _StorageType, numel: int) -> _Storage:
         existing = self._storages.get(key)
@@ -582,10 +612,12 @@ class _ArchiveReader:
         if size != need:
             raise TorchCheckpointError(f"{self.path}: storage '{key}' has {size} bytes, but data.pkl describes "
                                        f"{numel} {dtype} elements ({need} bytes)")
+        self.reserve(need, f"storage '{key}'")
         raw = self._read(name, need)
         src_dtype = dtype.newbyteorder(">") if self.big_endian and dtype.itemsize > 1 else dtype
         arr = np.frombuffer(raw, dtype=src_dtype, count=numel)
         if src_dtype is not dtype:
+            self.reserve(need, f"storage '{key}' (byte order)")
             arr = arr.astype(dtype)
         return arr
 

@@ -20,11 +20,13 @@ def data_dir() -> Path:
 
 
 class _FileHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` by name; ``/cut/NAME`` announces the full length but sends half."""
+    """Serves ``server.files`` by name; ``/cut/NAME`` announces the full length but sends half;
+    ``/stall/NAME`` sends 1000 bytes, then nothing until ``server.release`` is set (or 60 s)."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         self.server.requests.append(self.path)
         cut = self.path.startswith("/cut/")
+        stall = self.path.startswith("/stall/")
         blob = self.server.files.get(self.path.rsplit("/", 1)[-1])
         if blob is None:
             self.send_error(404, "no such file")
@@ -33,6 +35,11 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(blob)))
         self.end_headers()
+        if stall:
+            self.wfile.write(blob[:1000])
+            self.wfile.flush()
+            self.server.release.wait(60)
+            return
         self.wfile.write(blob[: len(blob) // 2] if cut else blob)
         if cut:
             self.wfile.flush()
@@ -47,12 +54,13 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
 def http_file_server(files: dict[str, bytes]) -> Iterator[http.server.ThreadingHTTPServer]:
     """Serve ``files`` (name -> bytes) on 127.0.0.1; the server has ``.url`` and ``.requests``."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
-    httpd.files, httpd.requests = files, []
+    httpd.files, httpd.requests, httpd.release = files, [], threading.Event()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield httpd
     finally:
+        httpd.release.set()
         httpd.shutdown()
         httpd.server_close()
 

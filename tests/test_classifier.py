@@ -82,6 +82,17 @@ def test_bad_image_raises_in_predict_and_is_reported_by_iter_predict(classifier,
     assert [p.index for p in results[0].predictions] == [p.index for p in results[2].predictions]
 
 
+def test_inputs_that_are_not_images_are_clear_errors(classifier):
+    with pytest.raises(TypeError, match="expected an image .* or a list of them, got int"):
+        classifier.predict(5)
+    with pytest.raises(TypeError, match="got dict"):
+        list(classifier.iter_predict({"a": 1}))
+    with pytest.raises(ImageLoadError, match=r"empty image \(0 x 0 pixels\)"):
+        classifier.predict(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ImageLoadError, match=r"empty image \(7 x 0 pixels\)"):
+        classifier.predict(np.zeros((0, 7), np.uint8))
+
+
 def test_iter_predict_reports_progress(classifier):
     seen = []
     results = list(

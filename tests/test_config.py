@@ -106,3 +106,63 @@ def test_malformed_config_json_values_are_value_errors(tmp_path, change, field):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=field):
         DinatConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"embed_dim": 10**8}, r"embed_dim: must be an integer from 2 to 65536"),
+        ({"embed_dim": 1e8}, r"embed_dim: must be an integer from 2 to 65536, got 100000000.0"),
+        ({"num_channels": 10**9}, r"num_channels: must be an integer from 1 to 1024"),
+        ({"mlp_ratio": 1e308}, r"mlp_ratio: must be above 0 and at most 64"),
+        ({"mlp_ratio": float("inf")}, r"mlp_ratio: must be a finite number"),
+        ({"layer_norm_eps": float("nan")}, r"layer_norm_eps: must be a finite number, got nan"),
+        ({"layer_scale_init_value": float("inf")}, r"layer_scale_init_value: must be a finite number"),
+        ({"kernel_size": 1001}, r"kernel_size: must be an integer from 1 to 127"),
+        ({"depths": [3, 4, 6, 10**12]}, r"depths: stage 3: must be an integer from 1 to 1024"),
+        ({"model_type": "nat", "depths": [10**12], "num_heads": [2]}, r"depths: stage 0"),
+        ({"dilations": [[1, 10**9, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]}, r"dilations: every dilation"),
+        ({"num_labels": 10**9}, r"num_labels: must be an integer from 0 to 100000"),
+        ({"id2label": {"x": "cat"}}, r"id2label: keys must be class indices"),
+        ({"embed_dim": 8192}, r"describes a model of 317,600,727,816 parameters, above the limit of 2,000,000,000"),
+    ],
+)
+def test_ranges_are_checked_before_anything_is_allocated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DinatConfig(**kwargs)
+
+
+def test_parameter_count_is_that_of_the_model():
+    from dinat_np import DinatForImageClassification, DinatModel
+
+    for config in (
+        DinatConfig(embed_dim=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], kernel_size=3,
+                    dilations=[[1], [2, 1], [1], [1]], num_labels=7),
+        DinatConfig(model_type="nat", embed_dim=24, depths=[2, 1], num_heads=[2, 3], kernel_size=5, mlp_ratio=2.5,
+                    qkv_bias=False, layer_scale_init_value=0.1, num_channels=5, num_labels=0),
+    ):
+        with_head = DinatForImageClassification(config, seed=1).state_dict()
+        base = DinatModel(config, seed=1).state_dict()
+        assert config.parameter_count() == sum(t.size for t in with_head.values())
+        assert config.parameter_count(head=False) == sum(t.size for t in base.values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"layer_norm_eps": NaN}', "NaN is not a JSON number"),
+    ('{"mlp_ratio": Infinity}', "Infinity is not a JSON number"),
+    ('{"mlp_ratio": 1e400}', "1e400 is too large for a 64-bit float"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+])
+def test_json_without_numbers_python_would_invent(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        DinatConfig.from_pretrained(tmp_path)
+
+
+def test_oversized_json_is_not_read(tmp_path, monkeypatch):
+    from dinat_np import configuration
+
+    monkeypatch.setattr(configuration, "MAX_JSON_BYTES", 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"extra": "x" * 2000}))
+    with pytest.raises(ValueError, match="larger than 1,000 bytes"):
+        DinatConfig.from_pretrained(tmp_path)

@@ -107,6 +107,28 @@ def test_cut_transfer_leaves_nothing_complete(server, tmp_path: Path) -> None:
     assert (resolve("tiny-dinat", registry=registry, progress=False) / "model.safetensors").is_file()
 
 
+def test_stalled_transfer_reports_the_bytes_received(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1000 bytes arrive, then nothing: the timeout's message counts them (a 1 MiB read once lost them)."""
+    monkeypatch.setattr(hub, "_TIMEOUT", 1.0)
+    registry = _registry(server.url + "/stall/checkpoint.pth")
+    with pytest.raises(hub.DownloadError, match="interrupted after 1000 bytes"):
+        resolve("tiny-dinat", registry=registry, progress=False)
+    assert _leftovers(tmp_path / "home") == ["downloads"]
+
+
+def test_stale_partial_download_is_swept(server, tmp_path: Path) -> None:
+    """A killed download's .part file (its writer is gone) is removed by the next download of that file."""
+    from dinat_np import staging
+
+    downloads = tmp_path / "home" / "downloads"
+    downloads.mkdir(parents=True)
+    stale = downloads / f".checkpoint.pth.{staging._HOST}.999999999.abcd1234.part"
+    stale.write_bytes(b"half a checkpoint")
+    resolve("tiny-dinat", registry=_registry(server.url + "/checkpoint.pth"), progress=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in downloads.iterdir()) == ["checkpoint.pth", "checkpoint.pth.json"]
+
+
 def test_offline_error(server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(hub.ENV_OFFLINE, "1")
     url = server.url + "/checkpoint.pth"

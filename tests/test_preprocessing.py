@@ -194,12 +194,16 @@ def test_timm_eval_crop_uses_torchvision_rounding():
     assert (first_col_timm, first_col_hf) == (82, 81)
 
 
+def _center_crop(pixels: np.ndarray, size: tuple[int, int], rounding: str) -> np.ndarray:
+    processor = ImageProcessor(crop_size=size, crop_rounding=rounding, rescale_factor=None, image_mean=None,
+                               image_std=None)
+    return processor.resize_and_crop(Image.fromarray(pixels))
+
+
 @pytest.mark.parametrize("rounding", ["floor", "round"])
 def test_center_crop_of_a_smaller_image_pads_to_the_crop_size(rounding):
     """A 12x12 image cropped to 13x13 is zero-padded to 13x13 (one extra row and column at the start,
     as transformers), whatever the rounding; Python's round(-0.5) == 0 once shifted the crop off by one."""
-    from dinat_np.preprocessing import _center_crop
-
     pixels = np.random.default_rng(11).integers(1, 256, size=(12, 12, 3), dtype=np.uint8)
     out = _center_crop(pixels, (13, 13), rounding)
     assert out.shape == (13, 13, 3)
@@ -437,8 +441,86 @@ def test_int32_and_float_images():
     np.testing.assert_array_equal(np.asarray(to_rgb(small_int))[..., 0], [[0, 200]])
     unit_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
     np.testing.assert_array_equal(np.asarray(to_rgb(unit_float))[..., 0], [[0, 128, 255]])
-    big_float = Image.fromarray(np.array([[-3.0, 17.4, 300.0]], dtype=np.float32), mode="F")
-    np.testing.assert_array_equal(np.asarray(to_rgb(big_float))[..., 0], [[0, 17, 255]])
+    byte_float = Image.fromarray(np.array([[-3.0, 17.4, 255.0]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(byte_float))[..., 0], [[0, 17, 255]])
+
+
+def test_wide_value_ranges_are_scaled_not_clipped():
+    """Above 255 a float image (and above 65535 an integer one) is scaled to its largest value: such
+    images once came out white. Negative values and NaN are black, +inf white."""
+    big_float = Image.fromarray(np.array([[-3.0, 17.4, 300.0, 600.0]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(big_float))[..., 0], [[0, 7, 128, 255]])
+    rng = np.random.default_rng(5)
+    scientific = rng.uniform(0, 4000, size=(20, 30)).astype(np.float32)
+    gray = np.asarray(to_rgb(Image.fromarray(scientific, mode="F")))[..., 0]
+    np.testing.assert_array_equal(gray, np.rint(scientific.astype(np.float64) * 255 / scientific.max()))
+    assert (gray == 255).mean() < 0.01
+    odd = Image.fromarray(np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(odd))[..., 0], [[0, 255, 0, 128]])
+    big_int = Image.fromarray(np.array([[0, 70000, 140000, -5]], dtype=np.int32), mode="I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(big_int))[..., 0], [[0, 128, 255, 0]])
+
+
+def test_extreme_aspect_ratios_resize_only_the_crop(photos, monkeypatch):
+    """A strip whose whole resize would be huge is resized only where the crop keeps it: the same
+    picture as the whole resize, within the rounding Pillow's box resize allows."""
+    from dinat_np import preprocessing
+
+    astronaut = photos[1]
+    for box in ((0, 200, 512, 223), (200, 0, 223, 512), (0, 250, 512, 256), (100, 100, 105, 105)):
+        image = astronaut.crop(box)  # 512 x 23, 23 x 512, 512 x 6, 5 x 5
+        for processor in (ImageProcessor.timm_eval(64, 0.875, "bicubic"),
+                          ImageProcessor(shortest_edge=50, crop_size=(60, 40), resample="bilinear")):
+            whole = processor.resize_and_crop(image)
+            monkeypatch.setattr(preprocessing, "_WHOLE_RESIZE_PIXELS", 1)
+            boxed = processor.resize_and_crop(image)
+            monkeypatch.undo()
+            assert boxed.shape == whole.shape == processor.crop_size + (3,)
+            difference = np.abs(boxed.astype(int) - whole)
+            assert difference.max() <= 2 and difference.mean() < 0.3, (box, processor.name)
+    # 60000 x 1 strips (12 GB resized whole) run in test_hostile.py, in a child with capped memory.
+
+
+def test_sizes_and_statistics_are_bounded(photos):
+    for settings, message in [
+        ({"image_processor_type": "ViTImageProcessor", "size": {"height": 5000, "width": 224}}, "at most 4096"),
+        ({"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 1e-300},
+         r"crop_pct 1e-300 resizes to \d+ pixels"),
+        ({"image_processor_type": "ConvNextImageProcessor", "size": 224, "crop_pct": "0.9"}, "crop_pct must be"),
+        ({"image_mean": [0.5, 0.5, float("nan")]}, "image_mean must be a finite number"),
+        ({"image_std": [1e-30, 1, 1]}, "image_std must be of magnitude"),
+        ({"image_mean": 1e300}, "image_mean must be of magnitude"),
+        ({"rescale_factor": 1e30}, "rescale_factor must be a number of magnitude"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ImageProcessor.from_hf_config(settings)
+    with pytest.raises(ValueError, match="shortest_edge must be an integer from 1 to 4096"):
+        ImageProcessor(shortest_edge=10**9)
+    with pytest.raises(ValueError, match="crop_pct 1e-09"):
+        ImageProcessor.timm_eval(224, crop_pct=1e-9)
+    # Without resizing, an image is kept whole: beyond 4096 pixels on a side it is refused.
+    keep = ImageProcessor(rescale_factor=None, image_mean=None, image_std=None)
+    with pytest.raises(ImageLoadError, match=r"<Image>: the processed image would be 5000 x 2 pixels"):
+        keep(Image.new("RGB", (5000, 2)))
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"pipe\.png: is a FIFO \(named pipe\), not an image file"):
+        load_image(fifo)  # a blocking open would wait for a writer forever
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    with pytest.raises(ImageLoadError, match="a symbolic link loop"):
+        load_image(tmp_path / "loop.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ImageLoadError, match=r"no such file \(a broken symbolic link\)"):
+        load_image(tmp_path / "broken.png")
+    with pytest.raises(ImageLoadError, match="is a character device"):
+        load_image("/dev/zero")
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

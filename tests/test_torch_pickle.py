@@ -150,6 +150,23 @@ def test_runtime_guard_also_refuses() -> None:
     assert unpickler.find_class("collections", "OrderedDict") is tp._OrderedDict
 
 
+def test_scan_numbers_memo_slots_as_the_unpickler_does(tmp_path: Path, marker: Path) -> None:
+    """MEMOIZE takes the memo's size as its index, counting slots BINPUT set: the scan once numbered
+    them on its own and listed torch.Size for this pickle, whose global is posix.system."""
+    payload = (b"\x80\x04" + _short("posix") + b"q\x00"  # BINPUT 0
+               + _short("torch") + b"\x94" + _short("system") + b"\x94" + _short("Size") + b"\x94"  # MEMOIZE 1..3
+               + b"0000" + b"h\x00h\x02\x93" + _short(f"touch {marker}") + b"\x85R.")
+    with pytest.raises(UnsafeCheckpointError, match=r"'posix\.system'"):
+        tp.scan_pickle_globals(payload)
+    _assert_refused(_zip_with_pickle(tmp_path / "memo.pth", payload), marker, "posix.system")
+
+
+def test_scan_bounds_the_opcode_count() -> None:
+    payload = b"\x80\x02" + b"N0" * (tp._MAX_PICKLE_OPS // 2 + 1) + b"N."
+    with pytest.raises(TorchCheckpointError, match="more than 2,000,000 opcodes"):
+        tp.scan_pickle_globals(payload)
+
+
 def test_scan_lists_only_allowed_globals_of_a_real_checkpoint() -> None:
     with zipfile.ZipFile(DATA / "original_nat_layerscale" / "checkpoint.pth") as z:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
@@ -357,9 +374,12 @@ def _tensor_record(offset: int, size: int, stride: int) -> bytes:
     def text(s: str) -> bytes:
         return b"X" + len(s).to_bytes(4, "little") + s.encode()
 
+    def integer(value: int) -> bytes:
+        return b"J" + value.to_bytes(4, "little")
+
     return (b"ctorch._utils\n_rebuild_tensor_v2\n("
             b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"K\x04tQ"
-            + b"K" + bytes([offset]) + b"K" + bytes([size]) + b"\x85K" + bytes([stride]) + b"\x85"
+            + integer(offset) + integer(size) + b"\x85" + integer(stride) + b"\x85"
             + b"\x89ccollections\nOrderedDict\n)RtR")
 
 
@@ -374,6 +394,31 @@ def test_view_bounds_checked(tmp_path: Path, offset: int, size: int, stride: int
     else:
         with pytest.raises(TorchCheckpointError, match="out of bounds"):
             load_torch_checkpoint(path)
+
+
+def test_memory_is_bounded_by_the_file(tmp_path: Path) -> None:
+    """Zero-stride and repeated views of a small storage: at most 4 x the file + 64 MiB is handed out."""
+    storage = np.array([1.5, -2.0, 3.25, 4.0], dtype=np.float32)
+
+    def views(count: int) -> bytes:  # {"00": 2 MiB of storage[1], "01": ..., ...}
+        items = b"".join(b"X\x02\x00\x00\x00" + f"{i:02d}".encode() + _tensor_record(1, 2**19, 0) + b"s"
+                         for i in range(count))
+        return b"\x80\x02}" + items + b"."
+
+    path = _zip_with_pickle(tmp_path / "many.pth", views(40), {"0": storage.tobytes()})  # 80 MiB from 2 KB
+    with pytest.raises(TorchCheckpointError, match=r"tensor of shape \(524288,\) would bring the memory its tensors "
+                                                   r"take to [\d,]+ bytes, beyond the [\d,]+ a [\d,]+-byte checkpoint"):
+        load_torch_checkpoint(path)
+    loaded = load_torch_checkpoint(_zip_with_pickle(tmp_path / "few.pth", views(4), {"0": storage.tobytes()}))
+    assert sorted(loaded) == ["00", "01", "02", "03"]
+    np.testing.assert_array_equal(loaded["02"], np.full(2**19, -2.0, np.float32))
+
+
+def test_oversized_pickle_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tp, "_PICKLE_MAX", 100)
+    path = _zip_with_pickle(tmp_path / "big.pth", b"\x80\x02N" + b"N0" * 100 + b".")
+    with pytest.raises(TorchCheckpointError, match="data.pkl is 204 bytes"):
+        load_torch_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------
