@@ -28,7 +28,7 @@ import os
 import re
 import stat
 import sys
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Callable, ContextManager, Iterator, Sequence, TextIO
 
 from dinat_np import __version__
 from dinat_np.classifier import DEFAULT_BATCH_SIZE  # light: the standard library only, no NumPy
@@ -244,6 +244,29 @@ class Progress:
             self.stream.flush()
 
 
+COMPILING_NOTICE = (f"{PROG}: compiling the kernels for this machine (first run only, up to a minute; "
+                    "cached for the next runs)")
+
+
+def announcing_compiling(say: Callable[[str], None]) -> ContextManager[Any]:
+    """While active, say once, when Numba starts compiling (its cache holds no kernel for this machine
+    yet), why the first images take long; a warm cache compiles nothing and says nothing."""
+    from numba.core import event
+
+    class Notice(event.Listener):
+        said = False
+
+        def on_start(self, _event: event.Event) -> None:
+            if not self.said:
+                self.said = True
+                say(COMPILING_NOTICE)
+
+        def on_end(self, _event: event.Event) -> None:
+            pass
+
+    return event.install_listener("numba:compile", Notice())
+
+
 def format_table(path: str, predictions: Sequence[dict[str, Any]]) -> str:
     """The readable per-image block: a header line, then rank, probability and label."""
     lines = [path, f"  {'rank':>4}  {'probability':>11}  label"]
@@ -299,23 +322,24 @@ def _run(args: argparse.Namespace) -> int:
     failures = 0
     progress.start()
     try:
-        for record in _classify(classifier, items, args, progress):
-            record = _without_non_finite_scores(record)
-            if "error" in record:
-                failures += 1
-                progress.message(f"{PROG}: cannot classify {record['path']}: {record['error']}")
-            if args.jsonl:
-                _write_stdout(json_text(record), as_utf8=True)
-            elif args.json:
-                documents.append(record)
-            elif "error" not in record:
-                # stdout and stderr often share the terminal: keep the bar off the table's lines.
-                shared = sys.stdout.isatty()
-                if shared:
-                    progress.clear()
-                _write_stdout(format_table(record["path"], record["predictions"]) + "\n\n")
-                if shared:
-                    progress.redraw()
+        with announcing_compiling(progress.message):
+            for record in _classify(classifier, items, args, progress):
+                record = _without_non_finite_scores(record)
+                if "error" in record:
+                    failures += 1
+                    progress.message(f"{PROG}: cannot classify {record['path']}: {record['error']}")
+                if args.jsonl:
+                    _write_stdout(json_text(record), as_utf8=True)
+                elif args.json:
+                    documents.append(record)
+                elif "error" not in record:
+                    # stdout and stderr often share the terminal: keep the bar off the table's lines.
+                    shared = sys.stdout.isatty()
+                    if shared:
+                        progress.clear()
+                    _write_stdout(format_table(record["path"], record["predictions"]) + "\n\n")
+                    if shared:
+                        progress.redraw()
     finally:
         progress.close()
     if args.json:
