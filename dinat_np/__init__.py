@@ -26,6 +26,9 @@ if "numpy" not in sys.modules:
 
 _EXPORTS = {
     "DinatConfig": "configuration",
+    "DinatSConfig": "configuration_family",
+    "NatIsotropicConfig": "configuration_family",
+    "AutoConfig": "configuration_family",
     "DinatModel": "modeling",
     "DinatForImageClassification": "modeling",
     "DinatBackbone": "modeling",
