@@ -5,7 +5,9 @@ Accepted sources, none of which needs PyTorch and none of which can run code:
 - an original SHI-Labs classification checkpoint (``.pth``: fused ``qkv``, ``rpb``, ``gamma1``/``gamma2``,
   ``head``, ...), as published for DiNAT and NAT;
 - a Hugging Face ``pytorch_model.bin`` or ``model.safetensors`` (names ``dinat.*`` / ``nat.*``);
-- a Hugging Face folder holding one of those and its ``config.json``.
+- a Hugging Face folder holding one of those and its ``config.json``;
+- an original DiNAT_s or NATIsotropic checkpoint (NAT / DiNAT isotropic, ViT-rpb), with the arguments its
+  constructor was built with or a registry entry: see :mod:`dinat_np.convert_family`.
 
 The weights tell the architecture (embed_dim, depths, num_heads, kernel_size, mlp_ratio, layer scale,
 number of classes) but not the dilations of DiNAT; those come from a registry entry (``model=``) or a
@@ -517,7 +519,8 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], *, entry: Mapping[str,
 def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
                        config: str | os.PathLike | Mapping[str, Any] | None = None, dtype: str = "float32",
                        overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
-                       registry: Mapping[str, Any] | None = None) -> Path:
+                       registry: Mapping[str, Any] | None = None,
+                       original_args: str | os.PathLike | Mapping[str, Any] | None = None) -> Path:
     """Convert a checkpoint to ``out_dir/config.json`` + ``out_dir/model.safetensors``.
 
     Nothing is written unless the whole conversion succeeds: both files are made in a temporary
@@ -533,6 +536,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         overwrite: replace ``config.json`` / ``model.safetensors`` of an existing non-empty ``out_dir``.
         provenance: extra fields for ``conversion.json`` (e.g. download URL and sha256).
         registry: the registry dict to look ``model`` up in (default: the packaged one).
+        original_args: for a DiNAT_s / NATIsotropic checkpoint, the arguments SHI-Labs' constructor was
+            built with, ``{"constructor": ..., "kwargs": {...}}`` (a dict or a JSON file); see
+            :mod:`dinat_np.convert_family`.
 
     Returns:
         ``out_dir`` as a Path.
@@ -570,8 +576,14 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     elif ckpt.config is not None:
         given, given_from = ckpt.config, str(ckpt.config_path)
 
-    tensors, cfg = convert_state_dict(ckpt.tensors, entry=entry, config=given, source=str(ckpt.source),
-                                      config_from=given_from)
+    from .convert_family import convert_family_state_dict, family_config, read_original_args  # imports this module
+
+    cfg = family_config(ckpt.tensors, entry=entry, original_args=original_args, config=given, source=str(ckpt.source))
+    if cfg is not None:
+        tensors = convert_family_state_dict(ckpt.tensors, cfg, str(ckpt.source), _check_tensors)
+    else:
+        tensors, cfg = convert_state_dict(ckpt.tensors, entry=entry, config=given, source=str(ckpt.source),
+                                          config_from=given_from)
     record = {
         "converted_by": "dinat-np",
         "source": str(ckpt.source.resolve()),
@@ -581,6 +593,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     }
     if entry is not None:
         record["preprocessing"] = entry.get("preprocessing")
+    if original_args is not None:
+        record["original_args"] = read_original_args(original_args)
     record.update(provenance or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
