@@ -38,6 +38,9 @@ KERNEL_CHECKS = [
     "external_gemm_residual_out", "external_gemm_residual_normed", "conv3x3_stride2",
     "conv3x3_stride2_nobias", "na_fused_no_attn", "na_fused_no_attn_returns_none", "two_threads_layer_norm_linear",
     "na_fused_qkv_bias_out", "na_fused_qkv_bias_attn", "na_fused_qkv_bias_no_attn", "na_kernel_size_limit_is_clear",
+    "patch_embedding_p4", "patch_embedding_p3_nobias", "patch_merging_odd", "patch_merging_even",
+    "global_attention_out", "global_attention_attn", "global_attention_odd_no_attn",
+    "global_attention_no_attn_returns_none",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
 MODEL_CHECKS = (
     ["model_device_is_cuda", "model_logits", "model_output_counts", "backbone_to_cuda_device"]
