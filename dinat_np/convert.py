@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .configuration import CONFIG_NAME, DinatConfig, make_shareable, read_json_object
+from .configuration import CONFIG_NAME, DinatConfig, ModelConfig, make_shareable, read_json_object
 from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
 from .state_dict import (
     STORAGE_DTYPES,
@@ -443,13 +443,13 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
 # Conversion
 
 
-def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str) -> None:
+def _check_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, source: str) -> None:
     """The tensors must form exactly the model that ``config`` describes: the model classes are the
     one place that knows every tensor name and shape, so building one is the check."""
-    from .modeling import DinatForImageClassification, DinatModel
+    from .modeling_auto import AutoModel, AutoModelForImageClassification
 
     has_head = any(name.startswith("classifier.") for name in tensors)
-    model_class = DinatForImageClassification if has_head else DinatModel
+    model_class = (AutoModelForImageClassification if has_head else AutoModel).model_class(config)
     try:
         model_class(config, tensors=tensors, source=source)
     except WeightsMismatchError as error:
