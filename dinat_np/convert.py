@@ -576,11 +576,15 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     elif ckpt.config is not None:
         given, given_from = ckpt.config, str(ckpt.config_path)
 
-    from .convert_family import convert_family_state_dict, family_config, read_original_args  # imports this module
+    from .convert_family import (  # imports this module
+        convert_family_state_dict, evaluation_transform, family_config, read_original_args,
+    )
 
     cfg = family_config(ckpt.tensors, entry=entry, original_args=original_args, config=given, source=str(ckpt.source))
     if cfg is not None:
-        tensors = convert_family_state_dict(ckpt.tensors, cfg, str(ckpt.source), _check_tensors)
+        # check_weights(config, tensors, source), the signature the callers will pass in (see interfaces)
+        tensors = convert_family_state_dict(ckpt.tensors, cfg, str(ckpt.source),
+                                            lambda config, tensors, source: _check_tensors(tensors, config, source))
     else:
         tensors, cfg = convert_state_dict(ckpt.tensors, entry=entry, config=given, source=str(ckpt.source),
                                           config_from=given_from)
@@ -595,6 +599,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         record["preprocessing"] = entry.get("preprocessing")
     if original_args is not None:
         record["original_args"] = read_original_args(original_args)
+        record["preprocessing"] = evaluation_transform(cfg)
     record.update(provenance or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ __all__ = [
     "config_from_original_args",
     "config_from_registry_entry",
     "convert_family_state_dict",
+    "evaluation_transform",
     "family_config",
     "family_original_to_hf",
     "looks_like_family_original",
@@ -132,6 +133,15 @@ def config_from_original_args(source: str | os.PathLike | Mapping[str, Any]) -> 
         return config_class(**fields)
     except (TypeError, ValueError) as error:
         raise ConversionError(f"{where}: {error}") from None
+
+
+def evaluation_transform(config: ModelConfig) -> dict[str, Any]:
+    """The evaluation transform of SHI-Labs' training code (timm's, crop 0.875) at the model's resolution:
+    ``image_size`` for an isotropic model (ViT-rpb runs at no other), 224 for DiNAT_s. Recorded with a
+    conversion from original arguments, which do not say how the model was evaluated."""
+    resolution = config.image_size if isinstance(config, NatIsotropicConfig) else 224
+    return {"resolution": resolution, "crop_pct": 0.875, "interpolation": "bicubic",
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def _labels(label_set: str | None, num_classes: Any, where: str) -> dict[str, Any]:
@@ -301,6 +311,8 @@ def config_from_registry_entry(entry: Mapping[str, Any]) -> ModelConfig:
             fields["id2label"] = dict(enumerate(load_label_set(entry["label_set"])))
         except (OSError, ValueError) as error:
             raise ConversionError(f"registry entry {entry.get('name', '?')!r}: {error}") from None
+    elif entry.get("num_labels") is not None:
+        fields["num_labels"] = entry["num_labels"]
     try:
         return AutoConfig.for_model(entry["model_type"], **fields)
     except ValueError as error:

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from dinat_np import DinatBackbone, DinatConfig, DinatForImageClassification
+from dinat_np import (AutoModelForImageClassification, DinatBackbone, DinatConfig, DinatForImageClassification,
+                      DinatSConfig, NatIsotropicConfig)
 from dinat_np.kernels import Conv, Linear, Norm, get_backend
 from dinat_np.kernels.cuda import attention, conv, device, layout, norm, products
 
@@ -270,9 +271,9 @@ def tiny_config() -> DinatConfig:
     )
 
 
-def random_tensors(config: DinatConfig) -> dict[str, np.ndarray]:
+def random_tensors(config: Any) -> dict[str, np.ndarray]:
     """HF-named weights with every tensor random (biases, rpb and norms included), not HF's init."""
-    tensors = DinatForImageClassification(config, seed=0).state_dict()
+    tensors = AutoModelForImageClassification.from_config(config, seed=0).state_dict()
     out = {}
     for name, tensor in tensors.items():
         if "norm" in name and name.endswith("weight"):
@@ -320,6 +321,33 @@ def check_model() -> None:
     image = pixels[1:]
     for i, (a, e) in enumerate(zip(gpu_backbone(image).feature_maps, cpu_backbone(image).feature_maps, strict=True)):
         record(f"backbone_feature_maps_{i}", a, e)
+
+
+def family_configs() -> dict[str, Any]:
+    """Tiny members of the family; at 37x35 pixels DiNAT_s's last two stages are padded for attention."""
+    return {
+        "dinat_s": DinatSConfig(embed_dim=8, depths=[1, 2, 1], num_heads=[1, 2, 2], kernel_size=3,
+                                dilations=[[2], [1, 2], [1]], mlp_ratio=2.0, num_labels=3),
+        "nat_isotropic": NatIsotropicConfig(patch_size=8, embed_dim=8, depth=2, num_heads=2, kernel_size=3,
+                                            dilations=[1, 2], mlp_ratio=2.0, num_labels=3),
+        "vitrpb": NatIsotropicConfig(attention="global", image_size=40, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+                                     mlp_ratio=2.0, num_labels=3),
+    }
+
+
+def check_family_models() -> None:
+    pixels = normal(1, 3, 37, 35)
+    for name, config in family_configs().items():
+        cpu_model = AutoModelForImageClassification.model_class(config)(config, tensors=random_tensors(config),
+                                                                         source="random")
+        expected = cpu_model(pixels, output_hidden_states=True, output_attentions=True)
+        actual = cpu_model.to("cuda")(pixels, output_hidden_states=True, output_attentions=True)
+        record(f"family_{name}_logits", actual.logits, expected.logits)
+        for field in ("hidden_states", "attentions"):
+            ours, theirs = getattr(actual, field), getattr(expected, field)
+            results[f"family_{name}_{field}_count"] = 0.0 if len(ours) == len(theirs) else float("inf")
+            for i, (a, e) in enumerate(zip(ours, theirs)):
+                record(f"family_{name}_{field}_{i}", a, e)
 
 
 def check_ptx() -> None:
@@ -397,6 +425,7 @@ def main() -> None:
     if which in ("model", "all"):
         start = time.perf_counter()
         check_model()
+        check_family_models()
         timings["model"] = time.perf_counter() - start
     print(f"simulator={device.SIMULATOR} timings={timings}", file=sys.stderr)
     print(json.dumps(results))

@@ -48,6 +48,12 @@ MODEL_CHECKS = (
     + [f"model_reshaped_hidden_states_{i}" for i in range(5)]
     + [f"model_attentions_{i}" for i in range(4)]
     + [f"backbone_feature_maps_{i}" for i in range(3)]
+    # the family's tiny models (cuda_sim_checks.family_configs): one stage per isotropic model
+    + [f"family_{name}_{check}" for name in ("dinat_s", "nat_isotropic", "vitrpb")
+       for check in ("logits", "hidden_states_count", "attentions_count", "hidden_states_0", "hidden_states_1",
+                     "attentions_0")]
+    + ["family_dinat_s_hidden_states_2", "family_dinat_s_hidden_states_3", "family_dinat_s_attentions_1",
+       "family_dinat_s_attentions_2"]
 )
 
 
