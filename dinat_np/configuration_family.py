@@ -66,12 +66,10 @@ class _ArchitectureChecks:
         if not isinstance(self.value(field), bool):
             self.config._fail(field, f"must be true or false, got {self.value(field)!r}")
 
-    def positive_number(self, field: str, optional: bool = False) -> None:
+    def positive_number(self, field: str) -> None:
         value = self.value(field)
-        if optional and value is None:
-            return
         if not _is_real(value) or not value > 0 or value == float("inf"):
-            self.config._fail(field, f"must be a positive number{' or null' if optional else ''}, got {value!r}")
+            self.config._fail(field, f"must be a positive number, got {value!r}")
 
     def kernel_size(self) -> None:
         if not _is_int(self.value("kernel_size")) or self.value("kernel_size") < 1 or self.value("kernel_size") % 2 == 0:
@@ -97,7 +95,6 @@ class _ArchitectureChecks:
             self.flag(field)
         for field in ("mlp_ratio", "layer_norm_eps", "initializer_range"):
             self.positive_number(field)
-        self.positive_number("qk_scale", optional=True)
         if not isinstance(self.value("hidden_act"), str) or self.value("hidden_act") not in SUPPORTED_ACTIVATIONS:
             self.config._fail("hidden_act", f"must be one of {SUPPORTED_ACTIVATIONS}, got {self.value('hidden_act')!r}")
 
@@ -107,7 +104,6 @@ _COMMON_FIELDS: dict[str, Any] = {
     "num_channels": 3,
     "mlp_ratio": 4.0,
     "qkv_bias": True,
-    "qk_scale": None,  # the attention's scale; None: head_dim ** -0.5
     "patch_norm": True,  # LayerNorm after the patch embedding
     "hidden_act": "gelu",
     "layer_norm_eps": 1e-5,

@@ -107,9 +107,13 @@ def config_from_original_args(source: str | os.PathLike | Mapping[str, Any]) -> 
     """
     args, where = read_original_args(source), _where(source)
     kwargs = {**ORIGINAL_CONSTRUCTORS[args["constructor"]], **args["kwargs"]}
+    if kwargs["qk_scale"]:  # the original uses `qk_scale or head_dim ** -0.5`
+        raise ConversionError(
+            f"{where}: qk_scale {kwargs['qk_scale']!r} is not supported: dinat-np scales the attention by "
+            "head_dim ** -0.5, as qk_scale=None does (all published models)"
+        )
     fields: dict[str, Any] = {
-        name: kwargs[name] for name in ("patch_size", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias", "qk_scale",
-                                        "patch_norm")
+        name: kwargs[name] for name in ("patch_size", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias", "patch_norm")
     }
     fields["num_channels"] = kwargs["in_chans"]
     if "drop_path_rate" in kwargs:

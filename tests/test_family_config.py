@@ -34,7 +34,7 @@ def test_isotropic_defaults_alternate_dilation_and_global_attention_has_no_windo
     "config",
     [
         DinatSConfig(embed_dim=16, depths=[2, 1], num_heads=[1, 2], kernel_size=5, dilations=[[1, 4], [2]],
-                     num_labels=3, out_indices=[1, 2], qk_scale=0.25, patch_norm=False),
+                     num_labels=3, out_indices=[1, 2], patch_norm=False, mlp_ratio=1.5),
         NatIsotropicConfig(embed_dim=32, depth=3, num_heads=2, dilations=[1, 3, 1], id2label={0: "cat", 1: "dog"}),
         NatIsotropicConfig(attention="global", image_size=96, embed_dim=32, depth=2, num_heads=2, num_labels=0),
     ],
@@ -94,7 +94,7 @@ def test_a_class_refuses_another_model_type_and_names_auto_config(tmp_path):
         (lambda: DinatSConfig(dilations=[[1, 0], [1, 1], [1] * 6, [1, 1]]), "dilations"),
         (lambda: DinatSConfig(patch_size=0), "patch_size"),
         (lambda: DinatSConfig(hidden_act="swish"), "hidden_act"),
-        (lambda: DinatSConfig(qk_scale=-1.0), "qk_scale"),
+        (lambda: DinatSConfig(mlp_ratio=-1.0), "mlp_ratio"),
         (lambda: DinatSConfig(layer_norm_eps=float("nan")), "layer_norm_eps"),
         (lambda: DinatSConfig(out_features=["stage9"]), "out_features"),
         (lambda: NatIsotropicConfig(depth=3, dilations=[1, 2]), "dilations"),

@@ -90,6 +90,7 @@ def test_arguments_read_from_a_json_file_with_a_label_set(tmp_path):
         ({"constructor": "NATIsotropic", "kwargs": {"layer": "SwinLayer"}}, "layer must be one of"),
         ({"constructor": "NATIsotropic", "kwargs": {"dilation": None}}, "dilations"),
         ({"constructor": "NATIsotropic", "kwargs": {"num_classes": 5}, "label_set": "imagenet1k"}, "names 1000 classes"),
+        ({"constructor": "DiNAT_s", "kwargs": {"qk_scale": 0.1}}, "qk_scale 0.1 is not supported"),
     ],
 )
 def test_bad_arguments_are_explained(args, message):
