@@ -25,7 +25,7 @@ import numpy as np
 
 from .configuration import ModelConfig, read_json_object
 from .configuration_family import AutoConfig, DinatSConfig, NatIsotropicConfig
-from .convert import _COMPILED, ConversionError, original_to_hf
+from .convert import _COMPILED, _ORIGINAL_MARK, ConversionError, original_to_hf
 from .labels import load_label_set
 
 __all__ = [
@@ -193,12 +193,14 @@ def _canonical_bias_table(table: np.ndarray, stored_index: np.ndarray, name: str
         raise ConversionError(f"{name}: bias table of shape {table.shape}, expected (heads, 2L-1, 2L-1)")
     heads, span = table.shape[0], table.shape[1]
     length = (span + 1) // 2
-    canonical = relative_position_index(length)
-    if stored_index.shape != canonical.shape or stored_index.dtype.kind not in "iu":
+    tokens = length * length
+    # checked before the canonical index is built: its size follows the stored one, bounded by the file
+    if stored_index.shape != (tokens, tokens) or stored_index.dtype.kind not in "iu":
         raise ConversionError(
             f"{name}: relative_position_index has shape {stored_index.shape} ({stored_index.dtype}), expected "
-            f"integers of shape {canonical.shape} for a {length}x{length} token grid"
+            f"integers of shape {(tokens, tokens)} for a {length}x{length} token grid"
         )
+    canonical = relative_position_index(length)
     if np.array_equal(stored_index, canonical):
         return table
     pairs = np.unique(np.stack([canonical.ravel(), stored_index.ravel().astype(np.int64)], axis=1), axis=0)
@@ -266,8 +268,11 @@ def convert_family_state_dict(
     if config.model_type not in FAMILY_MODEL_TYPES:
         raise ConversionError(f"{source}: model_type {config.model_type!r} is not {' or '.join(FAMILY_MODEL_TYPES)}")
     original = looks_like_family_original(tensors)
+    expected = "DiNAT_s" if isinstance(config, DinatSConfig) else "NATIsotropic"
+    if original is None and any(_ORIGINAL_MARK.search(name) for name in tensors):
+        raise ConversionError(f"{source} holds a NAT / DiNAT checkpoint (levels.i.blocks.j...), not a {expected} one: "
+                              "convert it without --original-args (with --model or --config for DiNAT's dilations)")
     if original is not None:
-        expected = "DiNAT_s" if isinstance(config, DinatSConfig) else "NATIsotropic"
         if original != expected:
             raise ConversionError(f"{source} holds a {original} checkpoint, but the arguments describe a {expected}")
         tensors = family_original_to_hf(tensors, config)

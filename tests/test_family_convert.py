@@ -14,6 +14,7 @@ from dinat_np.convert_family import (
     _canonical_bias_table,
     config_from_original_args,
     config_from_registry_entry,
+    convert_family_state_dict,
     family_config,
     family_original_to_hf,
     relative_position_index,
@@ -150,6 +151,13 @@ def test_a_checkpoint_of_another_constructor_is_refused():
     vit = original_tensors("original_vitrpb_cfg")
     with pytest.raises(ConversionError, match="belongs to ViT-rpb layers"):
         family_original_to_hf(vit, config_from_original_args(original_args("original_dinat_isotropic_cfg")))
+
+
+def test_a_nat_checkpoint_with_family_arguments_is_named_as_such():
+    dinat = load_torch_checkpoint(DATA / "original_dinat_small_cfg" / "checkpoint.pth")
+    config = config_from_original_args(original_args("original_dinat_s_cfg"))
+    with pytest.raises(ConversionError, match="holds a NAT / DiNAT checkpoint"):
+        convert_family_state_dict(dinat, config, "dinat.pth", check_weights=None)
 
 
 def test_without_arguments_a_family_checkpoint_asks_for_them():
