@@ -278,11 +278,11 @@ class AutoConfig:
 
     @staticmethod
     def from_dict(config: dict[str, Any]) -> ModelConfig:
-        model_type = config.get("model_type")
+        """The config of ``config["model_type"]``; without one, a DiNAT config, as ``DinatConfig`` reads it."""
+        model_type = config.get("model_type", "dinat")
         if model_type not in CONFIG_CLASSES:
             raise ValueError(
                 f"model_type {model_type!r} is not a model dinat-np knows; expected one of {sorted(CONFIG_CLASSES)}"
-                + (" (the config has no model_type)" if model_type is None else "")
             )
         return CONFIG_CLASSES[model_type].from_dict(config)
 
