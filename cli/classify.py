@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Classify images with a DiNAT / NAT model (NumPy + Numba, no PyTorch).",
+        description="Classify images with a model of the DiNAT family: DiNAT, NAT, DiNAT_s, NAT / DiNAT "
+                    "isotropic, ViT-rpb (NumPy + Numba, no PyTorch).",
         epilog=(
             "Directories are searched recursively for image files. The default model is downloaded "
             "and converted on first use and cached (see DINAT_NP_HOME and the Hugging Face cache); the "

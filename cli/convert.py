@@ -1,6 +1,7 @@
 """``dinat-convert``: turn a DiNAT / NAT checkpoint into a dinat-np folder (config.json + model.safetensors).
 
-    dinat-convert SRC OUT_DIR [--model NAME | --config config.json] [--dtype float32|float16|bfloat16]
+    dinat-convert SRC OUT_DIR [--model NAME | --config config.json | --original-args ARGS.json]
+                  [--dtype float32|float16|bfloat16]
     dinat-convert --list
 
 SRC is an original SHI-Labs .pth, a Hugging Face pytorch_model.bin or model.safetensors, or a
@@ -24,6 +25,7 @@ examples:
   dinat-convert dinat_mini_in1k_224.pth ./dinat-mini --model dinat-mini-in1k-224
   dinat-convert ./hf-download/dinat-mini-in1k-224 ./dinat-mini --dtype float16
   dinat-convert my_finetune.pth ./mine --config my_config.json
+  dinat-convert my_dinat_s.pth ./mine --original-args args.json
 
 The weights tell the architecture except DiNAT's dilations; give them with --model (a registry
 entry, see --list) or --config (an HF config.json). Nothing is written unless the conversion succeeds.
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="NAME", help="registry entry giving dilations, labels and a cross-check")
     which.add_argument("--config", metavar="CONFIG_JSON", help="an HF config.json giving dilations / labels")
+    which.add_argument("--original-args", metavar="ARGS_JSON",
+                       help='a DiNAT_s / NATIsotropic checkpoint\'s constructor arguments: '
+                            '{"constructor": "DiNAT_s" | "NATIsotropic", "kwargs": {...}} (see docs/family.md)')
     parser.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
                         help="storage dtype of the weights (computation is always float32; default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace the model files of an existing OUT_DIR")
@@ -67,10 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("dinat-convert: error: SRC and OUT_DIR are required", file=sys.stderr)
             return 2
         from dinat_np.convert import convert_checkpoint
-        from dinat_np.modeling import check_weights
+        from dinat_np.modeling_auto import check_weights
 
         out = convert_checkpoint(args.src, args.out_dir, check_weights=check_weights, model=args.model,
-                                 config=args.config, dtype=args.dtype, overwrite=args.overwrite)
+                                 config=args.config, dtype=args.dtype, overwrite=args.overwrite,
+                                 original_args=args.original_args)
         print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} ({args.dtype})")
         return 0
     except Terminated:

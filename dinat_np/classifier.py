@@ -116,10 +116,10 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 class ImageClassifier:
-    """Classify images with a DiNAT / NAT model.
+    """Classify images with a model of the DiNAT family (DiNAT, NAT, DiNAT_s, the isotropic models, ViT-rpb).
 
     Args:
-        model: a ``DinatForImageClassification`` (or anything called on float32 (B, 3, H, W) pixels
+        model: a classification model of the family (or anything called on float32 (B, 3, H, W) pixels
             that returns an object with ``.logits`` and has a ``config``), or a name / folder that
             :meth:`from_pretrained` accepts.
         processor: the preprocessing; by default the model folder's ``preprocessor_config.json``,
@@ -180,13 +180,13 @@ class ImageClassifier:
                 names the checkpoint, its URL and the ways out).
         """
         from . import hub
-        from .modeling import DinatForImageClassification, check_weights
+        from .modeling_auto import AutoModelForImageClassification, check_weights
         from .preprocessing import ImageProcessor
 
         folder = Path(hub.resolve_model(name_or_folder, check_weights=check_weights, revision=revision,
                                         cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                                         progress=progress))
-        model = DinatForImageClassification.from_pretrained(folder, device=device)
+        model = AutoModelForImageClassification.from_pretrained(folder, device=device)
         # Most specific first: the folder's HF processor config, the transform recorded when the
         # folder was converted, the registry entry of the name, timm's 224-pixel default.
         recorded = _conversion_preprocessing(folder)

@@ -1,4 +1,8 @@
-"""`DinatConfig`: the architecture of a DiNAT / NAT model, read from and written to HF `config.json`."""
+"""`DinatConfig`: the architecture of a DiNAT / NAT model, read from and written to HF `config.json`.
+
+`ModelConfig` is what every configuration of the family shares (labels, problem type, backbone
+outputs, unknown keys kept, `config.json` reading and writing); `configuration_family` builds the
+other architectures' configs and `AutoConfig` on it."""
 
 from __future__ import annotations
 
@@ -62,12 +66,160 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(item) for item in value)
 
 
-class DinatConfig:
+class ModelConfig:
+    """What every configuration shares with HF's ``PretrainedConfig``: label maps, problem type, backbone
+    outputs, unknown ``config.json`` keys kept and written back, and ``config.json`` reading and writing.
+
+    A subclass sets ``model_type``, declares its architecture fields with their defaults in ``FIELDS``,
+    names the properties it derives from them in ``DERIVED`` (written to ``config.json``, ignored when
+    read back) and its classification model in ``architecture``.
+    """
+
+    FIELDS: dict[str, Any] = {}
+    DERIVED: tuple[str, ...] = ()
+    architecture = ""
+    model_type = ""
+
+    def _set_fields(self, kwargs: dict[str, Any]) -> None:
+        """Each field from ``kwargs`` or its default; what remains (derived fields aside) is kept as extra."""
+        for name, default in self.FIELDS.items():
+            setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
+        for derived in self.DERIVED:
+            kwargs.pop(derived, None)
+        self.extra = kwargs
+
+    def _fail(self, field: str, why: str) -> None:
+        raise ValueError(f"{type(self).__name__}.{field}: {why}")
+
+    def _set_labels(
+        self, id2label: dict | None, label2id: dict | None, num_labels: int | None, problem_type: str | None
+    ) -> None:
+        for field, value in (("id2label", id2label), ("label2id", label2id)):
+            if value is not None and not isinstance(value, dict):
+                self._fail(field, f"must be a mapping, got {type(value).__name__}")
+        if num_labels is not None and (not _is_int(num_labels) or not 0 <= num_labels <= MAX_LABELS):
+            self._fail("num_labels", f"must be an integer from 0 to {MAX_LABELS}, got {num_labels!r}")
+        if id2label is not None and len(id2label) > MAX_LABELS:
+            self._fail("id2label", f"{len(id2label)} labels, more than the limit of {MAX_LABELS}")
+        if id2label is None:
+            id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
+        try:
+            self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            self._fail("id2label", f"keys must be class indices, got {list(id2label)[:5]!r}")
+        if num_labels is not None and num_labels != len(self.id2label):
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            label2id = None  # the labels given were for another number of classes
+        try:
+            self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id else {
+                v: k for k, v in self.id2label.items()
+            }
+        except (TypeError, ValueError):
+            self._fail("label2id", f"values must be class indices, got {label2id!r:.200}")
+        if problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"problem_type: unknown value {problem_type!r}")
+        self.problem_type = problem_type
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def weights_prefix(self) -> str:
+        """Prefix of the base-model weights in a classification checkpoint (HF ``base_model_prefix``)."""
+        return self.model_type
+
+    def _align_outputs(
+        self, out_features: list[str] | None, out_indices: list[int] | None
+    ) -> tuple[list[str], list[int]]:
+        """Backbone outputs among ``self.stage_names``: HF's rule (default: last stage; either list
+        determines the other)."""
+        names = self.stage_names
+        if out_features is not None and not (isinstance(out_features, list) and all(isinstance(f, str) for f in out_features)):
+            self._fail("out_features", f"must be a list of stage names, got {out_features!r}")
+        if out_indices is not None and not _int_list(out_indices):
+            self._fail("out_indices", f"must be a list of integers, got {out_indices!r}")
+        if out_features is None and out_indices is None:
+            return [names[-1]], [len(names) - 1]
+        if out_features is not None:
+            unknown = [f for f in out_features if f not in names]
+            if unknown:
+                self._fail("out_features", f"{unknown} not in stage_names {names}")
+            indices = [names.index(f) for f in out_features]
+            if out_indices is not None and list(out_indices) != indices:
+                self._fail("out_indices", f"{list(out_indices)} does not match out_features {out_features}")
+            return list(out_features), indices
+        bad = [i for i in out_indices if not -len(names) <= i < len(names)]
+        if bad:
+            self._fail("out_indices", f"{bad} out of range for {len(names)} stages")
+        indices = [i % len(names) for i in out_indices]
+        return [names[i] for i in indices], indices
+
+    # ---- (de)serialisation --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelConfig":
+        """Build a config from the dict of an HF ``config.json``; ValueError for anything malformed."""
+        try:
+            return cls(**copy.deepcopy(config))
+        except (TypeError, AttributeError) as error:  # a value of an unexpected kind the checks missed
+            raise ValueError(f"invalid model configuration: {error}") from None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> "ModelConfig":
+        """Read ``folder/config.json`` (or a path to a JSON file); ``overrides`` replace the values read,
+        as in transformers (``DinatConfig.from_pretrained(folder, num_labels=5)``)."""
+        return cls.from_dict({**read_config_json(folder), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF ``config.json`` dict, derived fields included."""
+        data: dict[str, Any] = {"architectures": [self.architecture], **copy.deepcopy(self.extra)}
+        for name in (*self.FIELDS, *self.DERIVED):
+            data[name] = copy.deepcopy(getattr(self, name))
+        data.update(
+            model_type=self.model_type,
+            id2label={str(k): v for k, v in self.id2label.items()},
+            label2id=dict(self.label2id),
+        )
+        if self.problem_type is not None:
+            data["problem_type"] = self.problem_type
+        return dict(sorted(data.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/config.json`` atomically; returns its path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / CONFIG_NAME
+        write_atomic(target, self.to_json_string().encode("utf-8"))
+        return target
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_json_string()})"
+
+
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """The dict of ``folder/config.json`` (or of a path to a JSON file)."""
+    path = Path(folder)
+    if path.suffix != ".json":
+        path = path / CONFIG_NAME
+    return read_json_object(path, "model configuration")
+
+
+class DinatConfig(ModelConfig):
     """Configuration of a DiNAT (``model_type="dinat"``) or NAT (``model_type="nat"``) model.
 
     Field names and defaults are those of Hugging Face ``DinatConfig``; unknown keys found in a
     ``config.json`` are kept and written back. A NAT config has no ``dilations``: every layer uses 1.
     """
+
+    FIELDS = _DEFAULTS
+    # HF derives these; a config.json carries them too, so they must not become "extra" keys.
+    DERIVED = ("hidden_size", "num_layers", "stage_names")
 
     def __init__(
         self,
@@ -83,50 +235,16 @@ class DinatConfig:
         if model_type not in _MODEL_TYPES:
             raise ValueError(f"model_type: expected one of {sorted(_MODEL_TYPES)}, got {model_type!r}")
         self.model_type = model_type
-        for name, default in _DEFAULTS.items():
-            setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
+        self._set_fields(kwargs)
         if model_type == "nat" and kwargs.get("dilations") is None:
             # Only for depths that validation will accept: [1] * 10**12 would not be refused in time.
             sane = _int_list(self.depths) and len(self.depths) <= MAX_STAGES and all(d <= MAX_DEPTH for d in self.depths)
             self.dilations = [[1] * depth for depth in self.depths] if sane else []
-        # HF derives these; a config.json carries them too, so they must not become "extra" keys.
-        for derived in ("hidden_size", "num_layers", "stage_names"):
-            kwargs.pop(derived, None)
-        self.extra = kwargs
-
-        for field, value in (("id2label", id2label), ("label2id", label2id)):
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"DinatConfig.{field}: must be a mapping, got {type(value).__name__}")
-        if num_labels is not None and (not _is_int(num_labels) or not 0 <= num_labels <= MAX_LABELS):
-            raise ValueError(f"DinatConfig.num_labels: must be an integer from 0 to {MAX_LABELS}, got {num_labels!r}")
-        if id2label is not None and len(id2label) > MAX_LABELS:
-            raise ValueError(f"DinatConfig.id2label: {len(id2label)} labels, more than the limit of {MAX_LABELS}")
-        if id2label is None:
-            id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
-        try:
-            self.id2label = {int(k): str(v) for k, v in id2label.items()}
-        except (TypeError, ValueError):
-            raise ValueError(f"DinatConfig.id2label: keys must be class indices, got {list(id2label)[:5]!r}") from None
-        if num_labels is not None and num_labels != len(self.id2label):
-            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-            label2id = None  # the labels given were for another number of classes
-        try:
-            self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id else {
-                v: k for k, v in self.id2label.items()
-            }
-        except (TypeError, ValueError):
-            raise ValueError(f"DinatConfig.label2id: values must be class indices, got {label2id!r:.200}") from None
-        if problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
-            raise ValueError(f"problem_type: unknown value {problem_type!r}")
-        self.problem_type = problem_type
+        self._set_labels(id2label, label2id, num_labels, problem_type)
         self._validate()
         self.out_features, self.out_indices = self._align_outputs(out_features, out_indices)
 
     # ---- derived fields (as HF) -------------------------------------------------------------
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
     @property
     def num_layers(self) -> int:
         return len(self.depths)
@@ -140,9 +258,8 @@ class DinatConfig:
         return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
 
     @property
-    def weights_prefix(self) -> str:
-        """Prefix of the base-model weights in a classification checkpoint (HF ``base_model_prefix``)."""
-        return self.model_type
+    def architecture(self) -> str:
+        return f"{_MODEL_TYPES[self.model_type]}ForImageClassification"
 
     def parameter_count(self, head: bool = True) -> int:
         """How many values the weights hold: those of DinatForImageClassification, or with ``head=False``
@@ -229,89 +346,12 @@ class DinatConfig:
                 f"num_channels {self.num_channels}, {self.num_labels} labels)"
             )
 
-    def _align_outputs(
-        self, out_features: list[str] | None, out_indices: list[int] | None
-    ) -> tuple[list[str], list[int]]:
-        """Backbone outputs: HF's rule (default: last stage; either list determines the other)."""
-        names = self.stage_names
-        if out_features is not None and not (isinstance(out_features, list) and all(isinstance(f, str) for f in out_features)):
-            raise ValueError(f"DinatConfig.out_features: must be a list of stage names, got {out_features!r}")
-        if out_indices is not None and not _int_list(out_indices):
-            raise ValueError(f"DinatConfig.out_indices: must be a list of integers, got {out_indices!r}")
-        if out_features is None and out_indices is None:
-            return [names[-1]], [len(names) - 1]
-        if out_features is not None:
-            unknown = [f for f in out_features if f not in names]
-            if unknown:
-                raise ValueError(f"DinatConfig.out_features: {unknown} not in stage_names {names}")
-            indices = [names.index(f) for f in out_features]
-            if out_indices is not None and list(out_indices) != indices:
-                raise ValueError(
-                    f"DinatConfig.out_indices: {list(out_indices)} does not match out_features {out_features}"
-                )
-            return list(out_features), indices
-        bad = [i for i in out_indices if not -len(names) <= i < len(names)]
-        if bad:
-            raise ValueError(f"DinatConfig.out_indices: {bad} out of range for {len(names)} stages")
-        indices = [i % len(names) for i in out_indices]
-        return [names[i] for i in indices], indices
-
-    # ---- (de)serialisation --------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "DinatConfig":
-        """Build a config from the dict of an HF ``config.json``; ValueError for anything malformed."""
-        try:
-            return cls(**copy.deepcopy(config))
-        except (TypeError, AttributeError) as error:  # a value of an unexpected kind the checks missed
-            raise ValueError(f"invalid model configuration: {error}") from None
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> "DinatConfig":
-        """Read ``folder/config.json`` (or a path to a JSON file); ``overrides`` replace the values read,
-        as in transformers (``DinatConfig.from_pretrained(folder, num_labels=5)``)."""
-        path = Path(folder)
-        if path.suffix != ".json":
-            path = path / CONFIG_NAME
-        return cls.from_dict({**read_json_object(path, "model configuration"), **overrides})
-
     def to_dict(self) -> dict[str, Any]:
-        """The HF ``config.json`` dict, derived fields included."""
-        prefix = _MODEL_TYPES[self.model_type]
-        data: dict[str, Any] = {"architectures": [f"{prefix}ForImageClassification"], **copy.deepcopy(self.extra)}
-        for name in _DEFAULTS:
-            data[name] = copy.deepcopy(getattr(self, name))
+        data = super().to_dict()
         if self.model_type == "nat":
             del data["dilations"]
-        data.update(
-            model_type=self.model_type,
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            stage_names=self.stage_names,
-            out_features=list(self.out_features),
-            out_indices=list(self.out_indices),
-            id2label={str(k): v for k, v in self.id2label.items()},
-            label2id=dict(self.label2id),
-        )
-        if self.problem_type is not None:
-            data["problem_type"] = self.problem_type
-        return dict(sorted(data.items()))
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``folder/config.json`` atomically; returns its path."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / CONFIG_NAME
-        write_atomic(target, self.to_json_string().encode("utf-8"))
-        return target
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DinatConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"DinatConfig({self.to_json_string()})"
+        data.update(out_features=list(self.out_features), out_indices=list(self.out_indices))
+        return data
 
 
 # JSON files dinat-np reads (config.json, preprocessor_config.json, the registry) are a few kilobytes;

@@ -5,11 +5,13 @@ Accepted sources, none of which needs PyTorch and none of which can run code:
 - an original SHI-Labs classification checkpoint (``.pth``: fused ``qkv``, ``rpb``, ``gamma1``/``gamma2``,
   ``head``, ...), as published for DiNAT and NAT;
 - a Hugging Face ``pytorch_model.bin`` or ``model.safetensors`` (names ``dinat.*`` / ``nat.*``);
-- a Hugging Face folder holding one of those and its ``config.json``.
+- a Hugging Face folder holding one of those and its ``config.json``;
+- an original DiNAT_s or NATIsotropic checkpoint (NAT / DiNAT isotropic, ViT-rpb), with the arguments its
+  constructor was built with or a registry entry: see :mod:`dinat_np.convert_family`.
 
 The weights tell the architecture (embed_dim, depths, num_heads, kernel_size, mlp_ratio, layer scale,
 number of classes) but not the dilations of DiNAT; those come from a registry entry (``model=``) or a
-``config.json`` (the source folder's, or ``config=``).  ``_NAME_TABLE`` below is the single place
+``config.json`` (the source folder's, or ``config=``).  ``original_names._NAME_TABLE`` is the single place
 where original names are mapped to HF names.
 """
 
@@ -27,8 +29,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .configuration import CONFIG_NAME, DinatConfig, make_shareable, read_json_object
+from .configuration import CONFIG_NAME, DinatConfig, ModelConfig, make_shareable, read_json_object
+from .convert_family import convert_family_state_dict, evaluation_transform, family_config, read_original_args
 from .labels import load_label_set  # the one label-file reader; re-exported for callers of this module
+from .original_names import _HF_BODY, _HF_MARK, _ORIGINAL_MARK, ConversionError, original_to_hf  # re-exported
 from .registry import registry_entry
 from .state_dict import (
     STORAGE_DTYPES,
@@ -59,85 +63,6 @@ WeightsCheck = Callable[[DinatConfig, Mapping[str, np.ndarray], str], None]
 PROVENANCE_NAME = "conversion.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 LOCK_NAME = ".dinat-convert.lock"
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted (unreadable, incomplete, inconsistent, ambiguous)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The name table: original SHI-Labs name (regex) -> HF name template, and how the tensor moves.
-#   copy   the tensor is taken as is
-#   qkv    the fused (3*dim, ...) projection is split into query / key / value, in that order
-#   gamma  gamma1 / gamma2 (dim,) become rows 0 / 1 of layer_scale_parameters (2, dim)
-# "{p}" is the base-model prefix ("dinat" or "nat"); "{0}", "{1}", ... are the regex groups.
-
-_BLOCK = r"levels\.(\d+)\.blocks\.(\d+)\."
-_LAYER = "{p}.encoder.levels.{0}.layers.{1}."
-_NAME_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"patch_embed\.proj\.([01])\.(weight|bias)", "{p}.embeddings.patch_embeddings.projection.{0}.{1}", "copy"),
-    (r"patch_embed\.norm\.(weight|bias)", "{p}.embeddings.norm.{0}", "copy"),
-    (_BLOCK + r"norm1\.(weight|bias)", _LAYER + "layernorm_before.{2}", "copy"),
-    (_BLOCK + r"attn\.qkv\.(weight|bias)", _LAYER + "attention.self.{{qkv}}.{2}", "qkv"),
-    (_BLOCK + r"attn\.rpb", _LAYER + "attention.self.rpb", "copy"),
-    (_BLOCK + r"attn\.proj\.(weight|bias)", _LAYER + "attention.output.dense.{2}", "copy"),
-    (_BLOCK + r"norm2\.(weight|bias)", _LAYER + "layernorm_after.{2}", "copy"),
-    (_BLOCK + r"mlp\.fc1\.(weight|bias)", _LAYER + "intermediate.dense.{2}", "copy"),
-    (_BLOCK + r"mlp\.fc2\.(weight|bias)", _LAYER + "output.dense.{2}", "copy"),
-    (_BLOCK + r"gamma([12])", _LAYER + "layer_scale_parameters", "gamma"),
-    (r"levels\.(\d+)\.downsample\.reduction\.weight", "{p}.encoder.levels.{0}.downsample.reduction.weight", "copy"),
-    (r"levels\.(\d+)\.downsample\.norm\.(weight|bias)", "{p}.encoder.levels.{0}.downsample.norm.{1}", "copy"),
-    (r"norm\.(weight|bias)", "{p}.layernorm.{0}", "copy"),
-    (r"head\.(weight|bias)", "classifier.{0}", "copy"),
-)
-_COMPILED = tuple((re.compile(pattern + r"\Z"), target, kind) for pattern, target, kind in _NAME_TABLE)
-
-# Markers of the two layouts.
-_ORIGINAL_MARK = re.compile(r"(^|\.)levels\.\d+\.blocks\.\d+\.")
-_HF_MARK = re.compile(r"(^|\.)encoder\.levels\.\d+\.layers\.\d+\.")
-_HF_BODY = ("embeddings.", "encoder.", "layernorm.", "pooler.")
-
-
-def original_to_hf(tensors: Mapping[str, np.ndarray], prefix: str = "dinat") -> dict[str, np.ndarray]:
-    """Rename (and split / stack) original SHI-Labs tensors to Hugging Face names.
-
-    Raises:
-        ConversionError: a name the table does not know, a ``qkv`` whose rows are not a multiple of
-            3, or only one of ``gamma1`` / ``gamma2``.
-    """
-    out: dict[str, np.ndarray] = {}
-    gammas: dict[str, dict[int, np.ndarray]] = {}
-    unknown: list[str] = []
-    for name, tensor in tensors.items():
-        for pattern, target, kind in _COMPILED:
-            match = pattern.match(name)
-            if match is None:
-                continue
-            new = target.format(*match.groups(), p=prefix)
-            if kind == "copy":
-                out[new] = tensor
-            elif kind == "qkv":
-                if tensor.shape[0] % 3:
-                    raise ConversionError(f"{name}: shape {tensor.shape} is not a fused q/k/v projection")
-                for part, chunk in zip(("query", "key", "value"), np.split(tensor, 3, axis=0)):
-                    out[new.replace("{qkv}", part)] = chunk
-            else:  # gamma
-                gammas.setdefault(new, {})[int(match.group(3)) - 1] = tensor
-            break
-        else:
-            unknown.append(name)
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} tensor(s) of the original checkpoint have no DiNAT/NAT counterpart: "
-            + ", ".join(sorted(unknown)[:12]) + (" ..." if len(unknown) > 12 else "")
-        )
-    for new, rows in gammas.items():
-        if set(rows) != {0, 1}:
-            raise ConversionError(f"{new}: the checkpoint has only one of gamma1 / gamma2")
-        if rows[0].shape != rows[1].shape or rows[0].ndim != 1:
-            raise ConversionError(f"{new}: gamma1 {rows[0].shape} and gamma2 {rows[1].shape} do not match")
-        out[new] = np.stack([rows[0], rows[1]])
-    return out
 
 
 def _split_hf(tensors: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, np.ndarray]]:
@@ -477,8 +402,7 @@ def _source_preprocessor(ckpt: Checkpoint, model_type: str) -> tuple[bytes | Non
     return path.read_bytes(), f"copied from {path}"
 
 
-
-def _check_tensors(tensors: Mapping[str, np.ndarray], config: DinatConfig, source: str,
+def _check_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, source: str,
                    check_weights: WeightsCheck) -> None:
     """The tensors must form exactly the model that ``config`` describes, with finite values."""
     try:
@@ -556,7 +480,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
                        model: str | None = None,
                        config: str | os.PathLike | Mapping[str, Any] | None = None, dtype: str = "float32",
                        overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
-                       registry: Mapping[str, Any] | None = None) -> Path:
+                       registry: Mapping[str, Any] | None = None,
+                       original_args: str | os.PathLike | Mapping[str, Any] | None = None) -> Path:
     """Convert a checkpoint to ``out_dir/config.json`` + ``out_dir/model.safetensors``.
 
     Nothing is written unless the whole conversion succeeds: both files are made in a temporary
@@ -573,6 +498,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
         overwrite: replace ``config.json`` / ``model.safetensors`` of an existing non-empty ``out_dir``.
         provenance: extra fields for ``conversion.json`` (e.g. download URL and sha256).
         registry: the registry dict to look ``model`` up in (default: the packaged one).
+        original_args: for a DiNAT_s / NATIsotropic checkpoint, the arguments SHI-Labs' constructor was
+            built with, ``{"constructor": ..., "kwargs": {...}}`` (a dict or a JSON file); see
+            :mod:`dinat_np.convert_family`.
 
     Returns:
         ``out_dir`` as a Path.
@@ -611,8 +539,15 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
     elif ckpt.config is not None:
         given, given_from = ckpt.config, str(ckpt.config_path)
 
-    tensors, cfg = convert_state_dict(ckpt.tensors, check_weights=check_weights, entry=entry, config=given,
-                                      source=str(ckpt.source), config_from=given_from)
+    cfg = family_config(ckpt.tensors, entry=entry, original_args=original_args, config=given, source=str(ckpt.source))
+    if cfg is not None:
+        tensors = convert_family_state_dict(
+            ckpt.tensors, cfg, str(ckpt.source),
+            lambda config, tensors, source: _check_tensors(tensors, config, source, check_weights),
+        )
+    else:
+        tensors, cfg = convert_state_dict(ckpt.tensors, check_weights=check_weights, entry=entry, config=given,
+                                          source=str(ckpt.source), config_from=given_from)
     record = {
         "converted_by": "dinat-np",
         "source": str(ckpt.source.resolve()),
@@ -625,6 +560,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ch
     preprocessor, preprocessor_note = _source_preprocessor(ckpt, cfg.model_type)
     if preprocessor_note is not None:
         record["preprocessor_config"] = preprocessor_note
+    if original_args is not None:
+        record["original_args"] = read_original_args(original_args)
+        record["preprocessing"] = evaluation_transform(cfg)
     record.update(provenance or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from .configuration import DinatConfig
 from .kernels import Linear, Norm
 from .kernels.backend import Array
 from .modeling_utils import (
+    DEFAULT_LAYER_NORM_EPS,
     AttentionOutput,
     Conv3x3Stride2,
     LayerNorm,
@@ -35,11 +36,12 @@ __all__ = [
     "BackboneOutput", "DinatBackbone", "DinatDownsampler", "DinatEmbeddings", "DinatEncoder",
     "DinatForImageClassification", "DinatImageClassifierOutput", "DinatLayer", "DinatModel", "DinatModelOutput",
     "DinatPreTrainedModel", "DinatStage", "ModelOutput", "NeighborhoodAttention", "WeightsMismatchError",
-    "check_weights", "classification_loss",
+    "classification_loss",
 ]
 
-# HF builds these LayerNorms with PyTorch's default eps, not config.layer_norm_eps.
-_DEFAULT_LAYER_NORM_EPS = 1e-5
+# HF builds the tokenizer's, downsamplers' and backbone's LayerNorms with PyTorch's default eps, not
+# config.layer_norm_eps.
+_DEFAULT_LAYER_NORM_EPS = DEFAULT_LAYER_NORM_EPS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,12 +134,14 @@ class NeighborhoodAttention:
 class DinatLayer:
     """Pre-norm transformer layer: x + γ1·W_o·NA(LN(x)), then x + γ2·MLP(LN(x)) (γ: layer scale)."""
 
+    attention_class: ClassVar[type] = NeighborhoodAttention  # ViT-rpb's layer has global attention instead
+
     def __init__(
         self, weights: Weights, name: str, config: DinatConfig, *, dim: int, num_heads: int, dilation: int
     ) -> None:
         eps = config.layer_norm_eps
         self.layernorm_before = LayerNorm(weights, f"{name}.layernorm_before", dim, eps)
-        self.attention = NeighborhoodAttention(
+        self.attention = self.attention_class(
             weights, f"{name}.attention.self", config, dim=dim, num_heads=num_heads, dilation=dilation
         )
         self.attention_output = AttentionOutput(weights, f"{name}.attention.output", dim)
@@ -183,15 +187,19 @@ class DinatStage:
     """Layers at one resolution, one per dilation (DiNAT alternates local NA with sparse global DiNA),
     then the downsampler when another stage follows."""
 
+    # The family's other models change these parts (DiNAT_s merges patches, ViT-rpb attends globally).
+    layer_class: ClassVar[type] = DinatLayer
+    downsampler_class: ClassVar[type] = DinatDownsampler
+
     def __init__(
         self, weights: Weights, name: str, config: DinatConfig, *, dim: int, num_heads: int, dilations: list[int],
         downsample: bool,
     ) -> None:
         self.layers = [
-            DinatLayer(weights, f"{name}.layers.{i}", config, dim=dim, num_heads=num_heads, dilation=dilation)
+            self.layer_class(weights, f"{name}.layers.{i}", config, dim=dim, num_heads=num_heads, dilation=dilation)
             for i, dilation in enumerate(dilations)
         ]
-        self.downsample = DinatDownsampler(weights, f"{name}.downsample", dim) if downsample else None
+        self.downsample = self.downsampler_class(weights, f"{name}.downsample", dim) if downsample else None
 
     def __call__(self, x: Array, output_attentions: bool) -> tuple[Array, Array, Array | None]:
         """The stage's output, its output before downsampling, and its last layer's attention probabilities."""
@@ -217,10 +225,12 @@ class _EncoderResult:
 class DinatEncoder:
     """The stages (HF's ``levels``): from one to the next the channels double and the resolution halves."""
 
+    stage_class: ClassVar[type] = DinatStage
+
     def __init__(self, weights: Weights, name: str, config: DinatConfig) -> None:
         count = len(config.depths)
         self.stages = [
-            DinatStage(
+            self.stage_class(
                 weights, f"{name}.levels.{i}", config, dim=config.embed_dim * 2**i, num_heads=config.num_heads[i],
                 dilations=config.dilations[i], downsample=i < count - 1,
             )
@@ -247,13 +257,9 @@ class DinatPreTrainedModel(PreTrainedModel):
     """Base of the public DiNAT / NAT models (loading, saving, devices: see ``PreTrainedModel``)."""
 
     config_class = DinatConfig
-
-    @staticmethod
-    def check_weights(config: DinatConfig, tensors: Mapping[str, np.ndarray], source: str) -> None:
-        """Build the classifier (tensors with a head) or the bare model from ``tensors``: the model classes
-        are the one place that knows every tensor name and shape."""
-        has_head = any(name.startswith("classifier.") for name in tensors)
-        (DinatForImageClassification if has_head else DinatModel)(config, tensors=tensors, source=source)
+    # The tokenizer and the stages; DiNAT_s has its own (patch embedding, patch merging).
+    embeddings_class: ClassVar[type] = DinatEmbeddings
+    encoder_class: ClassVar[type] = DinatEncoder
 
 
 class DinatModel(DinatPreTrainedModel):
@@ -265,8 +271,8 @@ class DinatModel(DinatPreTrainedModel):
 
     def _build(self, weights: Weights, prefix: str) -> None:
         config = self.config
-        self.embeddings = DinatEmbeddings(weights, f"{prefix}embeddings", config)
-        self.encoder = DinatEncoder(weights, f"{prefix}encoder", config)
+        self.embeddings = self.embeddings_class(weights, f"{prefix}embeddings", config)
+        self.encoder = self.encoder_class(weights, f"{prefix}encoder", config)
         self.layernorm = LayerNorm(weights, f"{prefix}layernorm", config.hidden_size, config.layer_norm_eps)
 
     def _forward(
@@ -306,10 +312,12 @@ class DinatForImageClassification(DinatPreTrainedModel):
     reachable as ``base_model``) and its weights are named ``dinat.*``; the head's are ``classifier.*``.
     """
 
+    base_model_class: ClassVar[type] = DinatModel
+
     def _build(self, weights: Weights, prefix: str) -> None:
         config = self.config
         base_name = config.weights_prefix
-        base = DinatModel(config, device=self.device, weights=weights, prefix=f"{prefix}{base_name}.")
+        base = self.base_model_class(config, device=self.device, weights=weights, prefix=f"{prefix}{base_name}.")
         setattr(self, base_name, base)
         labels = config.num_labels
         self.classifier = weights.linear(f"{prefix}classifier", config.hidden_size, labels) if labels > 0 else None
@@ -349,8 +357,8 @@ class DinatBackbone(DinatPreTrainedModel):
 
     def _build(self, weights: Weights, prefix: str) -> None:
         config = self.config
-        self.embeddings = DinatEmbeddings(weights, f"{prefix}embeddings", config)
-        self.encoder = DinatEncoder(weights, f"{prefix}encoder", config)
+        self.embeddings = self.embeddings_class(weights, f"{prefix}embeddings", config)
+        self.encoder = self.encoder_class(weights, f"{prefix}encoder", config)
         channels = [config.embed_dim] + [config.embed_dim * 2**i for i in range(len(config.depths))]
         self.hidden_states_norms = {
             stage: LayerNorm(
@@ -387,5 +395,3 @@ class DinatBackbone(DinatPreTrainedModel):
             return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=attentions)
 
-
-check_weights = DinatPreTrainedModel.check_weights  # what the converter and the CLIs are given

@@ -3,7 +3,8 @@
 Output containers with HF's behaviour, the weights a model is built from (asked for by HF name and
 shape), the pre-trained-model base class (loading, saving, devices, input checks, the call
 convention), HF's classification loss, and the small layers every model of the family is built of.
-A model file (``modeling.py``) only adds its architecture on top of these.
+A model file (``modeling.py``, ``modeling_dinat_s.py``, ``modeling_isotropic.py``) only adds its
+architecture on top of these.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .configuration import DinatConfig
+from .configuration import ModelConfig
 from .kernels import Backend, Conv, Linear, Norm, get_backend
 from .kernels.backend import Array
 from .state_dict import WEIGHTS_NAME, WeightsMismatchError, read_safetensors, write_safetensors
@@ -82,12 +83,12 @@ class Weights:
     def vector(self, name: str, size: int, init: str | float = 0.0) -> Array:
         return self.tensor(name, (size,), init)
 
-    def linear(self, name: str, in_features: int, out_features: int) -> Linear:
-        """``{name}.weight`` ``(out_features, in_features)`` and ``{name}.bias``, as HF's ``nn.Linear``."""
+    def linear(self, name: str, in_features: int, out_features: int, bias: bool = True) -> Linear:
+        """``{name}.weight`` ``(out_features, in_features)`` and, when ``bias``, ``{name}.bias``, as HF's ``nn.Linear``."""
         ops = self.backend
         tensor = self._fetch(f"{name}.weight", (out_features, in_features), "normal")
         weight = self._hand_out(f"{name}.weight", tensor, ops.linear_weight, lambda array: ops.download(array).T)
-        return Linear(weight, self.vector(f"{name}.bias", out_features))
+        return Linear(weight, self.vector(f"{name}.bias", out_features) if bias else None)
 
     def linears_side_by_side(self, names: list[str], in_features: int, out_features: int, bias: bool) -> Linear:
         """Linear layers that read the same input, as one ``(in, len(names) * out)`` weight: one product."""
@@ -107,13 +108,15 @@ class Weights:
             )
         return Linear(weight, biases)
 
-    def conv3x3(self, name: str, in_channels: int, out_channels: int, bias: bool) -> Conv:
-        """``{name}.weight`` ``(out_channels, in_channels, 3, 3)`` and, when ``bias``, ``{name}.bias``."""
+    def conv(self, name: str, in_channels: int, out_channels: int, kernel_size: int, bias: bool) -> Conv:
+        """``{name}.weight`` ``(out_channels, in_channels, kernel_size, kernel_size)`` and, when ``bias``,
+        ``{name}.bias``, as HF's ``nn.Conv2d``."""
         ops = self.backend
-        tensor = self._fetch(f"{name}.weight", (out_channels, in_channels, 3, 3), "normal")
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        tensor = self._fetch(f"{name}.weight", shape, "normal")
 
         def to_hf(array: Array) -> np.ndarray:  # the backends' (row, column, in) x out layout, back to OIHW
-            return ops.download(array).reshape(3, 3, in_channels, out_channels).transpose(3, 2, 0, 1)
+            return ops.download(array).reshape(kernel_size, kernel_size, in_channels, out_channels).transpose(3, 2, 0, 1)
 
         weight = self._hand_out(f"{name}.weight", tensor, ops.conv_weight, to_hf)
         return Conv(weight, self.vector(f"{name}.bias", out_channels) if bias else None)
@@ -145,6 +148,10 @@ class RandomWeights(Weights):
 # ---------------------------------------------------------------------------------------------------
 # Layers the models of the family are built of (HF names; the ops of one backend)
 # ---------------------------------------------------------------------------------------------------
+# The eps of PyTorch's nn.LayerNorm, which HF's and SHI-Labs' tokenizers and downsamplers keep.
+DEFAULT_LAYER_NORM_EPS = 1e-5
+
+
 class LayerNorm:
     """LayerNorm over the channels (HF's ``nn.LayerNorm``)."""
 
@@ -161,10 +168,28 @@ class Conv3x3Stride2:
 
     def __init__(self, weights: Weights, name: str, in_channels: int, out_channels: int, bias: bool) -> None:
         self.ops = weights.backend
-        self.params = weights.conv3x3(name, in_channels, out_channels, bias)
+        self.params = weights.conv(name, in_channels, out_channels, 3, bias)
 
     def __call__(self, x: Array) -> Array:
         return self.ops.conv3x3_stride2(x, self.params)
+
+
+class PatchEmbeddings:
+    """Patch tokenizer (DiNAT_s, the isotropic models): a ``patch_size x patch_size`` convolution with stride
+    ``patch_size`` (the image zero-padded at the bottom and right to a multiple of it), then LayerNorm when
+    ``config.patch_norm``."""
+
+    def __init__(self, weights: Weights, name: str, config: ModelConfig) -> None:
+        self.ops = weights.backend
+        self.patch_size = config.patch_size
+        self.projection = weights.conv(
+            f"{name}.patch_embeddings.projection", config.num_channels, config.embed_dim, config.patch_size, bias=True
+        )
+        self.norm = LayerNorm(weights, f"{name}.norm", config.embed_dim, DEFAULT_LAYER_NORM_EPS) if config.patch_norm else None
+
+    def __call__(self, pixels: Array) -> Array:
+        x = self.ops.patch_embedding(pixels, self.projection, self.patch_size)
+        return x if self.norm is None else self.norm(x)
 
 
 class AttentionOutput:
@@ -217,7 +242,7 @@ class PreTrainedModel:
 
     def __init__(
         self,
-        config: DinatConfig,
+        config: ModelConfig,
         *,
         tensors: Mapping[str, np.ndarray] | None = None,
         source: str = "",
@@ -267,11 +292,11 @@ class PreTrainedModel:
         return getattr(self, self.config.weights_prefix, self)
 
     # -- loading and saving
-    @staticmethod
-    def check_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str) -> None:
-        """Build the model ``config`` describes from ``tensors`` (WeightsMismatchError listing every missing,
-        unexpected or misshaped tensor): the check a conversion runs. Each model family defines it."""
-        raise NotImplementedError
+    @classmethod
+    def check_weights(cls, config: Any, tensors: Mapping[str, np.ndarray], source: str) -> None:
+        """Build this model from ``tensors`` (WeightsMismatchError listing every missing, unexpected or
+        misshaped tensor): the check a conversion for it runs."""
+        cls(config, tensors=tensors, source=source)
 
     @classmethod
     def from_pretrained(
@@ -282,12 +307,8 @@ class PreTrainedModel:
         """Load ``config.json`` + ``model.safetensors`` from a folder, or a registry name or Hub repo id
         through the cache (``revision``, ``cache_dir``, ``local_files_only``, ``token``: see
         :func:`dinat_np.hub.resolve_model`)."""
-        folder = Path(folder_or_name)
-        if not folder.is_dir():
-            from .hub import resolve_model  # only needed for names; keeps the import light
-
-            folder = resolve_model(str(folder_or_name), check_weights=cls.check_weights, revision=revision,
-                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        folder = pretrained_folder(folder_or_name, cls.check_weights, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only, token=token)
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file() and (folder / "pytorch_model.bin").is_file():
             raise FileNotFoundError(
@@ -364,10 +385,22 @@ class PreTrainedModel:
         return default if value is None else bool(value)
 
 
+def pretrained_folder(folder_or_name: str | os.PathLike, check_weights: Callable[..., None],
+                      **hub_options: Any) -> Path:
+    """The folder itself, or the cached folder of a registry name or Hub repo id (downloaded and converted
+    on first use, the conversion checked by ``check_weights``; ``hub_options``: see hub.resolve_model)."""
+    folder = Path(folder_or_name)
+    if folder.is_dir():
+        return folder
+    from .hub import resolve_model  # only needed for names; keeps the import light
+
+    return resolve_model(str(folder_or_name), check_weights=check_weights, **hub_options)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Losses (HF's rule for choosing one by problem_type)
 # ---------------------------------------------------------------------------------------------------
-def classification_loss(logits: np.ndarray, labels: np.ndarray, config: DinatConfig) -> np.ndarray:
+def classification_loss(logits: np.ndarray, labels: np.ndarray, config: ModelConfig) -> np.ndarray:
     """Cross-entropy, MSE or BCE-with-logits, chosen by ``config.problem_type`` as HF does."""
     labels = np.asarray(labels)
     problem = config.problem_type

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from dinat_np import DinatBackbone, DinatConfig, DinatForImageClassification
+from dinat_np import (AutoModelForImageClassification, DinatBackbone, DinatConfig, DinatForImageClassification,
+                      DinatSConfig, NatIsotropicConfig)
 from dinat_np.kernels import Conv, Linear, Norm, get_backend
 from dinat_np.kernels.cuda import attention, conv, device, layout, norm, products
 
@@ -64,7 +65,7 @@ def linear_pair(weight: np.ndarray, bias: np.ndarray | None) -> tuple[Linear, Li
 
 
 def conv_pair(weight: np.ndarray, bias: np.ndarray | None) -> tuple[Conv, Conv]:
-    """The same 3x3 convolution (PyTorch's ``(out, in, 3, 3)`` weight) on the GPU and on the CPU backend."""
+    """The same convolution (PyTorch's ``(out, in, k, k)`` weight) on the GPU and on the CPU backend."""
     return (Conv(gpu.conv_weight(weight), None if bias is None else up(bias)),
             Conv(cpu.conv_weight(weight), bias))
 
@@ -165,6 +166,27 @@ def check_kernels() -> None:
         conv_gpu, conv_cpu = conv_pair(weight, conv_bias)
         record(name, gpu.conv3x3_stride2(up(x), conv_gpu), cpu.conv3x3_stride2(x, conv_cpu))
 
+    # patch embedding: 4x4 patches of a 7x9 image (zero-padded to 8x12), 3x3 ones without bias
+    for name, patch_size, conv_bias in (("patch_embedding_p4", 4, normal(5)), ("patch_embedding_p3_nobias", 3, None)):
+        conv_gpu, conv_cpu = conv_pair(normal(5, 3, patch_size, patch_size, scale=0.3), conv_bias)
+        record(name, gpu.patch_embedding(up(x), conv_gpu, patch_size), cpu.patch_embedding(x, conv_cpu, patch_size))
+    # patch merging: odd height and width (zero-padded), then even ones
+    for name, shape in (("patch_merging_odd", (2, 5, 7, 3)), ("patch_merging_even", (1, 4, 6, 5))):
+        merged = normal(*shape)
+        record(name, gpu.patch_merging(up(merged)), cpu.patch_merging(merged))
+
+    # global attention (ViT-rpb): a 6x6 map (an even window) with the q/k/v bias and 33 channels per head,
+    # a 5x5 one without bias and without the probabilities
+    qkv, rpb, qkv_bias = normal(2, 6, 6, 3, 2, 33), normal(2, 11, 11), normal(3 * 2 * 33)
+    expected_out, expected_attn = cpu.global_attention(qkv, rpb, 0.2, True, qkv_bias=qkv_bias)
+    out, attn = gpu.global_attention(up(qkv), up(rpb), 0.2, True, qkv_bias=up(qkv_bias))
+    record("global_attention_out", out, expected_out)
+    record("global_attention_attn", attn, expected_attn)
+    qkv, rpb = normal(1, 5, 5, 3, 3, 4), normal(3, 9, 9)
+    out, attn = gpu.global_attention(up(qkv), up(rpb), 0.5)
+    record("global_attention_odd_no_attn", out, cpu.global_attention(qkv, rpb, 0.5)[0])
+    results["global_attention_no_attn_returns_none"] = 0.0 if attn is None else float("inf")
+
     # neighborhood attention: (batch, height, width, heads, head_dim, kernel_size, dilation)
     cases = [
         (1, 7, 9, 2, 5, 3, 1),  # two heads, windows shifted at the borders
@@ -249,9 +271,9 @@ def tiny_config() -> DinatConfig:
     )
 
 
-def random_tensors(config: DinatConfig) -> dict[str, np.ndarray]:
+def random_tensors(config: Any) -> dict[str, np.ndarray]:
     """HF-named weights with every tensor random (biases, rpb and norms included), not HF's init."""
-    tensors = DinatForImageClassification(config, seed=0).state_dict()
+    tensors = AutoModelForImageClassification.from_config(config, seed=0).state_dict()
     out = {}
     for name, tensor in tensors.items():
         if "norm" in name and name.endswith("weight"):
@@ -301,6 +323,33 @@ def check_model() -> None:
         record(f"backbone_feature_maps_{i}", a, e)
 
 
+def family_configs() -> dict[str, Any]:
+    """Tiny members of the family; at 37x35 pixels DiNAT_s's last two stages are padded for attention."""
+    return {
+        "dinat_s": DinatSConfig(embed_dim=8, depths=[1, 2, 1], num_heads=[1, 2, 2], kernel_size=3,
+                                dilations=[[2], [1, 2], [1]], mlp_ratio=2.0, num_labels=3),
+        "nat_isotropic": NatIsotropicConfig(patch_size=8, embed_dim=8, depth=2, num_heads=2, kernel_size=3,
+                                            dilations=[1, 2], mlp_ratio=2.0, num_labels=3),
+        "vitrpb": NatIsotropicConfig(attention="global", image_size=40, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+                                     mlp_ratio=2.0, num_labels=3),
+    }
+
+
+def check_family_models() -> None:
+    pixels = normal(1, 3, 37, 35)
+    for name, config in family_configs().items():
+        cpu_model = AutoModelForImageClassification.model_class(config)(config, tensors=random_tensors(config),
+                                                                         source="random")
+        expected = cpu_model(pixels, output_hidden_states=True, output_attentions=True)
+        actual = cpu_model.to("cuda")(pixels, output_hidden_states=True, output_attentions=True)
+        record(f"family_{name}_logits", actual.logits, expected.logits)
+        for field in ("hidden_states", "attentions"):
+            ours, theirs = getattr(actual, field), getattr(expected, field)
+            results[f"family_{name}_{field}_count"] = 0.0 if len(ours) == len(theirs) else float("inf")
+            for i, (a, e) in enumerate(zip(ours, theirs)):
+                record(f"family_{name}_{field}_{i}", a, e)
+
+
 def check_ptx() -> None:
     from numba import cuda, types
 
@@ -326,6 +375,8 @@ def check_ptx() -> None:
         "_mean_pool_kernel": (layout._mean_pool_kernel, (array(3), array(2))),
         "_epilogue_kernel": (products._epilogue_kernel, (array(2), array(1), flag, i64, i64, array(1), array(2))),
         "_im2col_kernel": (conv._im2col_kernel, (array(4), array(2))),
+        "_patches_kernel": (conv._patches_kernel, (array(4), i64, array(2))),
+        "_patch_merging_kernel": (layout._patch_merging_kernel, (array(4), array(4))),
         "_na_qk_kernel": (attention._na_qk_kernel,
                           (array(5), array(5), array(3)) + (array(1, i32),) * 4 + (i64, i64, array(5))),
         "_na_av_kernel": (attention._na_av_kernel,
@@ -335,7 +386,7 @@ def check_ptx() -> None:
     }
     for tile in products._GEMM_TILES:
         kernels[f"_gemm_kernel_{tile}"] = (products._gemm_kernel(tile), gemm)
-    for kernel_size in (3, 5, 7, 9, 11, 13):
+    for kernel_size in (3, 5, 7, 9, 11, 13, 14):  # 14: ViT-rpb's global attention at 224 pixels
         kernels[f"_na_kernel_k{kernel_size}"] = (attention._na_kernel(kernel_size), na)
 
     # every kernel that a module of the backend defines is in the list (factories: by their name prefix)
@@ -374,6 +425,7 @@ def main() -> None:
     if which in ("model", "all"):
         start = time.perf_counter()
         check_model()
+        check_family_models()
         timings["model"] = time.perf_counter() - start
     print(f"simulator={device.SIMULATOR} timings={timings}", file=sys.stderr)
     print(json.dumps(results))

@@ -65,7 +65,7 @@ def test_the_contract_lists_every_op_the_models_use():
     assert contract_ops() == sorted([
         "upload", "download", "linear_weight", "conv_weight", "nchw_to_nhwc", "layer_norm", "linear",
         "linear_residual", "mlp_residual", "conv3x3_stride2", "neighborhood_attention", "na_qk", "na_av",
-        "pad_bottom_right", "crop", "mean_pool",
+        "pad_bottom_right", "crop", "mean_pool", "patch_embedding", "patch_merging", "global_attention",
     ])
 
 

@@ -213,7 +213,7 @@ def test_registry_preprocessing_for_names_only(tmp_path, monkeypatch):
     import json
 
     from dinat_np import hub
-    from dinat_np.modeling import check_weights
+    from dinat_np.modeling_auto import check_weights
 
     folder = make_tiny_model(tmp_path / "cache" / "tiny-net", preprocessor={})
     registry = tmp_path / "registry.json"

@@ -18,7 +18,7 @@ from dinat_np.convert import (
     original_to_hf,
     registry_config,
 )
-from dinat_np.modeling import check_weights
+from dinat_np.modeling_auto import check_weights
 from dinat_np.state_dict import read_safetensors
 
 torch = pytest.importorskip("torch")

@@ -38,6 +38,9 @@ KERNEL_CHECKS = [
     "external_gemm_residual_out", "external_gemm_residual_normed", "conv3x3_stride2",
     "conv3x3_stride2_nobias", "na_fused_no_attn", "na_fused_no_attn_returns_none", "two_threads_layer_norm_linear",
     "na_fused_qkv_bias_out", "na_fused_qkv_bias_attn", "na_fused_qkv_bias_no_attn", "na_kernel_size_limit_is_clear",
+    "patch_embedding_p4", "patch_embedding_p3_nobias", "patch_merging_odd", "patch_merging_even",
+    "global_attention_out", "global_attention_attn", "global_attention_odd_no_attn",
+    "global_attention_no_attn_returns_none",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
 MODEL_CHECKS = (
     ["model_device_is_cuda", "model_logits", "model_output_counts", "backbone_to_cuda_device"]
@@ -45,6 +48,12 @@ MODEL_CHECKS = (
     + [f"model_reshaped_hidden_states_{i}" for i in range(5)]
     + [f"model_attentions_{i}" for i in range(4)]
     + [f"backbone_feature_maps_{i}" for i in range(3)]
+    # the family's tiny models (cuda_sim_checks.family_configs): one stage per isotropic model
+    + [f"family_{name}_{check}" for name in ("dinat_s", "nat_isotropic", "vitrpb")
+       for check in ("logits", "hidden_states_count", "attentions_count", "hidden_states_0", "hidden_states_1",
+                     "attentions_0")]
+    + ["family_dinat_s_hidden_states_2", "family_dinat_s_hidden_states_3", "family_dinat_s_attentions_1",
+       "family_dinat_s_attentions_2"]
 )
 
 

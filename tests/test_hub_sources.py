@@ -37,7 +37,7 @@ PREPROCESSOR = {"image_processor_type": "ViTImageProcessor", "do_resize": True, 
 RESOLVE = """
 import json, sys
 from dinat_np import hub
-from dinat_np.modeling import check_weights
+from dinat_np.modeling_auto import check_weights
 try:
     folder = hub.resolve_model(sys.argv[1], check_weights=check_weights, **json.loads(sys.argv[2]))
 except Exception as error:

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import dinat_np  # noqa: E402
+from reference.random_weights import randomize  # noqa: E402
 from torch_natten import patch_transformers  # noqa: E402
 
 ATOL = 1e-4
@@ -20,25 +21,6 @@ ATOL = 1e-4
 def reference_attention():
     with patch_transformers():
         yield
-
-
-def randomize(model: "torch.nn.Module", seed: int) -> None:
-    """Every parameter random (HF initialises rpb to zero and norms to one, which would hide mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("rpb"):
-                parameter.copy_(noise)
-            elif "norm" in name and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("layer_scale_parameters"):
-                parameter.copy_(0.5 + 0.3 * noise)
-            elif parameter.ndim >= 2:
-                fan_in = parameter[0].numel()
-                parameter.copy_(noise * (1.5 / fan_in**0.5))
-            else:
-                parameter.copy_(0.1 * noise)
 
 
 def random_config(seed: int) -> dict:

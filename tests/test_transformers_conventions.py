@@ -13,7 +13,7 @@ import pytest
 from classify_helpers import random_image
 from dinat_np import DinatConfig, ImageClassifier, ImageProcessor
 from dinat_np.convert import convert_checkpoint
-from dinat_np.modeling import check_weights
+from dinat_np.modeling_auto import check_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

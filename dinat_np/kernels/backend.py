@@ -40,7 +40,8 @@ class Backend(Protocol):
         """``(out, in)`` PyTorch weight -> the backend's ``(in, out)`` layout."""
 
     def conv_weight(self, weight: np.ndarray) -> Array:
-        """``(out, in, 3, 3)`` PyTorch weight -> the backend's ``(9 * in, out)`` im2col layout."""
+        """``(out, in, k, k)`` PyTorch weight -> the backend's ``(k * k * in, out)`` im2col layout (rows in
+        (row, column, channel) order): the 3x3 convolution's, and the patch embedding's with k the patch size."""
 
     def nchw_to_nhwc(self, x: np.ndarray) -> Array:
         """Pixel values ``(batch, channels, height, width)`` -> channels-last float32 on the backend."""
@@ -70,6 +71,12 @@ class Backend(Protocol):
     def conv3x3_stride2(self, x: Array, conv: Conv) -> Array:
         """3x3 convolution, stride 2, zero padding 1, on channels-last ``x``; channels-last result."""
 
+    def patch_embedding(self, x: Array, conv: Conv, patch_size: int) -> Array:
+        """Non-overlapping patches: a ``patch_size x patch_size`` convolution with stride ``patch_size`` on
+        channels-last ``x`` ``(batch, h, w, in)``, which is first zero-padded at the bottom and right to a
+        multiple of ``patch_size``; ``conv.weight`` is ``(patch_size**2 * in, out)`` (see ``conv_weight``).
+        Channels-last result ``(batch, ceil(h / patch_size), ceil(w / patch_size), out)``."""
+
     # -- neighborhood attention -----------------------------------------------------------------------
     def neighborhood_attention(
         self, qkv: Array, rpb: Array, kernel_size: int, dilation: int, scale: float,
@@ -81,6 +88,18 @@ class Backend(Protocol):
         ``qkv_bias`` ``(3 * heads * head_dim,)`` is that product's bias, applied here. Returns the context
         ``(batch, height, width, heads, head_dim)`` and, when asked, the attention probabilities
         ``(batch, heads, height, width, kernel_size**2)`` (HF's layout)."""
+
+    def global_attention(
+        self, qkv: Array, rpb: Array, scale: float, return_attention: bool = False, qkv_bias: Array | None = None,
+    ) -> tuple[Array, Array | None]:
+        """Self-attention over every position of a square ``L x L`` map with ViT-rpb's relative position
+        bias: ``softmax(scale * q.k + bias) @ v``, where query ``(r, c)`` and key ``(r', c')`` get
+        ``rpb[h, r' - r + L - 1, c' - c + L - 1]`` (``rpb`` is ``(heads, 2L-1, 2L-1)``).
+
+        ``qkv`` and ``qkv_bias`` are as for ``neighborhood_attention``. Returns the context ``(batch, L, L,
+        heads, head_dim)`` and, when asked, the probabilities ``(batch, heads, L * L, L * L)`` (queries and
+        keys row-major). This is neighborhood attention whose window is the whole map: a window of ``L``
+        keys on an axis of ``L`` starts at 0 for every query, and NATTEN's bias index is key minus query."""
 
     def na_qk(self, query: Array, key: Array, rpb: Array, kernel_size: int, dilation: int) -> Array:
         """Unfused logits ``q.k + rpb``: ``(batch, heads, height, width, kernel_size**2)`` from
@@ -95,6 +114,11 @@ class Backend(Protocol):
 
     def crop(self, x: Array, height: int, width: int) -> Array:
         """The top-left ``height x width`` of ``(batch, h, w, channels)``."""
+
+    def patch_merging(self, x: Array) -> Array:
+        """Each 2x2 block of ``(batch, h, w, c)`` as one position of ``4 * c`` channels: its neighbours at
+        (row, column) offsets (0,0), (1,0), (0,1), (1,1) side by side, in that order (Swin's), after
+        zero-padding an odd ``h`` or ``w`` at the bottom or right. Result ``(batch, ceil(h/2), ceil(w/2), 4c)``."""
 
     def mean_pool(self, x: Array) -> Array:
         """Average of ``(batch, height, width, channels)`` over the spatial axes: ``(batch, channels)``."""

@@ -25,8 +25,8 @@ class Linear(NamedTuple):
 
 
 class Conv(NamedTuple):
-    """A 3x3 convolution in the backend's layout: ``weight`` is ``(9 * in_channels, out_channels)`` (see
-    :func:`conv_weight_layout`), ``bias`` is ``(out_channels,)`` or None."""
+    """A ``k x k`` convolution in the backend's layout: ``weight`` is ``(k * k * in_channels, out_channels)``
+    (see :func:`conv_weight_layout`), ``bias`` is ``(out_channels,)`` or None."""
 
     weight: Any
     bias: Any = None
@@ -73,7 +73,7 @@ def linear_weight_layout(weight: np.ndarray) -> np.ndarray:
 
 
 def conv_weight_layout(weight: np.ndarray) -> np.ndarray:
-    """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)``, rows in im2col (row, column, channel) order."""
+    """``(out, in, k, k)`` PyTorch weight -> ``(k * k * in, out)``, rows in im2col (row, column, channel) order."""
     out_channels = weight.shape[0]
     return np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 1, 0).reshape(-1, out_channels))
 
@@ -124,3 +124,22 @@ def check_qkv_bias(shape: tuple[int, ...], heads: int, head_dim: int) -> None:
     expected = (3 * heads * head_dim,)
     if tuple(shape) != expected:
         raise ValueError(f"qkv_bias must have shape {expected} (3 * heads * head_dim), got {tuple(shape)}")
+
+
+def check_patch_size(patch_size: int) -> None:
+    """Refuse a patch size that is not an integer >= 1."""
+    if not _is_integer(patch_size) or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}")
+
+
+def check_global_grid(height: int, width: int, rpb_shape: tuple[int, ...]) -> int:
+    """The side ``L`` of a square map whose relative position bias table ``(heads, 2L-1, 2L-1)`` is ``rpb``'s;
+    a clear error for a map that is not square or not the one the table was made for."""
+    span = rpb_shape[-1]
+    if height != width or len(rpb_shape) != 3 or rpb_shape[1] != span or 2 * height - 1 != span:
+        raise ValueError(
+            f"global attention with a relative position bias table of shape {tuple(rpb_shape)} needs a square "
+            f"map of {(span + 1) // 2}x{(span + 1) // 2} positions, got {height}x{width}"
+        )
+    return height
+

@@ -1,9 +1,10 @@
 """CPU backend: Numba kernels for every op of the backend contract (``dinat_np.kernels.backend.Backend``).
 
 This package's top level is that contract's ops, plus ``set_up_process`` and ``set_num_threads``. The
-ops live by family: ``attention`` (neighborhood attention), ``products`` (linear layers, the MLP, their
-epilogues and activations), ``conv`` (the 3x3 stride-2 convolution), ``norm`` (LayerNorm), ``layout``
-(data movement, weight layouts, pad/crop/pool). Beneath them: ``simd`` (16-lane vectors for the inner
+ops live by family: ``attention`` (neighborhood attention, and global attention with ViT-rpb's bias),
+``products`` (linear layers, the MLP, their epilogues and activations), ``conv`` (the 3x3 stride-2
+convolution, the patch embedding), ``norm`` (LayerNorm), ``layout`` (data movement, weight layouts,
+pad/crop/pool, patch merging). Beneath them: ``simd`` (16-lane vectors for the inner
 loops), ``gemm`` (the own matrix product) and ``blas`` (NumPy's OpenBLAS, called from the kernels),
 ``threads`` (Numba's threading layer, kernel launches, the process-wide set-up) and ``malloc`` (glibc's
 thresholds).
@@ -22,15 +23,17 @@ same run time.
 
 from __future__ import annotations
 
-from .attention import na_av, na_qk, neighborhood_attention
-from .conv import conv3x3_stride2
-from .layout import conv_weight, crop, download, linear_weight, mean_pool, nchw_to_nhwc, pad_bottom_right, upload
+from .attention import global_attention, na_av, na_qk, neighborhood_attention
+from .conv import conv3x3_stride2, patch_embedding
+from .layout import (conv_weight, crop, download, linear_weight, mean_pool, nchw_to_nhwc, pad_bottom_right,
+                     patch_merging, upload)
 from .norm import layer_norm
 from .products import linear, linear_residual, mlp_residual
 from .threads import set_num_threads, set_up_process
 
 __all__ = [
-    "conv3x3_stride2", "conv_weight", "crop", "download", "layer_norm", "linear", "linear_residual",
-    "linear_weight", "mean_pool", "mlp_residual", "na_av", "na_qk", "nchw_to_nhwc", "neighborhood_attention",
-    "pad_bottom_right", "set_num_threads", "set_up_process", "upload",
+    "conv3x3_stride2", "conv_weight", "crop", "download", "global_attention", "layer_norm", "linear",
+    "linear_residual", "linear_weight", "mean_pool", "mlp_residual", "na_av", "na_qk", "nchw_to_nhwc",
+    "neighborhood_attention", "pad_bottom_right", "patch_embedding", "patch_merging", "set_num_threads",
+    "set_up_process", "upload",
 ]

@@ -1,6 +1,6 @@
 """Neighborhood attention on the CPU: the fused op (two kernels: sliding windows, and whole dilation groups
 where the map is exactly ``kernel_size * dilation`` across) and the unfused, reference-precision
-``na_qk`` and ``na_av``."""
+``na_qk`` and ``na_av``; ViT-rpb's global attention, which is the whole-group kernel on a map one window across."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import common
-from ..common import check_qkv_bias, check_window
+from ..common import check_global_grid, check_qkv_bias, check_window
 from .layout import aligned_empty
 from .simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load, load_rows,
                    maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows, subtract, transpose,
@@ -498,8 +498,40 @@ def neighborhood_attention(
     head_dim)`` and, when asked, the attention probabilities ``(batch, heads, height, width,
     kernel_size**2)`` (HF's layout).
     """
+    check_window(qkv.shape[1], qkv.shape[2], kernel_size, dilation)
+    return _attention(qkv, rpb, kernel_size, dilation, scale, return_attention, qkv_bias)
+
+
+def global_attention(
+    qkv: np.ndarray,
+    rpb: np.ndarray,
+    scale: float,
+    return_attention: bool = False,
+    qkv_bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Self-attention over every position of a square ``L x L`` map with ViT-rpb's relative position bias
+    ``rpb`` ``(heads, 2L-1, 2L-1)``, read at the key-minus-query offset; ``qkv`` and ``qkv_bias`` as for
+    :func:`neighborhood_attention`. Returns the context and, when asked, the probabilities ``(batch, heads,
+    L * L, L * L)``.
+
+    It is neighborhood attention with kernel size ``L`` (even or odd): every window is the whole map, and
+    NATTEN's bias index is key minus query. The map is then exactly one window across, so the dense
+    whole-group kernel runs it.
+    """
+    batch, height, width, _, heads, _ = qkv.shape
+    length = check_global_grid(height, width, np.shape(rpb))
+    context, attention = _attention(qkv, rpb, length, 1, scale, return_attention, qkv_bias)
+    if attention is not None:
+        attention = attention.reshape(batch, heads, length * length, length * length)
+    return context, attention
+
+
+def _attention(
+    qkv: np.ndarray, rpb: np.ndarray, kernel_size: int, dilation: int, scale: float, return_attention: bool,
+    qkv_bias: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    # the two ops above, once their window is checked
     batch, height, width, _, heads, head_dim = qkv.shape
-    check_window(height, width, kernel_size, dilation)
     channels = heads * head_dim
     query_bias = np.zeros(channels, np.float32)
     value_bias = np.zeros(channels, np.float32)

@@ -1,12 +1,13 @@
-"""The 3x3 stride-2 convolution on the CPU (the tokenizer's and the downsamplers'): im2col patches and a
-product, gathered and multiplied block by block, or computed directly where there are few input channels."""
+"""The convolutions on the CPU. The 3x3 stride-2 one (DiNAT's tokenizer's and downsamplers'): im2col patches
+and a product, gathered and multiplied block by block, or computed directly where there are few input
+channels. The patch embedding (DiNAT_s's and the isotropic models' tokenizer): a reshape and a product."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ..common import Conv, Linear
+from ..common import Conv, Linear, check_patch_size
 from .layout import aligned_empty
 from .products import MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_launch
 from .simd import FAST, LANES, broadcast, fma, load, splat, store
@@ -192,3 +193,18 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     return y.reshape(batch, out_height, out_width, -1)
 
 
+def patch_embedding(x: np.ndarray, conv: Conv, patch_size: int) -> np.ndarray:
+    """Non-overlapping ``patch_size x patch_size`` convolution, stride ``patch_size``, on channels-last ``x``
+    zero-padded at the bottom and right to a multiple of ``patch_size``; returns channels-last.
+
+    The patches do not overlap, so their im2col rows are the (padded) image itself, reordered: a NumPy
+    reshape and one product, nothing to compile.
+    """
+    check_patch_size(patch_size)
+    batch, height, width, channels = x.shape
+    rows, columns = -(-height // patch_size), -(-width // patch_size)
+    padded = np.zeros((batch, rows * patch_size, columns * patch_size, channels), np.float32)
+    padded[:, :height, :width] = x
+    patches = padded.reshape(batch, rows, patch_size, columns, patch_size, channels).transpose(0, 1, 3, 2, 4, 5)
+    y = linear(patches.reshape(batch * rows * columns, -1), Linear(conv.weight, conv.bias))
+    return y.reshape(batch, rows, columns, y.shape[1])

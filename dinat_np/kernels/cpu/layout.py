@@ -1,6 +1,6 @@
 """Data movement and layouts on the CPU, where the backend's arrays are NumPy arrays: upload and download,
-the weight layouts, zero-padding and cropping of feature maps, the mean pool, and the cache-line-aligned
-arrays the other ops write their outputs to."""
+the weight layouts, zero-padding and cropping of feature maps, patch merging, the mean pool, and the
+cache-line-aligned arrays the other ops write their outputs to."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def linear_weight(weight: np.ndarray) -> np.ndarray:
 
 
 def conv_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` rows in im2col (row, column, channel) order."""
+    """``(out, in, k, k)`` PyTorch weight -> ``(k * k * in, out)`` rows in im2col (row, column, channel) order."""
     return conv_weight_layout(weight)
 
 
@@ -52,6 +52,18 @@ def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:
 def crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """The top-left ``height x width`` of ``(batch, h, w, channels)``, contiguous."""
     return np.ascontiguousarray(x[:, :height, :width])
+
+
+def patch_merging(x: np.ndarray) -> np.ndarray:
+    """Each 2x2 block of ``(batch, h, w, c)`` as one position of ``4 * c`` channels: the neighbours at (row,
+    column) offsets (0,0), (1,0), (0,1), (1,1) side by side, an odd ``h`` or ``w`` zero-padded at the
+    bottom or right first: ``(batch, ceil(h/2), ceil(w/2), 4 * c)``."""
+    batch, height, width, channels = x.shape
+    merged = np.zeros((batch, (height + 1) // 2, (width + 1) // 2, 4, channels), np.float32)
+    for k, (row, column) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        neighbours = x[:, row::2, column::2]
+        merged[:, : neighbours.shape[1], : neighbours.shape[2], k] = neighbours
+    return merged.reshape(merged.shape[:3] + (4 * channels,))
 
 
 def mean_pool(x: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Dilated neighborhood attention on the CUDA backend, fused (the q/k/v product's bias, QK + rpb, softmax,
-AV) and unfused (``na_qk``, ``na_av``).
+AV) and unfused (``na_qk``, ``na_av``); ViT-rpb's global attention, which is the fused kernel with a window
+as large as the map.
 
 The fused kernel runs one warp per query, its lanes across the channels, with the query's logits in
 shared memory, so the attention matrix reaches global memory only when it is asked for. The window
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, float32
 
-from ..common import check_qkv_bias, check_window, window_starts
+from ..common import check_global_grid, check_qkv_bias, check_window, window_starts
 from .device import LOCK, ONE, THREADS, ZERO, empty, grid_blocks, placeholder, unravel_nhwc
 
 _NEG_INF = np.float32(-np.inf)  # float32 (see device.ZERO)
@@ -148,13 +149,45 @@ def neighborhood_attention(
     ``(batch, heads, height, width, kernel_size**2)`` (HF's layout).
     """
     kernel_size, dilation = int(kernel_size), int(dilation)
-    batch, height, width, _, heads, head_dim = qkv.shape
-    check_window(height, width, kernel_size, dilation)
+    check_window(qkv.shape[1], qkv.shape[2], kernel_size, dilation)
     if kernel_size > _MAX_KERNEL_SIZE:
         raise ValueError(
             f"kernel_size {kernel_size} is too large for the CUDA neighborhood attention kernel (at most "
             f"{_MAX_KERNEL_SIZE}: a block's probabilities must fit in 48 KiB of shared memory); use device='cpu'"
         )
+    return _attention(qkv, rpb, kernel_size, dilation, scale, return_attention, qkv_bias)
+
+
+def global_attention(
+    qkv: Any, rpb: Any, scale: float, return_attention: bool = False, qkv_bias: Any = None
+) -> tuple[Any, Any]:
+    """Self-attention over every position of a square ``L x L`` map with ViT-rpb's relative position bias
+    ``rpb`` ``(heads, 2L-1, 2L-1)``, read at the key-minus-query offset; ``qkv`` and ``qkv_bias`` as for
+    :func:`neighborhood_attention`. Returns the context and, when asked, the probabilities ``(batch, heads,
+    L * L, L * L)``.
+
+    It is the fused neighborhood kernel with kernel size ``L`` (even or odd): every window is the whole
+    map, and NATTEN's bias index is key minus query.
+    """
+    batch, height, width, _, heads, _ = qkv.shape
+    length = check_global_grid(height, width, tuple(rpb.shape))
+    if length > _MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"a {length}x{length} map is too large for the CUDA global attention kernel (at most "
+            f"{_MAX_KERNEL_SIZE}x{_MAX_KERNEL_SIZE}: a block's probabilities must fit in 48 KiB of shared "
+            "memory); use device='cpu'"
+        )
+    context, attention = _attention(qkv, rpb, length, 1, scale, return_attention, qkv_bias)
+    if attention is not None:
+        attention = attention.reshape(batch, heads, length * length, length * length)
+    return context, attention
+
+
+def _attention(
+    qkv: Any, rpb: Any, kernel_size: int, dilation: int, scale: float, return_attention: bool, qkv_bias: Any
+) -> tuple[Any, Any]:
+    # the two ops above, once their window is checked
+    batch, height, width, _, heads, head_dim = qkv.shape
     has_bias = qkv_bias is not None
     if has_bias:
         check_qkv_bias(qkv_bias.shape, heads, head_dim)

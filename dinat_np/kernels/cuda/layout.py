@@ -1,5 +1,5 @@
-"""Data movement and layout ops of the CUDA backend: upload/download, weight layouts, pad/crop,
-mean pooling, and the pixels' NCHW -> channels-last copy."""
+"""Data movement and layout ops of the CUDA backend: upload/download, weight layouts, pad/crop, patch
+merging, mean pooling, and the pixels' NCHW -> channels-last copy."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def linear_weight(weight: np.ndarray) -> Any:
 
 
 def conv_weight(weight: np.ndarray) -> Any:
-    """``(out, in, 3, 3)`` PyTorch weight -> ``(9 * in, out)`` on the device, rows in im2col order."""
+    """``(out, in, k, k)`` PyTorch weight -> ``(k * k * in, out)`` on the device, rows in im2col order."""
     return upload(conv_weight_layout(weight))
 
 
@@ -87,6 +87,31 @@ def pad_bottom_right(x: Any, height: int, width: int) -> Any:
 def crop(x: Any, height: int, width: int) -> Any:
     """The top-left ``height x width`` of ``(batch, h, w, channels)``, contiguous."""
     return _top_left(x, height, width)
+
+
+@cuda.jit
+def _patch_merging_kernel(x, out):
+    # out[b, i, j, k * channels + c] = x[b, 2i + k % 2, 2j + k // 2, c]: neighbours (0,0), (1,0), (0,1), (1,1)
+    batch, height, width, channels = x.shape
+    out_height, out_width, merged = out.shape[1], out.shape[2], out.shape[3]
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for index in range(start, batch * out_height * out_width * merged, stride):
+        b, i, j, channel = unravel_nhwc(index, out_height, out_width, merged)
+        k = channel // channels
+        row = 2 * i + k % 2
+        column = 2 * j + k // 2
+        out[b, i, j, channel] = x[b, row, column, channel % channels] if row < height and column < width else ZERO
+
+
+def patch_merging(x: Any) -> Any:
+    """Each 2x2 block of ``(batch, h, w, c)`` as one position of ``4 * c`` channels: the neighbours at (row,
+    column) offsets (0,0), (1,0), (0,1), (1,1) side by side, an odd ``h`` or ``w`` zero-padded at the
+    bottom or right first: ``(batch, ceil(h/2), ceil(w/2), 4 * c)``."""
+    with LOCK:
+        batch, height, width, channels = x.shape
+        out = empty((batch, (height + 1) // 2, (width + 1) // 2, 4 * channels))
+        _patch_merging_kernel[grid_blocks(out.size), THREADS](x, out)
+        return out
 
 
 @cuda.jit
