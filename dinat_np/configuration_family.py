@@ -42,7 +42,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configuration import SUPPORTED_ACTIVATIONS, DinatConfig, ModelConfig, _int_list, _is_int, _is_real, read_config_json
+from .configuration import (
+    MAX_CHANNELS,
+    MAX_DEPTH,
+    MAX_DILATION,
+    MAX_EMBED_DIM,
+    MAX_KERNEL_SIZE,
+    MAX_MLP_RATIO,
+    MAX_PARAMETERS,
+    MAX_STAGES,
+    SUPPORTED_ACTIVATIONS,
+    DinatConfig,
+    ModelConfig,
+    _int_list,
+    _is_int,
+    _is_real,
+    read_config_json,
+)
+
+# The same kind of ranges as DinatConfig's (docs/limits.md): refused before anything is allocated.
+MAX_PATCH_SIZE = 256
+MAX_IMAGE_SIZE = 4096  # an isotropic model's input side; the preprocessing's largest output side too
 
 __all__ = ["AutoConfig", "CONFIG_CLASSES", "DinatSConfig", "NatIsotropicConfig"]
 
@@ -58,29 +78,41 @@ class _ArchitectureChecks:
     def value(self, field: str) -> Any:
         return getattr(self.config, field)
 
-    def positive_int(self, field: str) -> None:
-        if not _is_int(self.value(field)) or self.value(field) < 1:
-            self.config._fail(field, f"must be a positive integer, got {self.value(field)!r}")
+    def positive_int(self, field: str, maximum: int) -> None:
+        if not _is_int(self.value(field)) or not 1 <= self.value(field) <= maximum:
+            self.config._fail(field, f"must be an integer from 1 to {maximum}, got {self.value(field)!r}")
 
     def flag(self, field: str) -> None:
         if not isinstance(self.value(field), bool):
             self.config._fail(field, f"must be true or false, got {self.value(field)!r}")
 
-    def positive_number(self, field: str) -> None:
+    def positive_number(self, field: str, maximum: float = float("inf")) -> None:
         value = self.value(field)
-        if not _is_real(value) or not value > 0 or value == float("inf"):
-            self.config._fail(field, f"must be a positive number, got {value!r}")
+        if not _is_real(value) or not 0 < value <= maximum or value == float("inf"):
+            self.config._fail(field, f"must be a finite number above 0 and at most {maximum}, got {value!r}")
 
     def kernel_size(self) -> None:
-        if not _is_int(self.value("kernel_size")) or self.value("kernel_size") < 1 or self.value("kernel_size") % 2 == 0:
-            self.config._fail("kernel_size", f"must be an odd integer >= 1, got {self.value('kernel_size')!r}")
+        kernel_size = self.value("kernel_size")
+        if not _is_int(kernel_size) or not 1 <= kernel_size <= MAX_KERNEL_SIZE or kernel_size % 2 == 0:
+            self.config._fail("kernel_size", f"must be an odd integer from 1 to {MAX_KERNEL_SIZE}, got {kernel_size!r}")
 
     def dilations(self, dilations: Any, lengths: list[int], what: str) -> None:
         """``dilations``: one list of integers >= 1 per entry of ``lengths``, of that length."""
         if not isinstance(dilations, list) or len(dilations) != len(lengths) or any(
-            not _int_list(row) or len(row) != length or min(row, default=1) < 1 for row, length in zip(dilations, lengths)
+            not _int_list(row) or len(row) != length or not all(1 <= d <= MAX_DILATION for d in row)
+            for row, length in zip(dilations, lengths)
         ):
-            self.config._fail("dilations", f"must give an integer >= 1 for each {what}, got {dilations!r}")
+            self.config._fail("dilations", f"must give an integer from 1 to {MAX_DILATION} for each {what}, "
+                                           f"got {dilations!r:.200}")
+
+    def parameters(self, widths_of_layers: list[int]) -> None:
+        """Refuse a model whose transformer layers (about (4 + 2 * mlp_ratio) * width**2 values each) hold
+        more than MAX_PARAMETERS values, before anything is allocated."""
+        per_width = 4 + 2 * self.value("mlp_ratio")
+        count = sum(per_width * width * width for width in widths_of_layers)
+        if count > MAX_PARAMETERS:
+            self.config._fail("depths", f"the layers would hold about {count:,.0f} parameters, above the limit of "
+                                        f"{MAX_PARAMETERS:,}")
 
     def heads_divide(self, field: str, dims_and_heads: list[tuple[int, Any]]) -> None:
         for dim, heads in dims_and_heads:
@@ -89,12 +121,14 @@ class _ArchitectureChecks:
 
     def common(self) -> None:
         """The fields both architectures have: embedding, MLP, norms, q/k/v."""
-        for field in ("patch_size", "num_channels", "embed_dim"):
-            self.positive_int(field)
+        for field, maximum in (("patch_size", MAX_PATCH_SIZE), ("num_channels", MAX_CHANNELS),
+                               ("embed_dim", MAX_EMBED_DIM)):
+            self.positive_int(field, maximum)
         for field in ("qkv_bias", "patch_norm"):
             self.flag(field)
-        for field in ("mlp_ratio", "layer_norm_eps", "initializer_range"):
-            self.positive_number(field)
+        self.positive_number("mlp_ratio", MAX_MLP_RATIO)
+        self.positive_number("layer_norm_eps", 1.0)
+        self.positive_number("initializer_range")
         if not isinstance(self.value("hidden_act"), str) or self.value("hidden_act") not in SUPPORTED_ACTIVATIONS:
             self.config._fail("hidden_act", f"must be one of {SUPPORTED_ACTIVATIONS}, got {self.value('hidden_act')!r}")
 
@@ -166,13 +200,15 @@ class DinatSConfig(ModelConfig):
     def _validate(self) -> None:
         checks = _ArchitectureChecks(self)
         checks.common()
-        if not _int_list(self.depths) or not self.depths or min(self.depths) < 1:
-            self._fail("depths", f"must be a non-empty list of positive integers, got {self.depths!r}")
+        if (not _int_list(self.depths) or not 1 <= len(self.depths) <= MAX_STAGES
+                or not all(1 <= depth <= MAX_DEPTH for depth in self.depths)):
+            self._fail("depths", f"must list 1 to {MAX_STAGES} stages of 1 to {MAX_DEPTH} layers, got {self.depths!r:.200}")
         if not isinstance(self.num_heads, list) or len(self.num_heads) != len(self.depths):
             self._fail("num_heads", f"needs one entry per stage ({len(self.depths)}), got {self.num_heads!r}")
         checks.heads_divide("num_heads", [(self.embed_dim * 2**i, h) for i, h in enumerate(self.num_heads)])
         checks.kernel_size()
         checks.dilations(self.dilations, self.depths, "layer of each stage (one list per stage)")
+        checks.parameters([self.embed_dim * 2**stage for stage, depth in enumerate(self.depths) for _ in range(depth)])
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -238,9 +274,10 @@ class NatIsotropicConfig(ModelConfig):
     def _validate(self) -> None:
         checks = _ArchitectureChecks(self)
         checks.common()
-        checks.positive_int("image_size")
-        checks.positive_int("depth")
+        checks.positive_int("image_size", MAX_IMAGE_SIZE)
+        checks.positive_int("depth", MAX_DEPTH)
         checks.heads_divide("num_heads", [(self.embed_dim, self.num_heads)])
+        checks.parameters([self.embed_dim] * self.depth)
         if self.attention not in ATTENTION_KINDS:
             self._fail("attention", f"must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.attention == "neighborhood":

@@ -96,6 +96,15 @@ def test_a_class_refuses_another_model_type_and_names_auto_config(tmp_path):
         (lambda: NatIsotropicConfig(attention="global", kernel_size=7), "kernel_size"),
         (lambda: NatIsotropicConfig(attention="global", image_size=8, patch_size=16), "image_size"),
         (lambda: NatIsotropicConfig(patch_norm="yes"), "patch_norm"),
+        # bounded before anything is allocated (docs/limits.md)
+        (lambda: NatIsotropicConfig(image_size=10**8), "image_size"),
+        (lambda: NatIsotropicConfig(depth=10**6), "depth"),
+        (lambda: NatIsotropicConfig(embed_dim=60000, num_heads=1), "depths"),  # ~4e10 parameters
+        (lambda: DinatSConfig(embed_dim=10**8), "embed_dim"),
+        (lambda: DinatSConfig(mlp_ratio=1e308), "mlp_ratio"),
+        (lambda: DinatSConfig(kernel_size=1001), "kernel_size"),
+        (lambda: DinatSConfig(num_channels=10**9), "num_channels"),
+        (lambda: DinatSConfig(depths=[1] * 9, num_heads=[1] * 9), "depths"),
     ],
 )
 def test_invalid_fields_are_named(make, field):
