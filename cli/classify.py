@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Directories are searched recursively for image files. The default model is downloaded "
             "and converted on first use and cached (see DINAT_NP_HOME and the Hugging Face cache); the "
             "bundled offline demo is --model digits-demo. Exit status: 0 all images classified, 1 some "
-            "image failed, 2 usage error, 3 the model's weights are unavailable, 130 interrupted, 143 terminated (docs/limits.md)."
+            "image failed, 2 usage error, 3 the model's weights are unavailable, 130 interrupted, "
+            "143 terminated (docs/limits.md)."
         ),
     )
     parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR",
