@@ -12,18 +12,9 @@ start-up) stays light and thread settings can still be applied before NumPy and 
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from typing import Any
 
 __version__ = "0.1.0"
-
-if "numpy" not in sys.modules:
-    # OpenBLAS's idle threads spin for up to ~0.1 s after each matrix product, taking a core from the
-    # Numba kernel that follows (the attention ran 2x slower inside the model than alone). This matters
-    # where the products go through NumPy (see dinat_np.kernels.cpu.blas) and for the caller's own
-    # products. Read once, when NumPy loads OpenBLAS; an explicit setting in the environment wins.
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 _EXPORTS = {
     "DinatConfig": "configuration",

@@ -19,6 +19,8 @@ from types import ModuleType
 
 import pytest
 
+from dinat_np.kernels.cpu import blas
+
 from dinat_np.kernels.backend import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +97,7 @@ SET_UP_CHILD = r"""
 import json, os, resource
 import numba
 import numpy as np
-import dinat_np  # the top-level package's own import (it may set OPENBLAS_THREAD_TIMEOUT) is not the backend's
+import dinat_np  # the top-level package's import changes nothing either
 
 def faults_writing(values):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -146,3 +148,35 @@ def test_importing_the_cpu_backend_changes_nothing_until_its_set_up():
     assert layer in ("omp", "workqueue")
     assert after["environment"]["NUMBA_THREADING_LAYER"] == after["configured_layer"] == layer
     assert report["again"] is True  # once per process
+
+
+# NumPy (and its OpenBLAS) loaded before dinat_np, with no spin setting: the set-up gives OpenBLAS the
+# short idle spin through its own API, and NumPy's multi-threaded products still give the right numbers.
+SPIN_CHILD = r"""
+import ctypes, json, os
+import numpy as np
+from dinat_np.kernels.cpu import blas
+library = ctypes.CDLL(str(blas._bundled_openblas()[0]))
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((512, 512)), rng.standard_normal((512, 512))
+expected = a @ b
+loaded_with = library.openblas_thread_timeout()
+from dinat_np.kernels import get_backend
+get_backend("cpu")
+print(json.dumps({"loaded_with": loaded_with, "now": library.openblas_thread_timeout(),
+                  "acted": get_backend("cpu").set_up_process().openblas_spin_bounded,
+                  "products_agree": bool(np.allclose(a @ b, expected, rtol=0, atol=1e-9))}))
+"""
+
+
+@pytest.mark.skipif(not blas._bundled_openblas(), reason="NumPy without its bundled OpenBLAS")
+@pytest.mark.parametrize("setting, expected", [(None, blas.THREAD_TIMEOUT), ("10", 10)])
+def test_numpy_first_openblas_gets_the_short_spin_unless_the_user_chose(setting, expected):
+    env = {name: value for name, value in os.environ.items() if name != "OPENBLAS_THREAD_TIMEOUT"}
+    if setting is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = setting
+    done = subprocess.run([sys.executable, "-c", SPIN_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["now"] == expected and report["products_agree"]
+    assert report["acted"] is (setting is None)

@@ -99,3 +99,29 @@ def find_blas() -> Blas | None:
 
 # Looked up once, when the kernels load; the threading layer's spin and the product kernels both follow it.
 NUMPY_OPENBLAS = find_blas()
+
+
+# OpenBLAS's idle threads spin for 2**OPENBLAS_THREAD_TIMEOUT cycles after each product (2**28 by default,
+# ~0.1 s), taking cores from the kernels that follow; 4 is OpenBLAS's shortest spin. An explicit setting wins.
+THREAD_TIMEOUT = 4
+
+
+def bound_idle_spin() -> bool:
+    """Give NumPy's OpenBLAS the short idle spin whatever the import order: the environment variable is
+    read when OpenBLAS loads, so where NumPy loaded it first, OpenBLAS reads its environment again through
+    its own API and its threads restart with the setting (as after a fork). Returns whether it acted."""
+    timeout = os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", str(THREAD_TIMEOUT))
+    for path in _bundled_openblas():
+        try:
+            library = ctypes.CDLL(str(path))  # already loaded by NumPy: the same handle
+        except OSError:
+            continue
+        if not all(hasattr(library, name) for name in ("openblas_thread_timeout", "openblas_read_env",
+                                                        "blas_thread_shutdown_")):
+            continue
+        if str(library.openblas_thread_timeout()) == timeout:
+            return False  # loaded with it (dinat_np came first, or the user set it)
+        library.openblas_read_env()
+        library.blas_thread_shutdown_()  # its threads start again, with the new spin, at the next product
+        return True
+    return False

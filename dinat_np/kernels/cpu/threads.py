@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numba
 
+from .blas import bound_idle_spin
 from .gemm import PRODUCTS
 from .malloc import raise_thresholds
 
@@ -117,6 +118,7 @@ class ProcessSetUp(NamedTuple):
 
     threading_layer: str | None  # the layer asked of Numba; None where its pool had started before
     malloc_tuned: bool  # glibc's malloc thresholds raised (see ``malloc``)
+    openblas_spin_bounded: bool  # NumPy's OpenBLAS, loaded before, given the short idle spin (see ``blas``)
 
 
 _SET_UP_LOCK = threading.Lock()
@@ -126,7 +128,8 @@ _process_set_up: ProcessSetUp | None = None
 def set_up_process() -> ProcessSetUp:
     """The CPU backend's process-wide set-up, done once (later calls return the same record): Numba's
     threading layer chosen and written to the environment, a fork handler registered, glibc's malloc
-    thresholds raised (see the module docstring and ``malloc``)."""
+    thresholds raised (see the module docstring and ``malloc``), NumPy's OpenBLAS given a short idle spin
+    (``blas.bound_idle_spin``)."""
     global _process_set_up
     if _process_set_up is not None:  # every launch asks: no lock once done
         return _process_set_up
@@ -135,7 +138,7 @@ def set_up_process() -> ProcessSetUp:
             threading_layer = _choose_threading_layer()
             if hasattr(os, "register_at_fork"):  # POSIX only
                 os.register_at_fork(after_in_child=_note_fork_in_child)
-            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds())
+            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds(), bound_idle_spin())
         return _process_set_up
 
 
