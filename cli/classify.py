@@ -28,7 +28,9 @@ import os
 import re
 import stat
 import sys
-from typing import Any, Callable, ContextManager, Iterator, Sequence, TextIO
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TextIO
 
 from dinat_np import __version__
 from dinat_np.classifier import DEFAULT_BATCH_SIZE  # light: the standard library only, no NumPy
@@ -250,7 +252,7 @@ COMPILING_NOTICE = (f"{PROG}: compiling the kernels for this machine (first run 
                     "cached for the next runs)")
 
 
-def announcing_compiling(say: Callable[[str], None]) -> ContextManager[Any]:
+def announcing_compiling(say: Callable[[str], None]) -> AbstractContextManager[Any]:
     """While active, say once, when Numba starts compiling (its cache holds no kernel for this machine
     yet), why the first images take long; a warm cache compiles nothing and says nothing."""
     from numba.core import event

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from dinat_np.staging import Terminated, raise_on_sigterm
 from dinat_np.state_dict import STORAGE_DTYPES

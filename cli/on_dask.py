@@ -10,7 +10,8 @@ shared file system); an image given on standard input travels as bytes.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 BATCHES_PER_TASK = 4
 
@@ -32,7 +33,7 @@ def classify_files(classifier: Any, items: Sequence[tuple[str, Any]], top_k: int
 
             configure_threads(threads)
         results = classifier.iter_predict([source for _, source in items], top_k=top_k, batch_size=batch_size)
-        return [result.to_dict(path=name) for (name, _), result in zip(items, results)]
+        return [result.to_dict(path=name) for (name, _), result in zip(items, results, strict=True)]
 
 
 def classify_on_dask(address: str, classifier: Any, items: Sequence[tuple[str, Any]], *, top_k: int,

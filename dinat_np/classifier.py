@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,7 +75,7 @@ def _labels_from_config(config: Any) -> list[str]:
     return labels
 
 
-def _registry_entry(name_or_folder: Union[str, os.PathLike], folder: Path) -> dict | None:
+def _registry_entry(name_or_folder: str | os.PathLike, folder: Path) -> dict | None:
     """The registry entry of a model given by name; None for a folder given as such (or no entry)."""
     from .registry import registry_entry
 
@@ -157,16 +158,16 @@ class ImageClassifier:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_folder: Union[str, os.PathLike],
+        name_or_folder: str | os.PathLike,
         device: str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
         *,
         revision: str | None = None,
-        cache_dir: Union[str, os.PathLike, None] = None,
+        cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
-        token: Union[str, bool, None] = None,
-    ) -> "ImageClassifier":
+        token: str | bool | None = None,
+    ) -> ImageClassifier:
         """Load a folder, a registry name or Hub repo id (cached, else downloaded and converted) or a
         bundled model; ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` as in
         :func:`dinat_np.hub.resolve_model`.
@@ -215,7 +216,7 @@ class ImageClassifier:
         # Stable sort on the negated scores: ties keep the lower class index first.
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         results = []
-        for row, indices in zip(scores, order):
+        for row, indices in zip(scores, order, strict=True):
             results.append(
                 [
                     Prediction(rank=r + 1, index=int(i), label=self._label(int(i)), score=float(row[i]))
@@ -280,16 +281,16 @@ class ImageClassifier:
                 by_shape.setdefault(array.shape, []).append(i)
         for positions in by_shape.values():
             batch = np.stack([arrays[i] for i in positions])
-            for i, result in zip(positions, self.predict_pixels(batch, top_k)):
+            for i, result in zip(positions, self.predict_pixels(batch, top_k), strict=True):
                 predictions[i] = result
         return [
             ClassificationResult(source=s, predictions=p, error=e)
-            for s, p, e in zip(sources, predictions, errors)
+            for s, p, e in zip(sources, predictions, errors, strict=True)
         ]
 
     def predict(
         self,
-        images: Union[ImageInput, Iterable[ImageInput]],
+        images: ImageInput | Iterable[ImageInput],
         top_k: int = 5,
         batch_size: int | None = None,
     ) -> list[list[Prediction]]:
@@ -306,8 +307,8 @@ class ImageClassifier:
         return results
 
     def __call__(
-        self, images: Union[ImageInput, Iterable[ImageInput]], top_k: int = 5
-    ) -> Union[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+        self, images: ImageInput | Iterable[ImageInput], top_k: int = 5
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """What transformers' ``pipeline("image-classification")`` returns: ``[{"label", "score"}]``
         (best first) for one image, a list of those for several.
 

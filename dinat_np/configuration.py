@@ -11,7 +11,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from .kernels.common import ACTIVATIONS
 from .staging import make_staging_file
@@ -135,7 +136,9 @@ class ModelConfig:
         """Backbone outputs among ``self.stage_names``: HF's rule (default: last stage; either list
         determines the other)."""
         names = self.stage_names
-        if out_features is not None and not (isinstance(out_features, list) and all(isinstance(f, str) for f in out_features)):
+        if out_features is not None and not (
+            isinstance(out_features, list) and all(isinstance(f, str) for f in out_features)
+        ):
             self._fail("out_features", f"must be a list of stage names, got {out_features!r}")
         if out_indices is not None and not _int_list(out_indices):
             self._fail("out_indices", f"must be a list of integers, got {out_indices!r}")
@@ -157,7 +160,7 @@ class ModelConfig:
 
     # ---- (de)serialisation --------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, config: dict[str, Any]) -> ModelConfig:
         """Build a config from the dict of an HF ``config.json``; ValueError for anything malformed."""
         try:
             return cls(**copy.deepcopy(config))
@@ -165,7 +168,7 @@ class ModelConfig:
             raise ValueError(f"invalid model configuration: {error}") from None
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> "ModelConfig":
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> ModelConfig:
         """Read ``folder/config.json`` (or a path to a JSON file); ``overrides`` replace the values read,
         as in transformers (``DinatConfig.from_pretrained(folder, num_labels=5)``)."""
         return cls.from_dict({**read_config_json(folder), **overrides})
@@ -238,7 +241,8 @@ class DinatConfig(ModelConfig):
         self._set_fields(kwargs)
         if model_type == "nat" and kwargs.get("dilations") is None:
             # Only for depths that validation will accept: [1] * 10**12 would not be refused in time.
-            sane = _int_list(self.depths) and len(self.depths) <= MAX_STAGES and all(d <= MAX_DEPTH for d in self.depths)
+            sane = (_int_list(self.depths) and len(self.depths) <= MAX_STAGES
+                    and all(d <= MAX_DEPTH for d in self.depths))
             self.dilations = [[1] * depth for depth in self.depths] if sane else []
         self._set_labels(id2label, label2id, num_labels, problem_type)
         self._validate()
@@ -270,7 +274,7 @@ class DinatConfig(ModelConfig):
             return 9 * in_channels * out_channels + (out_channels if bias else 0)
 
         count = conv3x3(self.num_channels, embed // 2, True) + conv3x3(embed // 2, embed, True) + 2 * embed
-        for stage, (dilations, heads) in enumerate(zip(self.dilations, self.num_heads)):
+        for stage, (dilations, heads) in enumerate(zip(self.dilations, self.num_heads, strict=True)):
             dim = embed * 2**stage
             hidden = int(self.mlp_ratio * dim)
             layer = (
@@ -304,7 +308,8 @@ class DinatConfig(ModelConfig):
         if self.embed_dim % 2:
             fail("embed_dim", f"must be even, got {self.embed_dim!r}")
         if not _int_list(self.depths) or not 1 <= len(self.depths) <= MAX_STAGES:
-            fail("depths", f"must be a list of 1 to {MAX_STAGES} positive integers (one per stage), got {self.depths!r}")
+            fail("depths",
+                 f"must be a list of 1 to {MAX_STAGES} positive integers (one per stage), got {self.depths!r}")
         for stage, depth in enumerate(self.depths):
             check_int("depths", depth, 1, MAX_DEPTH, f"stage {stage}: ")
         if not _int_list(self.num_heads) or len(self.num_heads) != len(self.depths):

@@ -24,7 +24,8 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -330,7 +331,8 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
     if num_labels is not None and id2label is not None and len(id2label) != num_labels:
         conflicts.append(f"labels: the head has {num_labels} outputs, {given_from} names {len(id2label)} classes")
     if num_labels is None and (asked := _classes_asked(given)):
-        conflicts.append(f"num_labels: the checkpoint has no classification head, {given_from} asks for {asked} classes")
+        conflicts.append(
+            f"num_labels: the checkpoint has no classification head, {given_from} asks for {asked} classes")
     if conflicts:
         raise ConversionError(f"{source} does not match {given_from}:\n  " + "\n  ".join(conflicts))
 
@@ -352,7 +354,8 @@ def build_config(inferred: Mapping[str, Any], given: Mapping[str, Any] | None, m
         model_type = "dinat"
         depths = inferred["depths"]
         if (not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths)
-                or any(not isinstance(s, (list, tuple)) or len(s) != d for s, d in zip(dilations, depths))):
+                or any(not isinstance(s, (list, tuple)) or len(s) != d
+                       for s, d in zip(dilations, depths, strict=True))):
             raise ConversionError(f"{given_from}: dilations {dilations} do not match the checkpoint's depths {depths}")
 
     if inferred["layer_scale"] and layer_scale <= 0:
@@ -412,7 +415,8 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, sourc
         for title, names in (("missing", error.missing), ("unexpected", error.unexpected),
                              ("wrong shape", error.misshaped)):
             if names:
-                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+                more = " ..." if len(names) > 10 else ""
+                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:10]) + more)
         raise ConversionError("\n".join(lines)) from None
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,8 @@ def config_from_original_args(source: str | os.PathLike | Mapping[str, Any]) -> 
         config_class = NatIsotropicConfig
         attention = ATTENTION_OF_LAYER.get(kwargs["layer"])
         if attention is None:
-            raise ConversionError(f"{where}: layer must be one of {sorted(ATTENTION_OF_LAYER)}, got {kwargs['layer']!r}")
+            raise ConversionError(
+                f"{where}: layer must be one of {sorted(ATTENTION_OF_LAYER)}, got {kwargs['layer']!r}")
         fields.update(image_size=kwargs["img_size"], depth=kwargs["depth"], attention=attention)
         if attention == "neighborhood":
             # Even layers attend locally (dilation 1), odd ones with the model's dilation.
@@ -156,7 +158,8 @@ def _labels(label_set: str | None, num_classes: Any, where: str) -> dict[str, An
     except (OSError, ValueError) as error:
         raise ConversionError(f"{where}: {error}") from None
     if len(names) != num_classes:
-        raise ConversionError(f"{where}: label set {label_set!r} names {len(names)} classes, num_classes is {num_classes}")
+        raise ConversionError(
+            f"{where}: label set {label_set!r} names {len(names)} classes, num_classes is {num_classes}")
     return {"id2label": dict(enumerate(names))}
 
 

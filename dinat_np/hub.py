@@ -39,7 +39,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import filelock
 
@@ -234,7 +235,8 @@ class _Progress:
             if self.total:
                 frac = min(done / self.total, 1.0)
                 bar = "#" * int(frac * 30)
-                line = f"\r  [{bar:<30}] {frac * 100:5.1f}%  {done / 1e6:.1f}/{self.total / 1e6:.1f} MB  {rate:.1f} MB/s"
+                line = (f"\r  [{bar:<30}] {frac * 100:5.1f}%  {done / 1e6:.1f}/{self.total / 1e6:.1f} MB  "
+                        f"{rate:.1f} MB/s")
             else:
                 line = f"\r  {done / 1e6:.1f} MB  {rate:.1f} MB/s"
             print(line, end="", file=sys.stderr, flush=True)
@@ -550,7 +552,8 @@ def resolve_model(name_or_path: str | os.PathLike, *, check_weights: WeightsChec
     if entry is not None and entry.get("local"):
         folder = packaged_weights_dir() / entry["local"]
         if not _is_model_folder(folder):
-            raise UnknownModelError(f"the packaged model {entry['name']!r} is missing from this installation ({folder})")
+            raise UnknownModelError(
+                f"the packaged model {entry['name']!r} is missing from this installation ({folder})")
         return folder
 
     home = cache_home()

@@ -84,7 +84,8 @@ class Weights:
         return self.tensor(name, (size,), init)
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool = True) -> Linear:
-        """``{name}.weight`` ``(out_features, in_features)`` and, when ``bias``, ``{name}.bias``, as HF's ``nn.Linear``."""
+        """``{name}.weight`` ``(out_features, in_features)`` and, when ``bias``, ``{name}.bias``, as HF's
+        ``nn.Linear``."""
         ops = self.backend
         tensor = self._fetch(f"{name}.weight", (out_features, in_features), "normal")
         weight = self._hand_out(f"{name}.weight", tensor, ops.linear_weight, lambda array: ops.download(array).T)
@@ -116,7 +117,8 @@ class Weights:
         tensor = self._fetch(f"{name}.weight", shape, "normal")
 
         def to_hf(array: Array) -> np.ndarray:  # the backends' (row, column, in) x out layout, back to OIHW
-            return ops.download(array).reshape(kernel_size, kernel_size, in_channels, out_channels).transpose(3, 2, 0, 1)
+            rows_columns_in_out = ops.download(array).reshape(kernel_size, kernel_size, in_channels, out_channels)
+            return rows_columns_in_out.transpose(3, 2, 0, 1)
 
         weight = self._hand_out(f"{name}.weight", tensor, ops.conv_weight, to_hf)
         return Conv(weight, self.vector(f"{name}.bias", out_channels) if bias else None)
@@ -185,7 +187,8 @@ class PatchEmbeddings:
         self.projection = weights.conv(
             f"{name}.patch_embeddings.projection", config.num_channels, config.embed_dim, config.patch_size, bias=True
         )
-        self.norm = LayerNorm(weights, f"{name}.norm", config.embed_dim, DEFAULT_LAYER_NORM_EPS) if config.patch_norm else None
+        self.norm = (LayerNorm(weights, f"{name}.norm", config.embed_dim, DEFAULT_LAYER_NORM_EPS)
+                     if config.patch_norm else None)
 
     def __call__(self, pixels: Array) -> Array:
         x = self.ops.patch_embedding(pixels, self.projection, self.patch_size)

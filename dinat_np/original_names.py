@@ -70,7 +70,7 @@ def original_to_hf(tensors: Mapping[str, np.ndarray], prefix: str = "dinat") -> 
             elif kind == "qkv":
                 if tensor.shape[0] % 3:
                     raise ConversionError(f"{name}: shape {tensor.shape} is not a fused q/k/v projection")
-                for part, chunk in zip(("query", "key", "value"), np.split(tensor, 3, axis=0)):
+                for part, chunk in zip(("query", "key", "value"), np.split(tensor, 3, axis=0), strict=True):
                     out[new.replace("{qkv}", part)] = chunk
             else:  # gamma
                 gammas.setdefault(new, {})[int(match.group(3)) - 1] = tensor

@@ -14,6 +14,7 @@ Both resize with Pillow on 8-bit RGB, so the same Pillow gives bit-identical res
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import math
@@ -21,7 +22,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -60,7 +62,7 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 # What counts as one image (not a collection of them) where one image or a list is accepted.
 _SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)
 
@@ -105,7 +107,7 @@ class ImageTooLargeError(ImageLoadError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def resample_from_name(value: Union[int, str, Image.Resampling]) -> Image.Resampling:
+def resample_from_name(value: int | str | Image.Resampling) -> Image.Resampling:
     """Map a Hugging Face integer code, a timm/torchvision name or a PIL enum to ``PIL.Image.Resampling``."""
     if isinstance(value, Image.Resampling):
         return value
@@ -285,7 +287,7 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _open_regular_file(path: Union[str, os.PathLike], name: str) -> io.BufferedReader:
+def _open_regular_file(path: str | os.PathLike, name: str) -> io.BufferedReader:
     """Open an image file for reading; anything but a regular file is refused, never read.
 
     Opening without blocking, then checking what was opened, means a FIFO without a writer (or a
@@ -381,10 +383,8 @@ def _as_triple(value: Any, what: str) -> tuple[float, float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         triple = (float(value),) * 3
     elif isinstance(value, (list, tuple)) and len(value) == 3:
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # not numbers: refused below, with the value
             triple = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            pass
     if len(triple) == 3 and all(math.isfinite(v) for v in triple):
         return triple  # type: ignore[return-value]
     raise ValueError(f"{what} must be a finite number or three (one per RGB channel), got {value!r}")
@@ -441,7 +441,8 @@ class ImageProcessor:
             not isinstance(self.shortest_edge, int) or isinstance(self.shortest_edge, bool)
             or not 1 <= self.shortest_edge <= MAX_OUTPUT_SIDE
         ):
-            raise ValueError(f"shortest_edge must be an integer from 1 to {MAX_OUTPUT_SIDE}, got {self.shortest_edge!r}")
+            raise ValueError(
+                f"shortest_edge must be an integer from 1 to {MAX_OUTPUT_SIDE}, got {self.shortest_edge!r}")
         if self.crop_size is not None:
             object.__setattr__(self, "crop_size", _as_pair(self.crop_size, "crop_size"))
         if self.crop_rounding not in ("floor", "round"):
@@ -470,12 +471,12 @@ class ImageProcessor:
     @classmethod
     def timm_eval(
         cls,
-        resolution: Union[int, Sequence[int]] = 224,
+        resolution: int | Sequence[int] = 224,
         crop_pct: float = 0.875,
-        interpolation: Union[str, int] = "bicubic",
+        interpolation: str | int = "bicubic",
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    ) -> "ImageProcessor":
+    ) -> ImageProcessor:
         """timm's ImageNet evaluation transform (what the SHI-Labs checkpoints were scored with).
 
         Resize the shorter side to ``floor(resolution / crop_pct)`` keeping the aspect ratio, center
@@ -500,7 +501,7 @@ class ImageProcessor:
         )
 
     @classmethod
-    def from_registry_entry(cls, entry: Union[str, Mapping[str, Any]]) -> "ImageProcessor":
+    def from_registry_entry(cls, entry: str | Mapping[str, Any]) -> ImageProcessor:
         """The evaluation transform of a registry entry (a dict, or a model name looked up in the registry).
 
         The entry's ``"preprocessing"`` block has ``resolution``, ``crop_pct``, ``interpolation``, ``mean``
@@ -525,7 +526,7 @@ class ImageProcessor:
         )
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], model_type: str | None = None) -> "ImageProcessor":
+    def from_hf_config(cls, config: Mapping[str, Any], model_type: str | None = None) -> ImageProcessor:
         """Settings of a Hugging Face ``preprocessor_config.json`` (ViT or ConvNext image processor).
 
         The processor class comes from ``image_processor_type`` (or the older ``feature_extractor_type``);
@@ -582,7 +583,7 @@ class ImageProcessor:
         )
 
     @classmethod
-    def from_pretrained(cls, folder: Union[str, os.PathLike]) -> "ImageProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike) -> ImageProcessor:
         """Read ``folder/preprocessor_config.json`` (model type from ``folder/config.json`` if needed)."""
         folder = Path(folder)
         path = folder / "preprocessor_config.json"
@@ -642,7 +643,8 @@ class ImageProcessor:
         if (resized_width, resized_height) == (width, height):
             kept = image.crop((left, top, right, bottom))
         elif resized_width * resized_height <= _WHOLE_RESIZE_PIXELS:
-            kept = image.resize((resized_width, resized_height), resample=self.resample).crop((left, top, right, bottom))
+            resized = image.resize((resized_width, resized_height), resample=self.resample)
+            kept = resized.crop((left, top, right, bottom))
         else:
             # Pillow resizes a box of the source with the filter of the whole resize, but takes its
             # corners in single precision and may pass the two axes in the other order: pixels may
@@ -679,7 +681,7 @@ class ImageProcessor:
             raise ImageLoadError(_describe(image), error.reason) from None
         return self.to_pixel_values(pixels)
 
-    def __call__(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+    def __call__(self, images: ImageInput | Iterable[ImageInput]) -> np.ndarray:
         """One image or a list of images -> float32 ``pixel_values`` of shape (B, 3, H, W)."""
         arrays = [self.preprocess(image) for image in as_image_list(images)]
         if not arrays:

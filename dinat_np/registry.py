@@ -13,7 +13,8 @@ import copy
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .configuration import read_json_object
 

@@ -14,7 +14,8 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np

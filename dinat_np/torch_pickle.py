@@ -33,7 +33,8 @@ import pickle
 import pickletools
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -207,7 +208,7 @@ class _Storage(_Sealed):
 
     __slots__ = ("reader", "key", "stype", "numel", "_array")
 
-    def __init__(self, reader: "_ArchiveReader", key: str, stype: _StorageType, numel: int):
+    def __init__(self, reader: _ArchiveReader, key: str, stype: _StorageType, numel: int):
         self._init(reader=reader, key=key, stype=stype, numel=numel, _array=None)
 
     def __repr__(self) -> str:
@@ -279,7 +280,7 @@ def _view(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | N
     if numel == 0:
         out = np.zeros(size_t, dtype=base.dtype)
     else:
-        last = offset + sum((n - 1) * s for n, s in zip(size_t, stride_t))
+        last = offset + sum((n - 1) * s for n, s in zip(size_t, stride_t, strict=True))
         if last >= base.size:
             raise TorchCheckpointError(
                 f"{storage.reader.path}: tensor view out of bounds: storage {storage.key} has {base.size} elements, "
@@ -515,7 +516,7 @@ class _ArchiveReader:
             self.zip.close()
             raise
 
-    def __enter__(self) -> "_ArchiveReader":
+    def __enter__(self) -> _ArchiveReader:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -14,7 +14,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # Workers on other machines need this folder on a shared file system (and dinat-np installed at the
 # same path, which Numba's cache index records).

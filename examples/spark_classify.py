@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import scale_out_common as common  # first: it sets NUMBA_CACHE_DIR before Numba loads
 

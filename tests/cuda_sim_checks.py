@@ -346,7 +346,7 @@ def check_family_models() -> None:
         for field in ("hidden_states", "attentions"):
             ours, theirs = getattr(actual, field), getattr(expected, field)
             results[f"family_{name}_{field}_count"] = 0.0 if len(ours) == len(theirs) else float("inf")
-            for i, (a, e) in enumerate(zip(ours, theirs)):
+            for i, (a, e) in enumerate(zip(ours, theirs, strict=False)):
                 record(f"family_{name}_{field}_{i}", a, e)
 
 

@@ -20,7 +20,7 @@ import json
 import socket
 import threading
 import urllib.parse
-from typing import Iterator
+from collections.abc import Iterator
 
 _LARGE = (".safetensors", ".bin")
 

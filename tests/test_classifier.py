@@ -30,7 +30,7 @@ def test_predictions_are_ranked_softmax_of_the_logits(classifier, tmp_path):
     logits = classifier.model(pixels).logits.astype(np.float64)
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
-    for row, predictions in zip(probabilities, results):
+    for row, predictions in zip(probabilities, results, strict=True):
         assert [p.rank for p in predictions] == [1, 2, 3, 4]
         expected_order = np.argsort(-row, kind="stable")[:4]
         assert [p.index for p in predictions] == list(expected_order)
@@ -45,7 +45,7 @@ def test_inputs_of_every_kind_and_batch_sizes_agree(classifier):
     images = [random_image(seed) for seed in range(5)]
     one_by_one = classifier.predict(images, top_k=3, batch_size=1)
     batched = classifier.predict(images, top_k=3, batch_size=4)
-    for a, b in zip(one_by_one, batched):
+    for a, b in zip(one_by_one, batched, strict=True):
         assert [p.index for p in a] == [p.index for p in b]
         np.testing.assert_allclose([p.score for p in a], [p.score for p in b], rtol=1e-5)
     single = classifier.predict(np.asarray(images[0]), top_k=3)
@@ -220,7 +220,8 @@ def test_registry_preprocessing_for_names_only(tmp_path, monkeypatch):
     block = {"resolution": 160, "crop_pct": 0.9, "interpolation": "bilinear"}
     registry.write_text(json.dumps({"models": {"tiny-net": {"local": str(folder), "preprocessing": block}}}))
     monkeypatch.setenv("DINAT_NP_REGISTRY", str(registry))
-    assert hub.resolve_model("tiny-net", check_weights=check_weights) == folder  # an absolute "local" path is taken as is
+    # an absolute "local" path is taken as is
+    assert hub.resolve_model("tiny-net", check_weights=check_weights) == folder
     by_name = ImageClassifier.from_pretrained("tiny-net")
     assert by_name.processor == ImageProcessor.timm_eval(160, 0.9, "bilinear")
     monkeypatch.chdir(folder.parent)  # now "tiny-net" is also a folder, which wins over the name
@@ -296,7 +297,7 @@ def test_end_to_end_equals_transformers_pipeline(tmp_path):
         expected = pipe(photos, top_k=5)
 
     ours = ImageClassifier.from_pretrained(folder).predict(photos, top_k=5)
-    for hf_rows, our_rows in zip(expected, ours):
+    for hf_rows, our_rows in zip(expected, ours, strict=True):
         assert [row["label"] for row in hf_rows] == [p.label for p in our_rows]
         np.testing.assert_allclose([p.score for p in our_rows], [row["score"] for row in hf_rows], atol=1e-5)
     assert max(ours[0][0].score, ours[1][0].score) > 0.3  # confident enough that the ranking means something

@@ -67,7 +67,7 @@ def test_table_output(model_args, label_names, photos):
     assert result.returncode == 0, result.stderr
     blocks = result.stdout.strip().split("\n\n")
     assert len(blocks) == 2
-    for block, path in zip(blocks, photos[:2]):
+    for block, path in zip(blocks, photos[:2], strict=True):
         lines = block.splitlines()
         assert lines[0] == str(path)
         assert lines[1].split() == ["rank", "probability", "label"]
@@ -93,7 +93,7 @@ def test_json_schema_and_scores_match_the_python_api(model_args, label_names, ph
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)  # stdout is exactly one JSON document (no progress bar in it)
     assert isinstance(document, list) and len(document) == 3
-    for entry, path in zip(document, photos):
+    for entry, path in zip(document, photos, strict=True):
         assert set(entry) == {"path", "predictions"}
         assert entry["path"] == str(path)
         predictions = entry["predictions"]
@@ -111,7 +111,7 @@ def test_json_schema_and_scores_match_the_python_api(model_args, label_names, ph
 
     target = "digits-demo" if model_args[0] == "--model" else model_args[1]
     expected = ImageClassifier.from_pretrained(target).predict([str(p) for p in photos], top_k=4)
-    for entry, predictions in zip(document, expected):
+    for entry, predictions in zip(document, expected, strict=True):
         assert [p["index"] for p in entry["predictions"]] == [p.index for p in predictions]
         np.testing.assert_allclose(
             [p["score"] for p in entry["predictions"]], [p.score for p in predictions], rtol=1e-5, atol=1e-7

@@ -213,16 +213,20 @@ def _save_modified(tmp_path: Path, change) -> Path:
 @pytest.mark.parametrize(
     "change, pattern",
     [
-        (lambda sd: sd.pop("levels.1.blocks.0.mlp.fc2.bias"), r"missing \(1\): dinat\.encoder\.levels\.1\.layers\.0\.output\.dense\.bias"),
-        (lambda sd: sd.pop("levels.2.downsample.reduction.weight"), r"missing \(1\): dinat\.encoder\.levels\.2\.downsample"),
+        (lambda sd: sd.pop("levels.1.blocks.0.mlp.fc2.bias"),
+         r"missing \(1\): dinat\.encoder\.levels\.1\.layers\.0\.output\.dense\.bias"),
+        (lambda sd: sd.pop("levels.2.downsample.reduction.weight"),
+         r"missing \(1\): dinat\.encoder\.levels\.2\.downsample"),
         (lambda sd: sd.__setitem__("levels.0.blocks.1.mlp.fc2.weight", torch.randn(16, 31)),
-         r"wrong shape \(1\): dinat\.encoder\.levels\.0\.layers\.1\.output\.dense\.weight \(16, 31\) != expected \(16, 32\)"),
+         r"wrong shape \(1\): dinat\.encoder\.levels\.0\.layers\.1\.output\.dense\.weight "
+         r"\(16, 31\) != expected \(16, 32\)"),
         (lambda sd: sd.__setitem__("levels.3.blocks.0.attn.rpb", torch.randn(4, 7, 7)), r"kernel size"),
         (lambda sd: sd.__setitem__("levels.1.blocks.1.attn.rpb", torch.randn(3, 9, 9)), r"level 1: layers disagree"),
         (lambda sd: sd.__setitem__("levels.0.blocks.0.attn.qkv.weight", torch.randn(47, 16)), r"fused q/k/v"),
         (lambda sd: sd.__setitem__("levels.0.blocks.0.attn.relative_position_index", torch.zeros(3)),
          r"no DiNAT/NAT counterpart: levels\.0\.blocks\.0\.attn\.relative_position_index"),
-        (lambda sd: sd.pop("levels.0.blocks.0.attn.rpb"), r"missing tensor 'encoder\.levels\.0\.layers\.0\.attention\.self\.rpb'"),
+        (lambda sd: sd.pop("levels.0.blocks.0.attn.rpb"),
+         r"missing tensor 'encoder\.levels\.0\.layers\.0\.attention\.self\.rpb'"),
         (lambda sd: sd["norm.weight"].__setitem__(3, float("nan")), r"NaN/inf.*dinat\.layernorm\.weight"),
     ],
 )

@@ -138,7 +138,8 @@ def test_samples_are_labelled_held_out_digits(digits):
         with Image.open(path) as im:
             assert im.mode == "RGB" and im.size == (8, 8)
             pixels = np.asarray(im)
-        matches = [i for i in held if labels[i] == label and np.array_equal(data.digit_to_uint8(images[i]), pixels[..., 0])]
+        matches = [i for i in held
+                   if labels[i] == label and np.array_equal(data.digit_to_uint8(images[i]), pixels[..., 0])]
         assert matches, f"{path.name} is not a held-out image of class {label}"
 
 

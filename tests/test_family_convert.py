@@ -90,7 +90,8 @@ def test_arguments_read_from_a_json_file_with_a_label_set(tmp_path):
         ({"constructor": "DiNAT_s", "kwargs": {"dilations": [[1], [1], [1], [1]]}}, "dilations"),
         ({"constructor": "NATIsotropic", "kwargs": {"layer": "SwinLayer"}}, "layer must be one of"),
         ({"constructor": "NATIsotropic", "kwargs": {"dilation": None}}, "dilations"),
-        ({"constructor": "NATIsotropic", "kwargs": {"num_classes": 5}, "label_set": "imagenet1k"}, "names 1000 classes"),
+        ({"constructor": "NATIsotropic", "kwargs": {"num_classes": 5}, "label_set": "imagenet1k"},
+         "names 1000 classes"),
         ({"constructor": "DiNAT_s", "kwargs": {"qk_scale": 0.1}}, "qk_scale 0.1 is not supported"),
     ],
 )
@@ -197,7 +198,8 @@ def test_a_relabelled_vitrpb_index_is_honoured_and_a_broken_one_refused():
 
 
 def test_the_registry_lists_the_twelve_published_models():
-    family = {name for name, entry in load_registry().items() if entry.get("model_type") in ("dinat_s", "nat_isotropic")}
+    family = {name for name, entry in load_registry().items()
+              if entry.get("model_type") in ("dinat_s", "nat_isotropic")}
     assert family == set(REGISTRY_NAMES)
 
 

@@ -28,7 +28,7 @@ def models(constructor: str, kwargs: dict, seed: int):
     return reference, model, tensors
 
 
-def close(actual: np.ndarray, expected: "torch.Tensor", name: str) -> None:
+def close(actual: np.ndarray, expected: torch.Tensor, name: str) -> None:
     assert actual.shape == tuple(expected.shape), name
     np.testing.assert_allclose(actual, expected.numpy(), rtol=0, atol=ATOL, err_msg=name)
 
@@ -74,7 +74,9 @@ def test_random_dinat_s(seed):
         channels = state.shape[-1]
         norms[stage] = (1.0 + 0.2 * rng.standard_normal(channels).astype(np.float32),
                         0.1 * rng.standard_normal(channels).astype(np.float32))
-        backbone_tensors[f"hidden_states_norms.{stage}.weight"], backbone_tensors[f"hidden_states_norms.{stage}.bias"] = norms[stage]
+        weight, bias = norms[stage]
+        backbone_tensors[f"hidden_states_norms.{stage}.weight"] = weight
+        backbone_tensors[f"hidden_states_norms.{stage}.bias"] = bias
     backbone = DinatSBackbone(config, tensors=backbone_tensors, source="the reference")
     maps = backbone(pixels, output_hidden_states=True)
     for i, (stage, state) in enumerate(zip(stages, before_merging, strict=True)):
@@ -90,7 +92,8 @@ def test_random_nat_and_dinat_isotropic(seed):
     heads = int(rng.choice([1, 2, 4]))
     kwargs = dict(
         patch_size=int(rng.choice([4, 8, 16])), embed_dim=8 * heads, depth=int(rng.integers(1, 5)), num_heads=heads,
-        kernel_size=int(rng.choice([3, 5, 7])), dilation=int(rng.integers(1, 4)), mlp_ratio=float(rng.choice([2.0, 4.0])),
+        kernel_size=int(rng.choice([3, 5, 7])), dilation=int(rng.integers(1, 4)),
+        mlp_ratio=float(rng.choice([2.0, 4.0])),
         qkv_bias=bool(rng.random() < 0.8), patch_norm=bool(rng.random() < 0.8), num_classes=int(rng.choice([0, 7])),
     )
     # Any input size: the original ran at img_size // patch_size tokens per side only; maps smaller than

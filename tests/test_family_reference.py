@@ -17,7 +17,7 @@ FAMILY = DATA / "family"
 MANIFEST = {item["name"]: item for item in json.loads((FAMILY / "manifest.json").read_text())["models"]}
 
 
-def load_fixture(name: str) -> tuple["torch.nn.Module", dict]:
+def load_fixture(name: str) -> tuple[torch.nn.Module, dict]:
     item = MANIFEST[name]
     model = build(item["constructor"], item["kwargs"])
     model.load_state_dict(torch.load(FAMILY / name / "checkpoint.pth", weights_only=True), strict=True)

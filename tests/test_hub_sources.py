@@ -65,10 +65,12 @@ class Child:
                                                          "dilations": [[1, 3], [1, 2], [1, 1], [1]], "mlp_ratio": 2.0},
                  "hf_repo": REPO, "url": f"{hub.url}/files/checkpoint.pth", "label_set": None}
         original = {**entry, "hf_repo": None}
-        (root / "registry.json").write_text(json.dumps({"models": {"tiny-dinat": entry, "tiny-dinat-original": original}}))
+        registry = {"models": {"tiny-dinat": entry, "tiny-dinat-original": original}}
+        (root / "registry.json").write_text(json.dumps(registry))
 
     def start(self, name: str, extra_env: dict | None = None, **options) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", RESOLVE, name, json.dumps(options)], env={**self.env, **(extra_env or {})},
+        return subprocess.Popen([sys.executable, "-c", RESOLVE, name, json.dumps(options)],
+                                env={**self.env, **(extra_env or {})},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def resolve(self, name: str, extra_env: dict | None = None, **options) -> tuple[dict, str]:
@@ -105,7 +107,8 @@ def test_first_online_then_offline_from_the_cache(child: Child) -> None:
     assert _same_tensors(folder, HF_MODEL / "model.safetensors")
     assert json.loads((folder / "preprocessor_config.json").read_text()) == PREPROCESSOR
     snapshot = child.root / "hf" / "models--test-org--tiny-dinat" / "snapshots" / commit
-    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in snapshot.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
     expected = np.load(HF_MODEL / "expected.npz")
     logits = DinatForImageClassification.from_pretrained(folder)(expected["pixel_values"]).logits
     np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-4)
@@ -156,7 +159,8 @@ def test_a_revision_pins_the_weights(child: Child, tmp_path: Path) -> None:
     tensors = {k: np.array(v) for k, v in read_safetensors(HF_MODEL / "model.safetensors").items()}
     tensors["classifier.bias"] = tensors["classifier.bias"] + np.float32(1.0)
     write_safetensors(tmp_path / "second.safetensors", tensors)
-    second = child.hub.publish(REPO, {**_hf_files(), "model.safetensors": (tmp_path / "second.safetensors").read_bytes()})
+    second = child.hub.publish(
+        REPO, {**_hf_files(), "model.safetensors": (tmp_path / "second.safetensors").read_bytes()})
     child.hub.branches[REPO]["v1"] = first  # a tag
 
     latest = Path(child.resolve(REPO)[0]["folder"])
@@ -245,7 +249,7 @@ def _race(child: Child, name: str, lock_name: str) -> list[tuple[str, str]]:
             assert time.monotonic() < deadline and all(p.poll() is None for p in processes), stderr
             time.sleep(0.1)
     results = []
-    for process, lines in zip(processes, stderr):
+    for process, lines in zip(processes, stderr, strict=True):
         out = process.stdout.read()
         process.wait(timeout=120)
         results.append((out, "".join(lines)))

@@ -29,7 +29,8 @@ def random_config(seed: int) -> dict:
     heads = [int(h) for h in rng.choice([1, 2, 4], size=4)]
     embed_dim = int(rng.choice([8, 16])) * max(heads[0], 1)
     kernel_size = int(rng.choice([3, 5, 7, 9, 11]))
-    dilations = [[int(d) for d in rng.integers(1, 9 if stage == 0 else 4, size=depth)] for stage, depth in enumerate(depths)]
+    dilations = [[int(d) for d in rng.integers(1, 9 if stage == 0 else 4, size=depth)]
+                 for stage, depth in enumerate(depths)]
     return dict(
         embed_dim=embed_dim, depths=depths, num_heads=heads, kernel_size=kernel_size, dilations=dilations,
         mlp_ratio=float(rng.choice([2.0, 3.0])), layer_scale_init_value=float(rng.choice([0.0, 0.1])),
@@ -56,7 +57,7 @@ def compare(config_kwargs: dict, pixels: np.ndarray, tmp_path, seed: int, nat: b
     for name in ("hidden_states", "reshaped_hidden_states", "attentions"):
         ours, theirs = getattr(out, name), getattr(expected, name)
         assert len(ours) == len(theirs), name
-        for i, (a, b) in enumerate(zip(ours, theirs)):
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             assert a.shape == tuple(b.shape), f"{name}.{i}"
             np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=ATOL, err_msg=f"{name}.{i}")
 

@@ -43,7 +43,7 @@ def test_base_models_and_backbones_keep_their_settings() -> None:
     backbone = DinatBackbone(config, seed=4)
     maps, copied = backbone(pixels).feature_maps, _round_trip(backbone)(pixels).feature_maps
     assert len(maps) == len(copied) == 2
-    for ours, theirs in zip(maps, copied):
+    for ours, theirs in zip(maps, copied, strict=True):
         np.testing.assert_array_equal(ours, theirs)
 
 

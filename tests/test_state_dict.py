@@ -1,4 +1,5 @@
-"""model.safetensors through the safetensors package: the reference's rules, bfloat16, atomic writes, no copy at load."""
+"""model.safetensors through the safetensors package: the reference's rules, bfloat16, atomic writes, no copy
+at load."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_round_trip_in_each_storage_dtype_and_the_reference_reads_it(tmp_path: P
         np.testing.assert_array_equal(raw["steps"], tensors["steps"])
         widened = read_safetensors(path)
         assert widened["layer.weight"].dtype == np.float32
-        np.testing.assert_array_equal(widened["layer.weight"], tensors["layer.weight"].astype(stored).astype(np.float32))
+        np.testing.assert_array_equal(widened["layer.weight"],
+                                      tensors["layer.weight"].astype(stored).astype(np.float32))
         reference = safetensors.numpy.load_file(path)
         assert sorted(reference) == sorted(tensors)
         assert reference["layer.weight"].tobytes() == raw["layer.weight"].tobytes()

@@ -141,7 +141,8 @@ def test_patched_hf_nat_runs_with_dilation_one():
         torch.manual_seed(0)
         nat = NatForImageClassification(NatConfig(**kwargs)).eval()
         dinat = DinatForImageClassification(DinatConfig(dilations=[[1], [1], [1, 1], [1]], **kwargs)).eval()
-        state = {name.replace("nat.", "dinat.", 1) if name.startswith("nat.") else name: t for name, t in nat.state_dict().items()}
+        state = {name.replace("nat.", "dinat.", 1) if name.startswith("nat.") else name: t
+                 for name, t in nat.state_dict().items()}
         dinat.load_state_dict(state)
         with torch.no_grad():
             a = nat(pixel_values).logits

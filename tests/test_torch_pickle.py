@@ -426,7 +426,8 @@ def test_oversized_pickle_is_refused_unread(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_fixture_checkpoints_match_torch() -> None:
-    for path in (DATA / "original_nat_layerscale" / "checkpoint.pth", DATA / "hf_dinat_small_cfg" / "pytorch_model.bin"):
+    for path in (DATA / "original_nat_layerscale" / "checkpoint.pth",
+                 DATA / "hf_dinat_small_cfg" / "pytorch_model.bin"):
         ours = load_torch_checkpoint(path)
         ref = torch.load(path, weights_only=True)
         assert list(ours) == list(ref)

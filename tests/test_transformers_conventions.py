@@ -38,7 +38,8 @@ def hf_folder(tmp_path: Path) -> Path:
 
 
 def test_calling_the_classifier_answers_as_the_image_classification_pipeline(hf_folder: Path, tmp_path: Path) -> None:
-    ours = ImageClassifier.from_pretrained(convert_checkpoint(hf_folder, tmp_path / "ours", check_weights=check_weights))
+    converted = convert_checkpoint(hf_folder, tmp_path / "ours", check_weights=check_weights)
+    ours = ImageClassifier.from_pretrained(converted)
     images = [random_image(seed, size) for seed, size in ((1, (80, 60)), (2, (64, 64)), (3, (50, 90)))]
     with patch_transformers():
         pipe = transformers.pipeline("image-classification", model=str(hf_folder), framework="pt")
@@ -46,7 +47,7 @@ def test_calling_the_classifier_answers_as_the_image_classification_pipeline(hf_
     one, every = ours(images[0], top_k=3), ours(images, top_k=3)
     assert isinstance(one, list) and all(set(answer) == {"label", "score"} for answer in one)
     assert len(every) == 3 and all(len(answers) == 3 for answers in every)
-    for mine, reference in zip([one] + every, [theirs_one] + theirs_all):
+    for mine, reference in zip([one] + every, [theirs_one] + theirs_all, strict=True):
         assert [a["label"] for a in mine] == [a["label"] for a in reference]
         np.testing.assert_allclose([a["score"] for a in mine], [a["score"] for a in reference], rtol=0, atol=1e-5)
     assert ours(images[0]) == ours(images[0], top_k=5) and len(ours(images[0], top_k=50)) == 10  # as the pipeline

@@ -25,7 +25,6 @@ models in place of NATTEN.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import numpy as np
 import torch
@@ -92,7 +91,7 @@ def na2d_qk(
     key: torch.Tensor,
     kernel_size: int,
     dilation: int = 1,
-    rpb: Optional[torch.Tensor] = None,
+    rpb: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Neighborhood attention logits ``q . k`` (+ rpb), no scaling applied.
 
@@ -223,7 +222,7 @@ class patch_transformers:  # noqa: N801 - used like a function / context manager
             import_utils.BACKENDS_MAPPING["natten"] = self._saved_mapping
             self._saved_mapping = None
 
-    def __enter__(self) -> "patch_transformers":
+    def __enter__(self) -> patch_transformers:
         return self
 
     def __exit__(self, *exc_info) -> None:

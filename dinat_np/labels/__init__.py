@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 __all__ = ["label_set_names", "load_label_set", "packaged_labels", "read_label_file"]
 
@@ -20,7 +19,7 @@ _DIRECTORY = Path(__file__).resolve().parent
 _SIZES = {"imagenet1k": 1000, "imagenet22k": 21841}
 
 
-def read_label_file(path: Union[str, os.PathLike]) -> list[str]:
+def read_label_file(path: str | os.PathLike) -> list[str]:
     """Class names by index from a label file (see the module docstring for the format).
 
     Raises:

@@ -99,7 +99,8 @@ class GlobalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         if (height, width) != (self.length, self.length):
-            raise ValueError(f"token grid {height}x{width}, the relative position bias is for {self.length}x{self.length}")
+            raise ValueError(
+                f"token grid {height}x{width}, the relative position bias is for {self.length}x{self.length}")
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, tokens, head_dim)
         bias = self.rpb.flatten(1)[:, self.relative_position_index]  # (heads, tokens, tokens)
@@ -170,7 +171,7 @@ class DiNATs(nn.Module):
         _check_training_only(training_only)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.layers = nn.ModuleList()
-        for stage, (depth, heads) in enumerate(zip(depths, num_heads)):
+        for stage, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
             dim = embed_dim * 2**stage
             blocks = [
                 TransformerLayer(dim, NeighborhoodSelfAttention(

@@ -40,7 +40,8 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(digits.images, dtype=np.float64), np.asarray(digits.target, dtype=np.int64)
 
 
-def held_out_split(labels: np.ndarray, seed: int = SPLIT_SEED, fraction: float = HELD_OUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def held_out_split(labels: np.ndarray, seed: int = SPLIT_SEED,
+                   fraction: float = HELD_OUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train / held-out split.
 
     Per class, the images are permuted with ``numpy.random.default_rng(seed)`` (classes visited

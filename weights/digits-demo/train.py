@@ -124,7 +124,8 @@ def _atomic_move(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def save(model, processor, images: np.ndarray, labels: np.ndarray, held_out: np.ndarray, out_dir: Path) -> list[tuple[str, int]]:
+def save(model, processor, images: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
+         out_dir: Path) -> list[tuple[str, int]]:
     """Write the model folder; every file goes to a temp name in the same folder, then renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out_dir))

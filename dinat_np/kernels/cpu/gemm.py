@@ -31,7 +31,8 @@ from .simd import FAST, LANES, broadcast, fma, load, scratch, splat, store
 
 
 def _has_wide_vectors() -> bool:
-    # the features Numba compiles for: NUMBA_CPU_FEATURES where set, none for a named CPU (e.g. generic), else the host's
+    # the features Numba compiles for: NUMBA_CPU_FEATURES where set, none for a named CPU (e.g. generic),
+    # else the host's
     named_cpu = os.environ.get("NUMBA_CPU_NAME", "host") != "host"
     features = os.environ.get("NUMBA_CPU_FEATURES") or ("" if named_cpu else binding.get_host_cpu_features().flatten())
     return "+avx512f" in features.split(",")
