@@ -105,11 +105,9 @@ class _ArchitectureChecks:
             self.config._fail("dilations", f"must give an integer from 1 to {MAX_DILATION} for each {what}, "
                                            f"got {dilations!r:.200}")
 
-    def parameters(self, widths_of_layers: list[int]) -> None:
-        """Refuse a model whose transformer layers (about (4 + 2 * mlp_ratio) * width**2 values each) hold
-        more than MAX_PARAMETERS values, before anything is allocated."""
-        per_width = 4 + 2 * self.value("mlp_ratio")
-        count = sum(per_width * width * width for width in widths_of_layers)
+    def parameters(self) -> None:
+        """Refuse a model of more than MAX_PARAMETERS values, before anything is allocated."""
+        count = self.config.parameter_count()
         if count > MAX_PARAMETERS:
             self.config._fail("depths", f"the layers would hold about {count:,.0f} parameters, above the limit of "
                                         f"{MAX_PARAMETERS:,}")
@@ -197,18 +195,25 @@ class DinatSConfig(ModelConfig):
     def stage_names(self) -> list[str]:
         return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
 
+    def parameter_count(self, head: bool = True) -> int:
+        """A lower bound of the values the weights hold (the layers' matrices; the classifier's with ``head``):
+        enough to refuse an impossible model, and a file far too small for its config (tensor_checks)."""
+        widths = [self.embed_dim * 2**stage for stage, depth in enumerate(self.depths) for _ in range(depth)]
+        return _layer_values(widths, self.mlp_ratio, self.num_labels * self.hidden_size if head else 0)
+
     def _validate(self) -> None:
         checks = _ArchitectureChecks(self)
         checks.common()
         if (not _int_list(self.depths) or not 1 <= len(self.depths) <= MAX_STAGES
                 or not all(1 <= depth <= MAX_DEPTH for depth in self.depths)):
-            self._fail("depths", f"must list 1 to {MAX_STAGES} stages of 1 to {MAX_DEPTH} layers, got {self.depths!r:.200}")
+            self._fail("depths", f"must list 1 to {MAX_STAGES} stages of 1 to {MAX_DEPTH} layers, "
+                                 f"got {self.depths!r:.200}")
         if not isinstance(self.num_heads, list) or len(self.num_heads) != len(self.depths):
             self._fail("num_heads", f"needs one entry per stage ({len(self.depths)}), got {self.num_heads!r}")
         checks.heads_divide("num_heads", [(self.embed_dim * 2**i, h) for i, h in enumerate(self.num_heads)])
         checks.kernel_size()
         checks.dilations(self.dilations, self.depths, "layer of each stage (one list per stage)")
-        checks.parameters([self.embed_dim * 2**stage for stage, depth in enumerate(self.depths) for _ in range(depth)])
+        checks.parameters()
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -271,13 +276,18 @@ class NatIsotropicConfig(ModelConfig):
         """Tokens per side at ``image_size``: the grid a global attention's bias table is made for."""
         return self.image_size // self.patch_size
 
+    def parameter_count(self, head: bool = True) -> int:
+        """A lower bound of the values the weights hold (the layers' matrices; the classifier's with ``head``)."""
+        head_values = self.num_labels * self.embed_dim if head else 0
+        return _layer_values([self.embed_dim] * self.depth, self.mlp_ratio, head_values)
+
     def _validate(self) -> None:
         checks = _ArchitectureChecks(self)
         checks.common()
         checks.positive_int("image_size", MAX_IMAGE_SIZE)
         checks.positive_int("depth", MAX_DEPTH)
         checks.heads_divide("num_heads", [(self.embed_dim, self.num_heads)])
-        checks.parameters([self.embed_dim] * self.depth)
+        checks.parameters()
         if self.attention not in ATTENTION_KINDS:
             self._fail("attention", f"must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.attention == "neighborhood":
@@ -285,6 +295,12 @@ class NatIsotropicConfig(ModelConfig):
             checks.dilations([self.dilations], [self.depth], "layer (a list of depth integers)")
         elif self.grid_size < 1:
             self._fail("image_size", f"{self.image_size} is smaller than one {self.patch_size}-pixel patch")
+
+
+def _layer_values(widths: list[int], mlp_ratio: float, head: int) -> int:
+    """At least this many values make a model whose transformer layers have these widths: each layer's
+    weight matrices ((4 + 2 * mlp_ratio) * width**2: q, k, v, output, the MLP), plus the ``head``'s."""
+    return int(sum((4 + 2 * mlp_ratio) * width * width for width in widths)) + head
 
 
 _DINAT_ALIASES = ("dinat", "nat")

@@ -4,6 +4,8 @@ converts at full size; the Auto classes load every family member."""
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 
@@ -29,7 +31,9 @@ from dinat_np import (  # noqa: E402
 )
 from dinat_np.cli.classify import main as classify_main  # noqa: E402
 from dinat_np.cli.convert import main as convert_main  # noqa: E402
-from dinat_np.convert import ConversionError, _check_tensors, convert_checkpoint  # noqa: E402
+from dinat_np import convert  # noqa: E402
+from dinat_np import registry as registry_module  # noqa: E402
+from dinat_np.convert import ConversionError, _check_tensors  # noqa: E402
 from dinat_np.convert_family import (  # noqa: E402
     config_from_registry_entry,
     convert_family_state_dict,
@@ -37,6 +41,9 @@ from dinat_np.convert_family import (  # noqa: E402
 )
 from dinat_np.state_dict import read_safetensors  # noqa: E402
 from reference.family import build  # noqa: E402
+from dinat_np.modeling_auto import check_weights  # noqa: E402
+
+convert_checkpoint = functools.partial(convert.convert_checkpoint, check_weights=check_weights)
 
 from classify_helpers import write_photos  # noqa: E402
 from conftest import DATA, http_file_server  # noqa: E402
@@ -172,7 +179,7 @@ def test_a_family_registry_name_downloads_converts_and_classifies(tmp_path, monk
     registry = tmp_path / "registry.json"
     registry.write_text(json.dumps({"models": {"tiny-dinat-s": entry}}))
     with http_file_server({"checkpoint.pth": (FAMILY / item["name"] / "checkpoint.pth").read_bytes()}) as server:
-        monkeypatch.setenv(hub.ENV_REGISTRY, str(registry))
+        monkeypatch.setenv(registry_module.ENV_REGISTRY, str(registry))
         monkeypatch.setenv(hub.ENV_HOME, str(tmp_path / "home"))
         monkeypatch.setenv(hub.ENV_BASE_URL, server.url)
         classifier = ImageClassifier.from_pretrained("tiny-dinat-s", progress=False)
@@ -231,7 +238,7 @@ def test_published_architectures_convert_at_full_size(name, random_block):
     original = original_state(name, random_block)
     config = config_from_registry_entry(hub.registry_entry(name))
     # the check builds the model: every tensor present, none left over, every shape right
-    tensors = convert_family_state_dict(original, config, name, lambda c, t, s: _check_tensors(t, c, s))
+    tensors = convert_family_state_dict(original, config, name, lambda c, t, s: _check_tensors(t, c, s, check_weights))
     prefix = config.model_type
     fused = sum(n.endswith((".qkv.weight", ".qkv.bias")) for n in original)
     stored_index = sum(n.endswith("relative_position_index") for n in original)
