@@ -100,7 +100,7 @@ class _ArchitectureChecks:
         """``dilations``: one list of integers >= 1 per entry of ``lengths``, of that length."""
         if not isinstance(dilations, list) or len(dilations) != len(lengths) or any(
             not _int_list(row) or len(row) != length or not all(1 <= d <= MAX_DILATION for d in row)
-            for row, length in zip(dilations, lengths)
+            for row, length in zip(dilations, lengths, strict=True)
         ):
             self.config._fail("dilations", f"must give an integer from 1 to {MAX_DILATION} for each {what}, "
                                            f"got {dilations!r:.200}")
