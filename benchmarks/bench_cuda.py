@@ -1,6 +1,8 @@
 """GPU benchmark of dinat-np's CUDA backend against PyTorch on the same GPU (issue 6). Run by hand, not in CI.
 
-    python benchmarks/bench_cuda.py [--batch-sizes 1 32] [--repeats 20] [--warmup 3] [--json results.json]
+    python -m benchmarks.bench_cuda [--batch-sizes 1 32] [--repeats 20] [--warmup 3] [--json results.json]
+
+(from the repository root, so that the PyTorch reference imports as ``tests.reference.torch_natten``)
 
 Needs a CUDA GPU, ``numba-cuda`` (``pip install 'dinat-np[gpu]'``) and, for the baseline, a CUDA build of
 torch plus ``transformers==4.53.3``. One run measures dinat-mini (HF's default ``DinatConfig``: embed_dim
@@ -10,7 +12,7 @@ perturbed so that biases and rpb are not zero):
 * PyTorch eager: transformers' own ``DinatForImageClassification`` on the GPU, float32 throughout (TF32
   off for matmuls and cuDNN convolutions unless ``--allow-tf32``), ``torch.inference_mode``. Neighborhood
   attention comes from NATTEN when NATTEN with its legacy ``natten2dqkrpb``/``natten2dav`` ops is
-  importable, otherwise from the test-suite reference ``tests/torch_natten.py`` (plain PyTorch gathers
+  importable, otherwise from the test-suite reference ``tests/reference/torch_natten.py`` (plain PyTorch gathers
   and einsums); the run records which;
 * dinat-np: the same weights saved by ``save_pretrained`` and loaded with
   ``DinatForImageClassification.from_pretrained(folder, device="cuda")``.
@@ -33,7 +35,6 @@ import importlib.util
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +43,6 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 224
 NUM_LABELS = 1000
 
@@ -93,11 +93,10 @@ def build_torch_model(device: str) -> tuple[Any, str]:
     if natten_has_legacy_ops():
         attention = "NATTEN"
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from torch_natten import patch_transformers
+        from tests.reference.torch_natten import patch_transformers
 
         patch_transformers()  # for the rest of this process
-        attention = "tests/torch_natten.py reference (NATTEN not importable)"
+        attention = "tests/reference/torch_natten.py reference (NATTEN not importable)"
     from transformers import DinatConfig, DinatForImageClassification
 
     torch.manual_seed(0)
@@ -171,7 +170,6 @@ def profile_ops(
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(REPO))
     from dinat_np import DinatForImageClassification as NpModel
     from dinat_np.kernels import get_backend
 

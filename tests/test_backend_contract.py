@@ -24,7 +24,6 @@ from dinat_np.kernels.cpu import blas
 from dinat_np.kernels.backend import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
 
 # What each backend offers besides the contract's ops.
 EXTRAS = {"cpu": {"set_up_process", "set_num_threads"}, "cuda": {"require_gpu"}}
@@ -81,10 +80,10 @@ def test_the_cpu_backend_satisfies_the_contract():
 
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed")
 def test_the_cuda_backend_satisfies_the_contract():
-    script = ("import json\nfrom dinat_np.kernels import cuda\nimport test_backend_contract as contract\n"
+    script = ("import json\nfrom dinat_np.kernels import cuda\nfrom tests import test_backend_contract as contract\n"
               "print(json.dumps(contract.contract_mismatches(cuda, contract.EXTRAS['cuda'])))\n")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classify_helpers import TINY_LABELS, make_tiny_model, random_image, write_photos
 from dinat_np.classifier import DEFAULT_BATCH_SIZE, ImageClassifier, Prediction
 from dinat_np.labels import label_set_names, load_label_set, packaged_labels, read_label_file
 from dinat_np.preprocessing import ImageLoadError, ImageProcessor
+
+from tests.helpers import TINY_LABELS, make_tiny_model, random_image, write_photos
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ def test_converted_folder_uses_the_recorded_registry_transform(tmp_path):
 
 
 def test_bundled_demo_by_name():
-    from classify_helpers import digits_demo_available
+    from tests.helpers import digits_demo_available
 
     if not digits_demo_available():
         pytest.skip("weights/digits-demo not built yet")
@@ -273,7 +274,7 @@ def test_end_to_end_equals_transformers_pipeline(tmp_path):
     DiNAT on the reference neighborhood attention, ViTImageProcessor) on real photographs."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from torch_natten import patch_transformers
+    from tests.reference.torch_natten import patch_transformers
 
     config = transformers.DinatConfig(
         embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], kernel_size=5,

@@ -16,15 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classify_helpers import (
+from tests.helpers import (
     DIGITS_DEMO,
     digits_demo_available,
+    http_file_server,
     make_tiny_model,
     tiny_registry_entry,
     write_photos,
 )
-
-from conftest import http_file_server  # noqa: E402
 
 PROG = [sys.executable, "-m", "dinat_np.cli.classify"]
 

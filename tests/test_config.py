@@ -9,7 +9,7 @@ import transformers
 
 from dinat_np import DinatConfig
 
-from conftest import DATA
+from tests.helpers import DATA
 
 HF_FIELDS = [
     "patch_size", "num_channels", "embed_dim", "depths", "num_heads", "kernel_size", "dilations", "mlp_ratio",

@@ -56,7 +56,7 @@ def held_out(digits):
 @pytest.fixture(scope="module")
 def torch_logits(held_out):
     torch = pytest.importorskip("torch")
-    from torch_natten import patch_transformers
+    from tests.reference.torch_natten import patch_transformers
 
     pixel_values, _ = held_out
     with patch_transformers():

@@ -9,7 +9,7 @@ import pytest
 
 from dinat_np import AutoConfig, DinatConfig, DinatSConfig, NatIsotropicConfig
 
-from conftest import DATA
+from tests.helpers import DATA
 
 
 def test_dinat_s_defaults_are_those_of_the_original_constructor():

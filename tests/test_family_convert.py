@@ -22,7 +22,7 @@ from dinat_np.convert_family import (
 from dinat_np.hub import load_registry, registry_entry
 from dinat_np.torch_pickle import load_torch_checkpoint
 
-from conftest import DATA
+from tests.helpers import DATA
 
 FAMILY = DATA / "family"
 FIXTURES = {item["name"]: item for item in json.loads((FAMILY / "manifest.json").read_text())["models"]}

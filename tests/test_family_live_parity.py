@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 from dinat_np import AutoModelForImageClassification, DinatSBackbone  # noqa: E402
 from dinat_np.convert_family import config_from_original_args, family_original_to_hf  # noqa: E402
-from reference.family import build  # noqa: E402
-from reference.random_weights import randomize  # noqa: E402
+from tests.reference.family import build  # noqa: E402
+from tests.reference.random_weights import randomize  # noqa: E402
 
 ATOL = 1e-4
 

@@ -39,14 +39,13 @@ from dinat_np.convert_family import (  # noqa: E402
     convert_family_state_dict,
     relative_position_index,
 )
-from dinat_np.state_dict import read_safetensors  # noqa: E402
-from reference.family import build  # noqa: E402
 from dinat_np.modeling_auto import check_weights  # noqa: E402
+from dinat_np.state_dict import read_safetensors  # noqa: E402
+
+from tests.helpers import DATA, http_file_server, write_photos  # noqa: E402
+from tests.reference.family import build  # noqa: E402
 
 convert_checkpoint = functools.partial(convert.convert_checkpoint, check_weights=check_weights)
-
-from classify_helpers import write_photos  # noqa: E402
-from conftest import DATA, http_file_server  # noqa: E402
 
 FAMILY = DATA / "family"
 FIXTURES = {item["name"]: item for item in json.loads((FAMILY / "manifest.json").read_text())["models"]}
@@ -149,9 +148,10 @@ def test_vitrpb_refuses_images_of_another_size(converted):
 
 
 def test_auto_classes_load_every_family_member(converted, tmp_path):
-    for name, folder in converted.items():
+    for folder in converted.values():
         assert AutoConfig.from_pretrained(folder).model_type in ("dinat_s", "nat_isotropic")
-    assert type(AutoModelForImageClassification.from_pretrained(DATA / "hf_dinat_small_cfg")) is DinatForImageClassification
+    dinat = AutoModelForImageClassification.from_pretrained(DATA / "hf_dinat_small_cfg")
+    assert type(dinat) is DinatForImageClassification
     backbone = AutoBackbone.from_config(DinatSConfig(embed_dim=8, depths=[1, 1], num_heads=[1, 2], kernel_size=3,
                                                      out_features=["stage1", "stage2"]))
     assert isinstance(backbone, DinatSBackbone)
@@ -202,12 +202,18 @@ def test_dinat_classify_runs_a_family_model(converted, tmp_path, capsys):
 # the 12 published architectures at full size (random weights: names and shapes)
 
 REGISTRY_NAMES = {
-    "dinat-s-tiny-in1k-224": ("dinat_s_tiny", 1000), "dinat-s-small-in1k-224": ("dinat_s_small", 1000),
-    "dinat-s-base-in1k-224": ("dinat_s_base", 1000), "dinat-s-large-in22k-in1k-224": ("dinat_s_large", 1000),
-    "dinat-s-large-in22k-in1k-384": ("dinat_s_large_384", 1000), "dinat-s-large-in22k-224": ("dinat_s_large_21k", 21841),
-    "vitrpb-small-in1k-224": ("vitrpb_small", 1000), "nat-isotropic-small-in1k-224": ("nat_isotropic_small", 1000),
-    "dinat-isotropic-small-in1k-224": ("dinat_isotropic_small", 1000), "vitrpb-base-in1k-224": ("vitrpb_base", 1000),
-    "nat-isotropic-base-in1k-224": ("nat_isotropic_base", 1000), "dinat-isotropic-base-in1k-224": ("dinat_isotropic_base", 1000),
+    "dinat-s-tiny-in1k-224": ("dinat_s_tiny", 1000),
+    "dinat-s-small-in1k-224": ("dinat_s_small", 1000),
+    "dinat-s-base-in1k-224": ("dinat_s_base", 1000),
+    "dinat-s-large-in22k-in1k-224": ("dinat_s_large", 1000),
+    "dinat-s-large-in22k-in1k-384": ("dinat_s_large_384", 1000),
+    "dinat-s-large-in22k-224": ("dinat_s_large_21k", 21841),
+    "vitrpb-small-in1k-224": ("vitrpb_small", 1000),
+    "nat-isotropic-small-in1k-224": ("nat_isotropic_small", 1000),
+    "dinat-isotropic-small-in1k-224": ("dinat_isotropic_small", 1000),
+    "vitrpb-base-in1k-224": ("vitrpb_base", 1000),
+    "nat-isotropic-base-in1k-224": ("nat_isotropic_base", 1000),
+    "dinat-isotropic-base-in1k-224": ("dinat_isotropic_base", 1000),
 }
 
 

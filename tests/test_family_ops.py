@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from dinat_np.kernels import Conv, get_backend  # noqa: E402
-from reference.family import relative_position_index  # noqa: E402
+from tests.reference.family import relative_position_index  # noqa: E402
 
 ops = get_backend("cpu")
 ATOL = 1e-5

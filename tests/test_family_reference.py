@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import DATA  # noqa: E402
-from reference.family import build, relative_position_index  # noqa: E402
+from tests.helpers import DATA  # noqa: E402
+from tests.reference.family import build, relative_position_index  # noqa: E402
 
 FAMILY = DATA / "family"
 MANIFEST = {item["name"]: item for item in json.loads((FAMILY / "manifest.json").read_text())["models"]}

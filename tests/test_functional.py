@@ -12,7 +12,7 @@ from dinat_np.kernels import cpu
 from dinat_np.kernels.common import Linear, Norm
 from dinat_np.kernels.cpu.attention import window_starts
 
-from conftest import DATA
+from tests.helpers import DATA
 
 CASES = json.loads((DATA / "manifest.json").read_text())["na_cases"]
 

@@ -385,7 +385,7 @@ def test_decompression_bomb_is_refused_quietly(tmp_path, home):
 
 def test_terminated_download_leaves_no_partial_file(tmp_path, home):
     """SIGTERM while a checkpoint downloads: the .part file goes, the exit status says so."""
-    from conftest import http_file_server
+    from tests.helpers import http_file_server
 
     entry = {"model_type": "dinat", "url": "https://example.invalid/stall/stalling.pth", "label_set": None,
              "architecture": {}}
@@ -723,7 +723,6 @@ def fuzz_main(kind: str, work: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if len(sys.argv) == 4 and sys.argv[1] == "fuzz":
         sys.exit(fuzz_main(sys.argv[2], Path(sys.argv[3])))
     sys.exit(f"usage: {sys.argv[0]} fuzz safetensors|pth|config WORK_DIR")

@@ -14,7 +14,7 @@ from dinat_np import DinatConfig, DinatForImageClassification, hub, registry
 from dinat_np.convert import ConversionError, registry_config
 from dinat_np.modeling_auto import check_weights
 
-from conftest import http_file_server
+from tests.helpers import http_file_server
 
 DATA = Path(__file__).parent / "data"
 CHECKPOINT = DATA / "original_dinat_small_cfg" / "checkpoint.pth"

@@ -23,7 +23,7 @@ import pytest
 from dinat_np import DinatForImageClassification
 from dinat_np.state_dict import read_safetensors, write_safetensors
 
-from fake_hub import FakeHub, fake_hub
+from tests.helpers import FakeHub, fake_hub
 
 DATA = Path(__file__).parent / "data"
 HF_MODEL = DATA / "hf_dinat_small_cfg"

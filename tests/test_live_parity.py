@@ -1,6 +1,6 @@
 """Live parity with PyTorch: transformers 4.53.3's own DiNAT / NAT modeling code, run here with the
-reference neighborhood attention of tests/torch_natten.py (itself checked against NATTEN's kernels in
-test_torch_natten.py), on random configurations with every parameter drawn at random."""
+reference neighborhood attention of tests/reference/torch_natten.py (itself checked against NATTEN's
+kernels in test_torch_natten.py), on random configurations with every parameter drawn at random."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import dinat_np  # noqa: E402
-from reference.random_weights import randomize  # noqa: E402
-from torch_natten import patch_transformers  # noqa: E402
+from tests.reference.random_weights import randomize  # noqa: E402
+from tests.reference.torch_natten import patch_transformers  # noqa: E402
 
 ATOL = 1e-4
 

@@ -11,7 +11,7 @@ import dinat_np
 from dinat_np import DinatBackbone, DinatConfig, DinatForImageClassification, DinatModel, WeightsMismatchError
 from dinat_np.state_dict import read_safetensors, write_safetensors
 
-from conftest import DATA
+from tests.helpers import DATA
 
 FIXTURES = ["hf_dinat_small_cfg", "hf_dinat_layerscale_oddsize"]
 ATOL = 1e-4

@@ -1,4 +1,4 @@
-"""The PyTorch NATTEN reference (tests/torch_natten.py) against NATTEN 0.17.5 and HF + NATTEN.
+"""The PyTorch NATTEN reference (tests/reference/torch_natten.py) against NATTEN 0.17.5 and HF + NATTEN.
 
 The reference is what the live-parity tests trust, so it is itself pinned here to ground truth
 computed by the real NATTEN (na_cases.npz) and by transformers 4.53.3 running on NATTEN
@@ -16,7 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from torch_natten import na2d_av, na2d_qk, neighborhood_indices, patch_transformers  # noqa: E402
+from tests.reference.torch_natten import (  # noqa: E402
+    na2d_av,
+    na2d_qk,
+    neighborhood_indices,
+    patch_transformers,
+)
 
 DATA = Path(__file__).parent / "data"
 NA_CASES = DATA / "na_cases.npz"

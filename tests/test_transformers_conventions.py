@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classify_helpers import random_image
 from dinat_np import DinatConfig, ImageClassifier, ImageProcessor
 from dinat_np.convert import convert_checkpoint
 from dinat_np.modeling_auto import check_weights
 
+from tests.helpers import random_image
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from torch_natten import patch_transformers  # noqa: E402
+from tests.reference.torch_natten import patch_transformers  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 PREPROCESSOR = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 64, "width": 64},

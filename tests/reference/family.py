@@ -1,7 +1,7 @@
 """PyTorch reference of the DiNAT paper's other classifiers: DiNAT_s, isotropic NAT / DiNAT and ViT-rpb.
 
 Test/dev helper only (imports torch); written from the DiNAT paper and the fixture README
-(tests/data/family/README.md), with the neighborhood attention of tests/torch_natten.py. Module names
+(tests/data/family/README.md), with the neighborhood attention of torch_natten.py. Module names
 follow the ``state_dict`` of SHI-Labs' classification checkpoints (``patch_embed.proj``,
 ``layers.i.blocks.j.attn.qkv``, ``head``, ...), so that an original ``.pth`` loads with
 ``load_state_dict`` and the fixtures check this reference before the engine is checked against it.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_natten import na2d_av, na2d_qk
+from tests.reference.torch_natten import na2d_av, na2d_qk
 
 __all__ = ["DiNATs", "NATIsotropic", "relative_position_index", "build"]
 

@@ -11,8 +11,8 @@ images, 8x8 RGB as the pipeline sees them before resizing).
 
 The model is transformers 4.53.3's ``DinatForImageClassification``.  NATTEN is not installed
 (and not needed): neighborhood attention comes from the small PyTorch reference in
-``tests/torch_natten.py`` (checked against NATTEN's own outputs by ``tests/test_torch_natten.py``),
-which is why the repository's ``tests`` folder is put on ``sys.path`` below.
+``tests/reference/torch_natten.py`` (checked against NATTEN's own outputs by ``tests/test_torch_natten.py``),
+which is why the repository's root is put on ``sys.path`` below.
 
 Reproducible: the split, initialisation, batch order, augmentation and drop-path all draw from
 ``--seed``; torch runs with a fixed thread count (``--threads``) because the summation order of
@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 # The PyTorch NATTEN reference is a dev/test helper living in tests/, never part of the package.
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 # data.py (split + image pipeline) is shared with the torch-free test.
 sys.path.insert(0, str(HERE))
 
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from torch_natten import patch_transformers  # noqa: E402
+from tests.reference.torch_natten import patch_transformers  # noqa: E402
 
 from dinat_np.configuration import make_shareable  # noqa: E402
 

@@ -1,14 +1,13 @@
-"""Helpers for the classifier and CLI tests: a tiny random-weight model folder and test images."""
+"""A tiny DiNAT classifier with seeded random weights (a model folder, a registry entry), and the bundled
+digits demo."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from .paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DIGITS_DEMO = REPO / "weights" / "digits-demo"
 TINY_LABELS = {i: f"class {i} ({'abcdefghij'[i]})" for i in range(10)}
 
@@ -41,27 +40,6 @@ def make_tiny_model(folder: Path, *, seed: int = 0, preprocessor: dict | None = 
     if preprocessor:
         (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return folder
-
-
-def write_photos(folder: Path, count: int = 3) -> list[Path]:
-    """Small real photographs (scikit-image) as JPEG/PNG files."""
-    import skimage.data
-
-    sources = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = Image.fromarray(sources[i % len(sources)])
-        image.thumbnail((96, 96))
-        path = folder / (f"photo{i}.jpg" if i % 2 == 0 else f"photo{i}.png")
-        image.save(path)
-        paths.append(path)
-    return paths
-
-
-def random_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
 
 
 def tiny_registry_entry(url: str) -> dict:
