@@ -156,7 +156,7 @@ def configure_threads(count: int) -> None:
 
 def collect_inputs(arguments: Sequence[str]) -> list[str]:
     """Files as given (any name) and image files found under directories (sorted, hidden ones skipped)."""
-    from dinat_np.preprocessing import IMAGE_EXTENSIONS  # after configure_threads: it loads NumPy
+    from dinat_np.image_loading import IMAGE_EXTENSIONS  # after configure_threads: it loads NumPy
 
     found: list[str] = []
     for argument in arguments:

@@ -39,8 +39,8 @@ _EXPORTS = {
     "ImageClassifier": "classifier",
     "Prediction": "classifier",
     "ImageProcessor": "preprocessing",
-    "ImageLoadError": "preprocessing",
-    "load_image": "preprocessing",
+    "ImageLoadError": "image_loading",
+    "load_image": "image_loading",
 }
 __all__ = sorted(_EXPORTS)
 

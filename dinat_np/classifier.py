@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from .preprocessing import ImageInput, ImageLoadError, ImageProcessor
+    from .image_loading import ImageInput, ImageLoadError
+    from .preprocessing import ImageProcessor
 
 __all__ = ["ClassificationResult", "DEFAULT_BATCH_SIZE", "ImageClassifier", "Prediction"]
 
@@ -241,7 +242,7 @@ class ImageClassifier:
         and do not stop the others. ``on_progress(n)`` is called after each batch with the number of
         images it handled.
         """
-        from .preprocessing import as_image_list
+        from .image_loading import as_image_list
 
         _check_positive(top_k, "top_k")
         size = self.batch_size if batch_size is None else batch_size
@@ -262,7 +263,7 @@ class ImageClassifier:
     def _run_batch(self, sources: list[Any], top_k: int) -> list[ClassificationResult]:
         import numpy as np
 
-        from .preprocessing import ImageLoadError
+        from .image_loading import ImageLoadError
 
         arrays: list[np.ndarray | None] = []
         errors: list[ImageLoadError | None] = []
@@ -315,7 +316,7 @@ class ImageClassifier:
         Raises:
             ImageLoadError: an image cannot be read or decoded (its message names it).
         """
-        from .preprocessing import is_single_image
+        from .image_loading import is_single_image
 
         single = is_single_image(images)
         ranked = self.predict(images, top_k=top_k)

@@ -22,7 +22,7 @@ from typing import Any
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "dinat-np" / "numba"))
 
 from dinat_np import ImageClassifier  # noqa: E402 - after NUMBA_CACHE_DIR, which Numba reads when it loads
-from dinat_np.preprocessing import IMAGE_EXTENSIONS  # noqa: E402
+from dinat_np.image_loading import IMAGE_EXTENSIONS  # noqa: E402
 
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 

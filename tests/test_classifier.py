@@ -7,7 +7,8 @@ import pytest
 
 from dinat_np.classifier import DEFAULT_BATCH_SIZE, ImageClassifier, Prediction
 from dinat_np.labels import label_set_names, load_label_set, packaged_labels, read_label_file
-from dinat_np.preprocessing import ImageLoadError, ImageProcessor
+from dinat_np.image_loading import ImageLoadError
+from dinat_np.preprocessing import ImageProcessor
 
 from tests.helpers import TINY_LABELS, make_tiny_model, random_image, write_photos
 

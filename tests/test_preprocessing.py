@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinat_np.preprocessing import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    ImageLoadError,
-    ImageProcessor,
-    ImageTooLargeError,
-    is_single_image,
-    load_image,
-    resample_from_name,
-    to_rgb,
-)
+from dinat_np.image_loading import ImageLoadError, ImageTooLargeError, is_single_image, load_image, to_rgb
+from dinat_np.preprocessing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageProcessor, resample_from_name
 
 skimage_data = pytest.importorskip("skimage.data")
 
