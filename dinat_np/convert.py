@@ -45,7 +45,8 @@ from .state_dict import (
 )
 from .staging import make_staging_dir
 from .tensor_checks import BadWeightsError, check_tensor_values
-from .torch_pickle import TorchCheckpointError, is_torch_zip, load_torch_checkpoint
+from .torch_archive import is_torch_zip
+from .torch_pickle import TorchCheckpointError, load_torch_checkpoint
 
 __all__ = [
     "ConversionError",

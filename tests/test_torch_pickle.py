@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dinat_np import torch_archive
 from dinat_np import torch_pickle as tp
 from dinat_np.torch_pickle import (
     TorchCheckpointError,
@@ -320,13 +321,13 @@ def test_storage_entry_size_must_match(tmp_path: Path, monkeypatch: pytest.Monke
     blob = (values * (nbytes // 16 + 1))[:nbytes]  # the 4 MiB deflated one compresses to a few KiB
     path = _zip_with_pickle(tmp_path / "size.pth", _FOUR_FLOATS, {"0": blob}, storage_compression=compression)
     reads: list[str] = []
-    real_read = tp._ArchiveReader._read
+    real_read = torch_archive.ArchiveReader._read
 
     def tracking_read(self, name: str, size: int) -> bytes:
         reads.append(name)
         return real_read(self, name, size)
 
-    monkeypatch.setattr(tp._ArchiveReader, "_read", tracking_read)
+    monkeypatch.setattr(torch_archive.ArchiveReader, "_read", tracking_read)
     with pytest.raises(TorchCheckpointError, match=rf"storage '0' has {nbytes} bytes.*4 float32 elements \(16 bytes\)"):
         load_torch_checkpoint(path)
     assert "archive/data/0" not in reads and "archive/data.pkl" in reads
@@ -415,7 +416,7 @@ def test_memory_is_bounded_by_the_file(tmp_path: Path) -> None:
 
 
 def test_oversized_pickle_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tp, "_PICKLE_MAX", 100)
+    monkeypatch.setattr(torch_archive, "_PICKLE_MAX", 100)
     path = _zip_with_pickle(tmp_path / "big.pth", b"\x80\x02N" + b"N0" * 100 + b".")
     with pytest.raises(TorchCheckpointError, match="data.pkl is 204 bytes"):
         load_torch_checkpoint(path)
