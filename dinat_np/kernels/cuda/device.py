@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import numba_cuda  # noqa: F401  (the NVIDIA-maintained CUDA target: without it, ImportError -> clear error)
+import numba_cuda  # the NVIDIA-maintained CUDA target: without it, ImportError -> clear error
 from numba import __version__ as numba_version, config, cuda
 from numba.core.errors import NumbaPerformanceWarning
+
+# numba-cuda takes over `numba.cuda` through an import hook that a .pth file installs at start-up. Where
+# that file is not processed (site-packages put on sys.path by hand, PYTHONPATH), `numba.cuda` is numba's
+# own deprecated target, whose compiler (numba >= 0.66) rejects two-argument min/max in kernels with an
+# obscure "Signature mismatch".
+if not Path(cuda.__file__).resolve().is_relative_to(Path(numba_cuda.__file__).resolve().parent):
+    raise ImportError(
+        f"numba.cuda is numba's own deprecated CUDA target ({cuda.__file__}), not numba-cuda's: numba-cuda's "
+        "start-up hook (_numba_cuda_redirector.pth) did not run; install numba-cuda into a site-packages "
+        "directory of this Python (pip install 'numba-cuda[cu12]')"
+    )
 
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
 
