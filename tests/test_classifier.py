@@ -270,6 +270,7 @@ def test_bundled_demo_by_name():
     assert classifier.processor.output_size is not None
 
 
+@pytest.mark.torch
 def test_end_to_end_equals_transformers_pipeline(tmp_path):
     """Files -> labels and probabilities equal transformers' image-classification pipeline (HF's
     DiNAT on the reference neighborhood attention, ViTImageProcessor) on real photographs."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import transformers
 
 from dinat_np import DinatConfig
 
@@ -19,13 +18,17 @@ HF_FIELDS = [
 ]
 
 
+@pytest.mark.torch
 def test_defaults_equal_transformers():
+    transformers = pytest.importorskip("transformers")
     ours, theirs = DinatConfig(), transformers.DinatConfig()
     for field in HF_FIELDS:
         assert getattr(ours, field) == getattr(theirs, field), field
 
 
+@pytest.mark.torch
 def test_reads_and_writes_hf_config_json(tmp_path):
+    transformers = pytest.importorskip("transformers")
     folder = DATA / "hf_dinat_layerscale_oddsize"
     config = DinatConfig.from_pretrained(folder)
     assert config.layer_scale_init_value == 0.1 and config.dilations == [[2], [1, 3], [1, 2], [1]]
@@ -43,7 +46,9 @@ def test_reads_and_writes_hf_config_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.torch
 def test_nat_config_has_unit_dilations(tmp_path):
+    transformers = pytest.importorskip("transformers")
     nat = transformers.NatConfig(embed_dim=32, depths=[1, 2, 1, 1], num_heads=[1, 2, 4, 8], num_labels=3)
     nat.save_pretrained(tmp_path)
     config = DinatConfig.from_pretrained(tmp_path)

@@ -22,6 +22,7 @@ from dinat_np.modeling_auto import check_weights
 from dinat_np.state_dict import read_safetensors
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = json.loads((DATA / "manifest.json").read_text())

@@ -100,7 +100,9 @@ def _gpu_backend_problem() -> str | None:
     return None if lines[-1] == "ok" else lines[-1]
 
 
-@pytest.fixture(scope="module", params=["simulator", "gpu"])
+# The simulator runs each group of checks as Python in a child process: minutes.
+@pytest.fixture(scope="module", params=[pytest.param("simulator", marks=pytest.mark.slow),
+                                        pytest.param("gpu", marks=pytest.mark.gpu)])
 def mode(request) -> str:
     if not HAVE_NUMBA_CUDA:
         pytest.skip("numba-cuda is not installed (pip install numba-cuda)")

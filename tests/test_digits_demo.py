@@ -143,12 +143,14 @@ def test_samples_are_labelled_held_out_digits(digits):
         assert matches, f"{path.name} is not a held-out image of class {label}"
 
 
+@pytest.mark.torch
 def test_torch_model_accuracy(held_out, torch_logits):
     _, labels = held_out
     accuracy = float(np.mean(torch_logits.argmax(-1) == labels))
     assert accuracy >= 0.97, accuracy
 
 
+@pytest.mark.torch
 def test_numpy_engine_matches_torch_on_held_out(held_out, torch_logits, numpy_logits):
     _, labels = held_out
     assert numpy_logits.shape == torch_logits.shape == (HELD_OUT_SIZE, 10)
@@ -162,6 +164,7 @@ def test_numpy_engine_matches_torch_on_held_out(held_out, torch_logits, numpy_lo
     np.testing.assert_allclose(numpy_logits, torch_logits, rtol=0, atol=1e-3)
 
 
+@pytest.mark.torch
 def test_dinat_np_preprocessing_equals_hf_on_digits(digits, held_out):
     """dinat_np's own pipeline (used by dinat-classify) feeds the engine exactly what HF does."""
     from dinat_np.preprocessing import ImageProcessor
@@ -173,6 +176,7 @@ def test_dinat_np_preprocessing_equals_hf_on_digits(digits, held_out):
     np.testing.assert_allclose(ours, held_out[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.torch
 def test_samples_classified_by_engine_from_png(torch_logits):
     """The shipped sample files, decoded and preprocessed by dinat_np, get their true labels."""
     from dinat_np import DinatForImageClassification

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 
 from dinat_np import AutoModelForImageClassification, DinatSBackbone  # noqa: E402
 from dinat_np.convert_family import config_from_original_args, family_original_to_hf  # noqa: E402

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 
 from tests.helpers import DATA  # noqa: E402
 from tests.reference.family import build, relative_position_index  # noqa: E402

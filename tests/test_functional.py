@@ -145,6 +145,7 @@ def test_bad_arguments_raise_clear_errors(call, message):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "selu"])
+@pytest.mark.torch
 def test_linear_activations_equal_pytorch(activation, products):
     torch = pytest.importorskip("torch")
     from transformers.activations import ACT2FN

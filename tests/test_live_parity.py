@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
 
 import dinat_np  # noqa: E402
 from tests.reference.random_weights import randomize  # noqa: E402

@@ -103,6 +103,7 @@ def test_tuple_outputs_follow_hf_order():
     ("multi_label_classification", lambda rng, n, c: rng.integers(0, 2, (n, c)).astype(np.float32)),
     ("regression", lambda rng, n, c: rng.standard_normal((n, c)).astype(np.float32)),
 ])
+@pytest.mark.torch
 def test_loss_equals_torch(problem_type, make_labels):
     torch = pytest.importorskip("torch")
     folder = DATA / "hf_dinat_small_cfg"

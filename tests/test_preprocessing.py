@@ -56,6 +56,7 @@ CONVNEXT_CONFIGS = [
 
 
 @pytest.mark.parametrize("config", VIT_CONFIGS)
+@pytest.mark.torch
 def test_vit_image_processor_parity(photos, config):
     transformers = pytest.importorskip("transformers")
     expected = transformers.ViTImageProcessor(**config)(photos, return_tensors="np")["pixel_values"]
@@ -67,6 +68,7 @@ def test_vit_image_processor_parity(photos, config):
 
 
 @pytest.mark.parametrize("config", CONVNEXT_CONFIGS)
+@pytest.mark.torch
 def test_convnext_image_processor_parity(photos, config):
     transformers = pytest.importorskip("transformers")
     expected = transformers.ConvNextImageProcessor(**config)(photos, return_tensors="np")["pixel_values"]
@@ -87,6 +89,7 @@ def test_convnext_384_rule_warps_without_crop(photos):
     assert below.shortest_edge == 766 and below.crop_size == (383, 383)
 
 
+@pytest.mark.torch
 def test_from_pretrained_folder_and_legacy_keys(tmp_path, photos):
     """Old `feature_extractor_type` and integer `size`, as many hub repos still have them."""
     transformers = pytest.importorskip("transformers")
@@ -108,6 +111,7 @@ def test_from_pretrained_folder_and_legacy_keys(tmp_path, photos):
     np.testing.assert_allclose(processor(photos), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.torch
 def test_missing_type_follows_model_type(tmp_path, photos):
     """Without a processor type, DiNAT/NAT folders use ViTImageProcessor (transformers' auto mapping)."""
     transformers = pytest.importorskip("transformers")
@@ -119,6 +123,7 @@ def test_missing_type_follows_model_type(tmp_path, photos):
     np.testing.assert_allclose(processor(photos), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.torch
 def test_file_pipeline_matches_transformers_load_image(tmp_path, photos):
     """Path -> our loader + processor equals transformers' load_image + processor on saved files."""
     transformers = pytest.importorskip("transformers")
@@ -358,6 +363,7 @@ def _hf_load(image: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["L", "1", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"])
+@pytest.mark.torch
 def test_mode_conversions_match_pil_and_transformers(tmp_path, mode):
     pytest.importorskip("transformers")
     rng = np.random.default_rng(7)

@@ -134,6 +134,7 @@ def test_environment_choice_wins():
 
 @needs_proc_maps
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+@pytest.mark.torch
 def test_openmp_runtime_loaded_before_means_workqueue():
     # The torch CPU wheel brings its own libgomp.so.1, which has read its spin settings already:
     # GNU OpenMP's default spin would fight OpenBLAS for the cores.

@@ -15,6 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
 
 from tests.reference.torch_natten import (  # noqa: E402
     na2d_av,

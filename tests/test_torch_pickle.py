@@ -21,6 +21,7 @@ from dinat_np.torch_pickle import (
 )
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 
 DATA = Path(__file__).parent / "data"
 

@@ -18,6 +18,7 @@ from tests.helpers import random_image
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
 
 from tests.reference.torch_natten import patch_transformers  # noqa: E402
 
