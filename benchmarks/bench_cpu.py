@@ -1,19 +1,24 @@
-"""CPU benchmark of dinat-np against its BLAS floor and a PyTorch baseline (issue 5). Run by hand, not in CI.
+"""CPU benchmark of dinat-np against its BLAS floor, PyTorch and its peers (issues 5, 24). Run by hand, not in CI.
 
-    python benchmarks/bench_cpu.py [--model mini|tiny|small|base] [--threads N] [--repeats 20]
-                                   [--skip-torch] [--skip-startup] [--json results.json]
+    python -m benchmarks.bench_cpu [--model mini|tiny|small|base] [--threads N] [--repeats 20]
+                                   [--target host|avx2|generic] [--skip-busy] [--skip-torch] [--skip-peers]
+                                   [--skip-startup] [--json results.json]
 
 One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
 
 * batch 1 latency (median of >= 20 timed forwards after warm-up) and batch 8 throughput;
+* batch 1 latency beside one competing busy process (a bounded busy-loop child: one core's worth of other
+  work), against the idle latency, in alternating idle and busy blocks so that drift cancels;
 * the BLAS floor: the model's own matrix products (q/k/v, attention output, MLP in/out, classifier,
   and the 3x3 stride-2 convolutions as their im2col products), shapes recorded from a real forward,
   replayed with NumPy on random data, each with its own weight as in the model (and, for comparison,
   with one weight per shape, which stays in cache), timed in alternation with the engine's forwards so
   that the ratio holds while the machine's speed drifts; the model's GFLOP;
 * PyTorch eager (transformers' own DiNAT modeling code, the test-suite reference attention of
-  ``tests/torch_natten.py``, the same weights and input, ``torch.set_num_threads`` matching) when
+  ``tests/reference/torch_natten.py``, the same weights and input, ``torch.set_num_threads`` matching) when
   torch and transformers are installed; run in a subprocess so its thread pools never compete with ours;
+* peers, batch 1: ONNX Runtime and OpenVINO, where installed, on the same model exported to ONNX from
+  transformers with that gather-based attention; the export and each runtime in a subprocess of its own;
 * a per-op breakdown of the engine, taken by wrapping the functions of the CPU backend
   (``dinat_np.kernels.cpu`` and its modules) with timers at run time (the library is not changed),
   achieved GFLOP/s, peak RSS (this process, and a
@@ -23,6 +28,11 @@ One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
 * that a new input size or batch size adds no compiled signature to any kernel (no recompilation).
 
 ``--threads N`` sets the BLAS thread variables before NumPy is imported, and Numba's thread count.
+``--target avx2`` or ``generic`` runs everything above as on another CPU: the whole benchmark runs again in a
+child process whose environment, read by Numba and OpenBLAS as they start, names that CPU (``avx2``: LLVM's
+``haswell`` with exactly its features, no AVX-512, and OpenBLAS's Haswell kernels for the floor; ``generic``:
+baseline x86-64 code and OpenBLAS's Prescott kernels), with a Numba cache of its own for the run, so that code
+compiled for different CPUs never mixes. The peers pick their kernels for the host CPU whatever the target.
 Numbers are only comparable on an otherwise idle machine: the load average is printed at start and end.
 """
 
@@ -49,13 +59,36 @@ REPO = Path(__file__).resolve().parent.parent
 REPORTED_VARIABLES = (
     "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
     "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-    "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR",
+    "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "NUMBA_CPU_NAME",
 )
 IMAGE_SIZE = 224
 NUM_LABELS = 1000
 
 # The architectures come from the registry (weights/registry.json): the published in1k checkpoints.
 MODELS = ("mini", "tiny", "small", "base")
+
+# The CPUs the engine can be measured as (--target). LLVM's names of what its `haswell` has: the first
+# cores with AVX2 and FMA, the instruction set of most laptops (and no AVX-512).
+TARGETS = ("host", "avx2", "generic")
+HASWELL_FEATURES = (
+    "64bit", "cmov", "cx8", "cx16", "fxsr", "mmx", "sahf", "sse", "sse2", "sse3", "ssse3", "sse4.1", "sse4.2",
+    "popcnt", "crc32", "pclmul", "avx", "xsave", "xsaveopt", "f16c", "fsgsbase", "rdrnd", "avx2", "bmi", "bmi2",
+    "fma", "invpcid", "lzcnt", "movbe",
+)
+TARGET_VARIABLES = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "OPENBLAS_CORETYPE", "NUMBA_CACHE_DIR")
+
+# The busy-core case: a pure-Python loop that stops by itself at a deadline (and is killed after its block).
+BUSY_LOOP = """
+import sys
+import time
+deadline = time.monotonic() + float(sys.argv[1])
+print("ready", flush=True)
+while time.monotonic() < deadline:
+    pass
+"""
+BUSY_BLOCK = 5  # timed batch-1 forwards per idle or busy block (after one untimed, the first after a switch)
+
+PEER_RUNTIMES = ("onnxruntime", "openvino")
 
 
 # Targets of issue 5 on the 2-core development machine.
@@ -64,6 +97,8 @@ TARGET_BATCH8_FLOOR_RATIO = 1.25
 TARGET_CLASSIFY_WALL_S = 1.5
 TARGET_COLD_COMPILE_S = 25.0
 TARGET_RSS_BATCH1_MIB = 350.0
+# Target of issue 24: batch 1 beside one busy process, against idle.
+TARGET_BUSY_RATIO = 2.2
 
 # Functions of the CPU backend wrapped with timers for the per-op breakdown. The public ops are what the
 # model calls (through the package, ``dinat_np.kernels.cpu``); the private kernels are what those ops call
@@ -118,8 +153,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-warmup", type=int, default=4, help="untimed batch-8 forwards first (default 4)")
     parser.add_argument("--profile-repeats", type=int, default=5,
                         help="instrumented forwards for the per-op breakdown (default 5 at batch 1, 2 at batch 8)")
-    parser.add_argument("--torch-repeats", type=int, default=10, help="timed PyTorch batch-1 forwards (default 10)")
+    parser.add_argument("--torch-repeats", type=int, default=10,
+                        help="timed batch-1 forwards of PyTorch and of each peer (default 10)")
+    parser.add_argument("--target", choices=TARGETS, default="host",
+                        help="measure the engine as on this CPU: host (this one, as the environment sets it up), "
+                             "avx2 (a Haswell: AVX2 + FMA, no AVX-512) or generic (baseline x86-64); the "
+                             "benchmark then runs in a child process set up for it, with a Numba cache of its "
+                             "own (default host)")
+    parser.add_argument("--skip-busy", action="store_true",
+                        help=f"no batch-1 latency beside one competing busy process (measured by default in "
+                             f"idle and busy blocks of {BUSY_BLOCK} forwards in alternation; issue 24's target: "
+                             f"<= {TARGET_BUSY_RATIO} x idle)")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline")
+    parser.add_argument("--skip-peers", action="store_true",
+                        help="no ONNX Runtime / OpenVINO peers (by default timed where installed, on the model "
+                             "exported to ONNX by torch + transformers)")
     parser.add_argument("--skip-startup", action="store_true", help="no cold-compile / dinat-classify runs")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one measurement in a subprocess
@@ -129,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.target == "avx2" and not args.child:
+        problem = avx2_unavailable()
+        if problem:
+            parser.error(f"--target avx2: {problem}")
     return args
 
 
@@ -147,6 +199,72 @@ def setup_threads(threads: int, threading_layer: str) -> None:
     import numpy
 
     np = numpy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Target CPUs
+# ---------------------------------------------------------------------------------------------------------
+def host_cpu_features() -> dict[str, bool]:
+    """Every feature LLVM knows for this machine's architecture, and whether this CPU has it."""
+    from llvmlite import binding
+
+    return dict(binding.get_host_cpu_features())
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def avx2_unavailable() -> str | None:
+    """Why this machine cannot run code compiled for a Haswell, or None when it can."""
+    if not is_x86_64():
+        return f"needs an x86-64 CPU, this is {platform.machine()}"
+    features = host_cpu_features()
+    missing = [name for name in HASWELL_FEATURES if name in features and not features[name]]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def target_environment(target: str) -> dict[str, str]:
+    """The variables that make Numba compile, and OpenBLAS run, as on ``target``'s CPU (read as they start)."""
+    if target == "avx2":
+        # all of haswell's features on and every other one LLVM knows (AVX-512 among them) off
+        others = sorted(set(host_cpu_features()) - set(HASWELL_FEATURES))
+        features = [f"+{name}" for name in HASWELL_FEATURES] + [f"-{name}" for name in others]
+        return {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ",".join(features), "OPENBLAS_CORETYPE": "Haswell"}
+    if target == "generic":  # (OpenBLAS builds without the oldest cores report Prescott's kernels as "Katmai")
+        return {"NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": "",
+                "OPENBLAS_CORETYPE": "Prescott" if is_x86_64() else "ARMV8"}
+    return {}
+
+
+def run_as_target(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """The whole benchmark in a child process set up as ``args.target``'s CPU, with a Numba cache of its own
+    (empty at first, kept for the run: its dinat-classify runs find it warm)."""
+    with tempfile.TemporaryDirectory(prefix=f"dinat-bench-numba-{args.target}-") as cache:
+        env = dict(os.environ, **target_environment(args.target), NUMBA_CACHE_DIR=cache)
+        log(f"--target {args.target}: the benchmark runs in a child process compiled for that CPU, "
+            f"Numba cache {cache} (the first forward compiles every kernel)")
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", "benchmark"]
+        process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # progress: stderr as is
+    lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        raise SystemExit(f"bench_cpu: the --target {args.target} run failed (exit {process.returncode})")
+    return json.loads(lines[-1])
+
+
+def target_summary(target: dict[str, Any]) -> str:
+    """The target row of the report: what Numba compiled the engine for and which kernels the floor's OpenBLAS ran."""
+    env = target["env"]
+    features = [name for name in (env["NUMBA_CPU_FEATURES"] or "").split(",") if name]
+    enabled = [name[1:] for name in features if name.startswith("+")]
+    vectors = ", ".join(name for name in ("avx", "avx2", "fma", "avx512f") if name in enabled) or "none of avx/avx2/fma"
+    if env["NUMBA_CPU_NAME"] in (None, "host"):
+        compiled = "Numba compiles for this CPU" + (f", NUMBA_CPU_FEATURES {len(enabled)} on" if features else "")
+    else:
+        compiled = (f"NUMBA_CPU_NAME={env['NUMBA_CPU_NAME']}, NUMBA_CPU_FEATURES {len(enabled)} on "
+                    f"({vectors}), {len(features) - len(enabled)} off")
+    return (f"{target['name']}: {compiled}; engine's AVX-512 code: {'yes' if target['wide_vectors'] else 'no'}; "
+            f"floor's OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE'] or '(unset: for this CPU)'}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,6 +410,40 @@ def time_interleaved(first: Callable[[], Any], second: Callable[[], Any], repeat
             function()
             times[index].append(time.perf_counter() - start)
     return times
+
+
+def time_beside_busy_process(function: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """``function`` alone and beside one busy process (one core's worth of other work), in blocks of BUSY_BLOCK
+    calls in the order idle, busy, busy, idle, idle, ... so that the machine's drift cancels in the ratio.
+
+    Each busy block has its own busy-loop child, which stops by itself at a deadline well after the block
+    should end (so that none outlives an interrupted run) and is killed when the block ends; the first
+    call after each switch is not timed.
+    """
+    blocks = 2 * max(1, -(-repeats // BUSY_BLOCK))  # idle and busy alike
+    estimate = statistics.median(time_calls(function, 3, 1))
+    deadline_s = 60 + 20 * (BUSY_BLOCK + 1) * estimate
+    times: dict[str, list[float]] = {"idle": [], "busy": []}
+    problems = []
+    for block in range(blocks):
+        if block % 4 in (0, 3):
+            function()
+            times["idle"] += time_calls(function, BUSY_BLOCK, 0)
+            continue
+        busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(deadline_s)], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            busy.stdout.readline()  # its loop runs from here
+            function()
+            times["busy"] += time_calls(function, BUSY_BLOCK, 0)
+            if busy.poll() is not None:
+                problems.append(f"block {block}: the busy loop ended before the block did (exit {busy.returncode})")
+        finally:
+            busy.kill()
+            busy.wait()
+    idle, loaded = summary(times["idle"]), summary(times["busy"])
+    return {"idle": idle, "busy": loaded, "ratio": loaded["median"] / idle["median"], "blocks": blocks,
+            "block_size": BUSY_BLOCK, "problems": problems}
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -577,17 +729,23 @@ def child_cold(args: argparse.Namespace) -> dict[str, Any]:
             "signatures": kernel_signatures(), "cache_files": cache_files}
 
 
-def child_torch(args: argparse.Namespace) -> dict[str, Any]:
-    """PyTorch eager: transformers' DinatForImageClassification with the reference attention of the tests."""
-    import torch
-
-    torch.set_num_threads(args.threads)
+def reference_transformers() -> Any:
+    """transformers, its DiNAT running the test suite's gather-based attention in place of NATTEN."""
     import transformers
 
     sys.path.insert(0, str(REPO / "tests"))
     from torch_natten import patch_transformers
 
     patch_transformers()
+    return transformers
+
+
+def child_torch(args: argparse.Namespace) -> dict[str, Any]:
+    """PyTorch eager: transformers' DinatForImageClassification with the reference attention of the tests."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    transformers = reference_transformers()
     folder = Path(args.child_arg)
     model = transformers.DinatForImageClassification.from_pretrained(folder).eval()
     data = np.load(folder / "bench_io.npz")
@@ -604,6 +762,88 @@ def child_torch(args: argparse.Namespace) -> dict[str, Any]:
         "max_abs_logit_difference": float(np.abs(logits - data["logits1"]).max()),
         "max_abs_logit": float(np.abs(data["logits1"]).max()),
     }
+
+
+ONNX_FILE = "dinat.onnx"
+
+
+def child_export(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers' DiNAT with the gather-based attention, exported to ONNX for batch 1 at 224x224 (static
+    shapes: the attention's gather indices are constants for that size)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    transformers = reference_transformers()
+    folder = Path(args.child_arg)
+    model = transformers.DinatForImageClassification.from_pretrained(folder).eval()
+
+    class Logits(torch.nn.Module):  # the exporters take tensors out, not transformers' output classes
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: Any) -> Any:
+            return self.model(pixel_values=pixel_values).logits
+
+    one = torch.from_numpy(np.load(folder / "bench_io.npz")["pixels1"])
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(Logits().eval(), (one,), str(folder / ONNX_FILE),
+                                        input_names=["pixel_values"], output_names=["logits"])
+    except Exception as error:  # the report says why, and the peers are skipped
+        return {"error": f"torch.onnx.export raised {type(error).__name__}: {' '.join(str(error).split())[:800]}"}
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "exporter": "TorchScript" if program is None else "torch.export",
+            "export_s": time.perf_counter() - start,  # the weights may be in a file of their own beside it
+            "onnx_mib": sum(path.stat().st_size for path in folder.glob(ONNX_FILE + "*")) / 2**20}
+
+
+def time_peer(args: argparse.Namespace, name: str, version: str, run: Callable[[Any], Any],
+              prepare_s: float) -> dict[str, Any]:
+    """Batch-1 latency of a peer's ``run(pixels)`` and its logits against the engine's, on the engine's input."""
+    data = np.load(Path(args.child_arg) / "bench_io.npz")
+    x = data["pixels1"]
+    logits = np.asarray(run(x))
+    return {
+        "runtime": name, "version": version, "threads": args.threads, "prepare_s": prepare_s,
+        "batch1": summary(time_calls(lambda: run(x), args.torch_repeats, 2)),
+        "max_abs_logit_difference": float(np.abs(logits - data["logits1"]).max()),
+    }
+
+
+def child_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
+    """ONNX Runtime's CPU provider on the exported model, ``--threads`` intra-op threads."""
+    import onnxruntime
+
+    start = time.perf_counter()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(Path(args.child_arg) / ONNX_FILE), options,
+                                           providers=["CPUExecutionProvider"])
+    prepare_s = time.perf_counter() - start
+    return time_peer(args, "ONNX Runtime", onnxruntime.__version__,
+                     lambda x: session.run(["logits"], {"pixel_values": x})[0], prepare_s)
+
+
+def child_openvino(args: argparse.Namespace) -> dict[str, Any]:
+    """OpenVINO's CPU plugin on the exported model: latency mode, ``--threads`` threads, float32 arithmetic
+    (its default is bfloat16 on CPUs that have it, which would not compare like with like)."""
+    import openvino
+    import openvino.properties as properties
+    import openvino.properties.hint as hints
+
+    start = time.perf_counter()
+    compiled = openvino.Core().compile_model(str(Path(args.child_arg) / ONNX_FILE), "CPU", {
+        properties.inference_num_threads: args.threads,
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        hints.inference_precision: openvino.Type.f32,
+    })
+    request = compiled.create_infer_request()
+    prepare_s = time.perf_counter() - start
+    return time_peer(args, "OpenVINO", openvino.__version__.split("-")[0],
+                     lambda x: request.infer({0: x})[compiled.output(0)], prepare_s)
 
 
 # The fallback start-up measurement when `dinat-classify` cannot run: what it would do, by hand.
@@ -681,6 +921,7 @@ def _machine_section(results: dict[str, Any]) -> list[str]:
         ["command", results["command"]],
         ["date", info["date"]],
         ["CPU", f"{info['cpu']} ({info['cores']} cores, {info['usable_cpus']} usable)"],
+        ["target (--target)", target_summary(results["target"])],
         ["threads", f"{info['threads']} (numba {info['numba_threads']}, layer {results['threading_layer']})"],
         ["python / numpy / numba", f"{info['python']} / {info['numpy']} / {info['numba']}"],
         ["BLAS (the floor's products)", info["blas"]],
@@ -727,6 +968,14 @@ def _speed_section(results: dict[str, Any]) -> list[str]:
          f"(against one weight per shape: {b1['median'] / floor['batch1_shared_weights']:.2f}x, "
          f"{b8['median'] / floor['batch8_shared_weights']:.2f}x)"],
     ]
+    busy = results["busy"]
+    if "ratio" in busy:
+        rows.append(["engine batch 1 beside one busy process",
+                     f"median {fmt_ms(busy['busy']['median'])}, idle {fmt_ms(busy['idle']['median'])} in the same "
+                     f"alternation = {busy['ratio']:.2f}x (n={busy['busy']['n']} each, {busy['blocks']} blocks of "
+                     f"{busy['block_size']})" + (f"; {'; '.join(busy['problems'])}" if busy["problems"] else "")])
+    else:
+        rows.append(["engine batch 1 beside one busy process", f"skipped: {busy['skipped']}"])
     baseline = results.get("torch") or {}
     if "batch1" in baseline:
         t1, t8 = baseline["batch1"], baseline["batch8"]
@@ -743,6 +992,30 @@ def _speed_section(results: dict[str, Any]) -> list[str]:
     else:
         rows.append(["PyTorch eager", str(baseline.get("error") or baseline.get("skipped"))])
     return out + ["\n### Latency, throughput, floor\n", table(rows, ["measurement", "value"])]
+
+
+def _peers_section(results: dict[str, Any]) -> list[str]:
+    peers, b1 = results["peers"], results["batch1"]["median"]
+    title = "\n### Peers, batch 1 (transformers' DiNAT exported to ONNX, gather-based attention)\n"
+    if "skipped" in peers:
+        return [title, f"Skipped: {peers['skipped']}."]
+    export = peers["export"]
+    if "error" in export:
+        return [title, f"Skipped: the export to ONNX failed: {export['error']}"]
+    rows = [[f"export (torch.onnx.export, {export['exporter']})",
+             f"{export['export_s']:.1f} s, {export['onnx_mib']:.0f} MiB (torch {export['torch']}, "
+             f"transformers {export['transformers']})"]]
+    for name in PEER_RUNTIMES:
+        peer = peers[name]
+        if "batch1" in peer:
+            t1 = peer["batch1"]
+            rows.append([f"{peer['runtime']} {peer['version']}",
+                         f"median {fmt_ms(t1['median'])}, min {fmt_ms(t1['min'])} (n={t1['n']}, {peer['threads']} "
+                         f"threads) = {t1['median'] / b1:.2f}x the engine; prepared in {peer['prepare_s']:.1f} s; "
+                         f"max |logits diff| {peer['max_abs_logit_difference']:.2e}"])
+        else:
+            rows.append([name, str(peer.get("error") or f"skipped: {peer.get('skipped')}")])
+    return [title, table(rows, ["peer", "value"])]
 
 
 def _breakdown_section(results: dict[str, Any]) -> list[str]:
@@ -807,7 +1080,7 @@ def _startup_section(results: dict[str, Any]) -> list[str]:
 
 def _targets_section(results: dict[str, Any]) -> list[str]:
     b1, b8, floor, rss = results["batch1"], results["batch8"], results["floor"], results["rss"]
-    startup = results.get("startup", {})
+    busy, startup = results["busy"], results.get("startup", {})
     cold, classify = startup.get("cold") or {}, startup.get("classify") or {}
     classify_wall = classify["wall"]["median"] if "wall" in classify else None
     measured = classify.get("measured", "dinat-classify")
@@ -825,13 +1098,17 @@ def _targets_section(results: dict[str, Any]) -> list[str]:
          verdict(rss.get("peak_mib"), TARGET_RSS_BATCH1_MIB)],
         ["new input/batch size never recompiles", "new signatures" if recompiles else "no new signatures",
          "NOT met" if recompiles else "met"],
+        ["batch 1 beside one busy process <= 2.2 x idle (issue 24)",
+         f"{busy['ratio']:.2f} x" if "ratio" in busy else "n/a", verdict(busy.get("ratio"), TARGET_BUSY_RATIO)],
     ]
-    return ["\n### Targets of issue 5 (2-core development machine)\n", table(rows, ["target", "measured", "verdict"])]
+    return ["\n### Targets of issues 5 and 24 (2-core development machine)\n",
+            table(rows, ["target", "measured", "verdict"])]
 
 
 def report(results: dict[str, Any]) -> str:
     """The whole report as Markdown."""
-    sections = (_machine_section, _speed_section, _breakdown_section, _startup_section, _targets_section)
+    sections = (_machine_section, _speed_section, _peers_section, _breakdown_section, _startup_section,
+                _targets_section)
     return "\n".join(line for section in sections for line in section(results))
 
 
@@ -894,6 +1171,12 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
                                                               args.batch_repeats, 1)),
     }
 
+    if args.skip_busy:
+        results["busy"] = {"skipped": "--skip-busy"}
+    else:
+        log(f"batch 1 beside a busy process: idle and busy blocks of {BUSY_BLOCK} forwards in alternation")
+        results["busy"] = time_beside_busy_process(lambda: model(x1), args.repeats)
+
     log("recompilation check: new batch and input sizes")
     results["recompile"] = check_recompilation(model, signatures_b8)
     results["peak_rss_main_mib"] = peak_rss_mib()
@@ -920,6 +1203,7 @@ def measure_outside(args: argparse.Namespace, results: dict[str, Any], x1: Any, 
                 log("PyTorch eager baseline (subprocess)")
                 offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
                 results["torch"] = run_child(args, "torch", offline, child_arg=str(folder))
+        results["peers"] = measure_peers(args, folder)
         if args.skip_startup:
             return
         startup: dict[str, Any] = {}
@@ -936,10 +1220,42 @@ def measure_outside(args: argparse.Namespace, results: dict[str, Any], x1: Any, 
         results["startup"] = startup
 
 
+def measure_peers(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """ONNX Runtime and OpenVINO where installed, on the model saved in ``folder`` exported to ONNX."""
+    import importlib.util
+
+    if args.skip_peers:
+        return {"skipped": "--skip-peers"}
+    installed = [name for name in PEER_RUNTIMES if importlib.util.find_spec(name) is not None]
+    if not installed:
+        return {"skipped": f"not installed: {', '.join(PEER_RUNTIMES)}"}
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"skipped": f"exporting the model to ONNX needs torch and transformers (not installed: "
+                           f"{', '.join(missing)})"}
+    log("peers: transformers' DiNAT exported to ONNX (subprocess)")
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    peers: dict[str, Any] = {"export": run_child(args, "export", offline, child_arg=str(folder))}
+    if "error" in peers["export"]:
+        log(f"peers skipped, the export to ONNX failed: {peers['export']['error']}")
+        return peers
+    for name in PEER_RUNTIMES:
+        if name in installed:
+            log(f"peers: {name} batch 1 (subprocess)")
+            peers[name] = run_child(args, name, child_arg=str(folder))
+        else:
+            peers[name] = {"skipped": "not installed"}
+    return peers
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from dinat_np.kernels.cpu import gemm
+
     results: dict[str, Any] = {
         "model": args.model, "load_start": os.getloadavg(),
         "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "target": {"name": args.target, "env": {name: os.environ.get(name) for name in TARGET_VARIABLES},
+                   "wide_vectors": gemm.WIDE_VECTORS},
     }
     if args.repeats < 20:
         log(f"--repeats {args.repeats} < 20: below the issue's protocol (median of >= 20)")
@@ -950,13 +1266,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     setup_threads(args.threads, args.threading_layer)
     if args.child:
-        handlers = {"rss1": child_rss_batch1, "cold": child_cold, "torch": child_torch}
-        print(json.dumps(handlers[args.child](args)))
+        handlers = {"rss1": child_rss_batch1, "cold": child_cold, "torch": child_torch, "export": child_export,
+                    "onnxruntime": child_onnxruntime, "openvino": child_openvino, "benchmark": run_benchmark}
+        print(json.dumps(handlers[args.child](args), default=str))
         return 0
-    results = run_benchmark(args)
+    if args.target == "host":
+        results = run_benchmark(args)
+    else:
+        results = run_as_target(args, argv)
+        results["command"] = "python " + " ".join([Path(sys.argv[0]).name] + argv)
     print(report(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
