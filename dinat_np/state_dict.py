@@ -10,6 +10,8 @@ checkpoint can never run any. bfloat16, which NumPy lacks, comes from ``ml_dtype
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import struct
@@ -17,7 +19,6 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -30,7 +31,6 @@ _DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
@@ -42,7 +42,23 @@ _DTYPES = {
     "BOOL": np.dtype("?"),
 }
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # what write_safetensors stores weight matrices as
-_STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@functools.cache
+def _bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, imported when a bfloat16 tensor is met (its import takes ~0.7 s of a start-up)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _dtype_of(code: str) -> np.dtype | None:
+    """The NumPy dtype of a safetensors dtype code, or None for one dinat-np does not read."""
+    return _bfloat16() if code == "BF16" else _DTYPES.get(code)
+
+
+def _storage_dtype(dtype: str) -> np.dtype:
+    return _bfloat16() if dtype == "bfloat16" else np.dtype("<f2")
 
 
 class SafetensorsError(ValueError):
@@ -50,12 +66,12 @@ class SafetensorsError(ValueError):
 
 
 def _is_float(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" or dtype == _DTYPES["BF16"]  # ml_dtypes' bfloat16 is not of NumPy's kind "f"
+    return dtype.kind == "f" or dtype.name == "bfloat16"  # ml_dtypes' bfloat16 is not of NumPy's kind "f"
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16, as other formats store them) to float32."""
-    return np.ascontiguousarray(bits, dtype="<u2").view(ml_dtypes.bfloat16).astype(np.float32)
+    return np.ascontiguousarray(bits, dtype="<u2").view(_bfloat16()).astype(np.float32)
 
 
 def _refuse_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -109,7 +125,7 @@ def read_safetensors(path: str | os.PathLike, as_float32: bool = True) -> dict[s
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors: dict[str, np.ndarray] = {}
     for name, entry in header.items():
-        dtype = _DTYPES.get(entry["dtype"])
+        dtype = _dtype_of(entry["dtype"])
         if dtype is None:
             raise SafetensorsError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which dinat-np does not read")
         begin, end = entry["data_offsets"]
@@ -144,8 +160,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         if _is_float(array.dtype):
             array = array.astype("<f4", copy=False)
             if dtype != "float32" and stored_in_reduced_precision(name, array):
-                array = array.astype(_STORAGE[dtype])
-        elif array.dtype.newbyteorder("<") not in _DTYPES.values():
+                array = array.astype(_storage_dtype(dtype))
+        elif array.dtype.newbyteorder("<") not in _DTYPES.values() and array.dtype.name != "bfloat16":
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
         arrays[name] = np.ascontiguousarray(array)
     metadata = {"format": "pt", "storage": dtype}
