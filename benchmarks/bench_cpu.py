@@ -244,8 +244,9 @@ def run_as_target(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         env = dict(os.environ, **target_environment(args.target), NUMBA_CACHE_DIR=cache)
         log(f"--target {args.target}: the benchmark runs in a child process compiled for that CPU, "
             f"Numba cache {cache} (the first forward compiles every kernel)")
-        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", "benchmark"]
-        process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # progress: stderr as is
+        command = [sys.executable, "-m", "benchmarks.bench_cpu", *argv, "--child", "benchmark"]
+        # progress goes to stderr as it is
+        process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
     if process.returncode != 0 or not lines:
         raise SystemExit(f"bench_cpu: the --target {args.target} run failed (exit {process.returncode})")
@@ -674,14 +675,15 @@ def check_recompilation(model: Any, before: dict[str, int]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 def run_child(args: argparse.Namespace, mode: str, extra_env: dict[str, str] | None = None,
               child_arg: str | None = None, timeout: float = 1800) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", args.model,
+    # run as a module from the repository root, as the parent: the PyTorch reference imports as tests.reference
+    command = [sys.executable, "-m", "benchmarks.bench_cpu", "--child", mode, "--model", args.model,
                "--threads", str(args.threads), "--repeats", str(args.repeats),
                "--torch-repeats", str(args.torch_repeats)]
     if child_arg is not None:
         command += ["--child-arg", child_arg]
     env = dict(os.environ, **(extra_env or {}))
     start = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     wall = time.perf_counter() - start
     lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
     if process.returncode != 0 or not lines:
@@ -734,7 +736,7 @@ def reference_transformers() -> Any:
     import transformers
 
     sys.path.insert(0, str(REPO / "tests"))
-    from torch_natten import patch_transformers
+    from tests.reference.torch_natten import patch_transformers
 
     patch_transformers()
     return transformers
