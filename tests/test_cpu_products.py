@@ -15,7 +15,7 @@ import pytest
 
 from dinat_np.kernels import cpu
 from dinat_np.kernels.common import Conv, Linear, Norm
-from dinat_np.kernels.cpu import blas, gemm
+from dinat_np.kernels.cpu import blas, gemm, simd
 from dinat_np.kernels.cpu import conv as cpu_conv
 from dinat_np.kernels.cpu import products as cpu_products
 
@@ -306,9 +306,9 @@ def test_products_run_where_they_are_fastest(monkeypatch):
 
 def test_wide_vectors_follow_the_features_numba_compiles_for(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,-avx512f")
-    assert not gemm._has_wide_vectors()
+    assert not simd._has_wide_vectors()
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512f,+fma")
-    assert gemm._has_wide_vectors()
+    assert simd._has_wide_vectors()
 
 
 def test_own_sgemm_is_compiled_once_and_kept_alive():

@@ -20,25 +20,12 @@ thread count, chunking or panel depth.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
-from llvmlite import binding
 from numba import carray, cfunc, njit, types
 
 from .blas import NUMPY_OPENBLAS, numpy_products_asked, sgemm_prototype
-from .simd import FAST, LANES, broadcast, fma, load, scratch, splat, store
-
-
-def _has_wide_vectors() -> bool:
-    # the features Numba compiles for: NUMBA_CPU_FEATURES where set, none for a named CPU (e.g. generic),
-    # else the host's
-    named_cpu = os.environ.get("NUMBA_CPU_NAME", "host") != "host"
-    features = os.environ.get("NUMBA_CPU_FEATURES") or ("" if named_cpu else binding.get_host_cpu_features().flatten())
-    return "+avx512f" in features.split(",")
-
-
-WIDE_VECTORS = _has_wide_vectors()
+from .simd import FAST, LANES, WIDE_VECTORS, broadcast, fma, load, scratch, splat, store
 
 
 def _products() -> str:

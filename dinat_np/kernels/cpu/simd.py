@@ -1,28 +1,45 @@
-"""Sixteen float32 lanes as one Numba value, for the CPU kernels' innermost loops.
+"""float32 vectors as one Numba value, for the CPU kernels' innermost loops.
 
 Numba compiles array loops through LLVM's auto-vectoriser, which handles the attention's short,
 runtime-length loops (49 neighbours, 32 channels) poorly: remainder loops, accumulators reloaded from
-memory, scalar ``floorf`` calls. A ``float32x16`` local is an LLVM ``<16 x float>`` SSA value, so it
-lives in registers, and every operation below is one LLVM vector instruction (LLVM splits it into two
-or four on CPUs with 256- or 128-bit vectors). Loads and stores take a lane count and touch only the
-lanes below it (``llvm.masked.load``/``store``): any length is handled without a remainder loop and
-without reading past an array's end. Offsets are in elements into the array's C-ordered data; callers
-keep them in bounds (no bounds checks here). Scalar operands of the arithmetic stand for themselves in
-every lane.
+memory, scalar ``floorf`` calls. A vector local is an LLVM ``<LANES x float>`` SSA value, so it lives in
+registers, and every operation below is one LLVM vector instruction. ``LANES`` is the width of the
+target's registers: 16 on CPUs with AVX-512, 8 elsewhere (one AVX2 register; two SSE or NEON ones).
+Wider vectors than the registers were slower: LLVM splits each operation, and the kernels' blocks and
+accumulators then need twice the registers there are (see docs/perf-journal.md). Loads and stores
+take a lane count and touch only the lanes below it (``llvm.masked.load``/``store``): any length is
+handled without a remainder loop and without reading past an array's end. Offsets are in elements
+into the array's C-ordered data; callers keep them in bounds (no bounds checks here). Scalar operands
+of the arithmetic stand for themselves in every lane.
 
-A block is 16 vectors as one value (a tuple, also kept in registers): 16 rows loaded or stored at once,
-transposed (16 x 16, in registers), or summed row by row (16 dot products finished together).
+A block is ``LANES`` vectors as one value (a tuple, also kept in registers): that many rows loaded or
+stored at once, transposed (in registers), or summed row by row (``LANES`` dot products finished together).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-LANES = 16
+
+def _has_wide_vectors() -> bool:
+    # the features Numba compiles for: NUMBA_CPU_FEATURES where set, none for a named CPU (e.g. generic),
+    # else the host's
+    named_cpu = os.environ.get("NUMBA_CPU_NAME", "host") != "host"
+    features = os.environ.get("NUMBA_CPU_FEATURES") or ("" if named_cpu else binding.get_host_cpu_features().flatten())
+    return "+avx512f" in features.split(",")
+
+
+# Whether the target has 512-bit vector registers (AVX-512): the kernels' vector width, and the own
+# matrix product (``gemm``) are chosen by it.
+WIDE_VECTORS = _has_wide_vectors()
+LANES = 16 if WIDE_VECTORS else 8
+CACHE_LINE_FLOATS = 16  # 64 bytes
 
 # The kernels' compile options. They let LLVM vectorise reductions and divisions: reassociation and
 # contraction of float32 arithmetic, reciprocals, and NumPy's division semantics instead of Python's
@@ -34,16 +51,16 @@ _VECTOR = ir.VectorType(_FLOAT, LANES)
 _I32 = ir.IntType(32)
 
 
-class Float32x16(types.Type):
+class Float32Vector(types.Type):
     def __init__(self) -> None:
-        super().__init__(name="float32x16")
+        super().__init__(name=f"float32x{LANES}")
 
 
-float32x16 = Float32x16()
+float32_vector = Float32Vector()
 
 
-@register_model(Float32x16)
-class _Float32x16Model(models.PrimitiveModel):
+@register_model(Float32Vector)
+class _Float32VectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _VECTOR)
 
@@ -55,7 +72,7 @@ def _broadcast(builder, value, vector_type):
 
 
 def _lane_mask(builder, lanes):
-    # lane k is active when k < lanes (lanes may be <= 0: none, or > 16: all)
+    # lane k is active when k < lanes (lanes may be <= 0: none, or > LANES: all)
     lanes = builder.select(builder.icmp_signed(">", lanes, ir.Constant(lanes.type, LANES)),
                            ir.Constant(lanes.type, LANES), lanes)
     index = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, k) for k in range(LANES)])
@@ -72,26 +89,26 @@ def _llvm_intrinsic(builder, name, return_type, argument_types):
 
 
 def _masked_load(builder, address, mask):
-    function = _llvm_intrinsic(builder, "llvm.masked.load.v16f32.p0", _VECTOR,
+    function = _llvm_intrinsic(builder, f"llvm.masked.load.v{LANES}f32.p0", _VECTOR,
                                [_VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _VECTOR])
     return builder.call(function, [address, ir.Constant(_I32, 4), mask, ir.Constant(_VECTOR, None)])
 
 
 def _masked_store(builder, value, address, mask):
-    function = _llvm_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+    function = _llvm_intrinsic(builder, f"llvm.masked.store.v{LANES}f32.p0", ir.VoidType(),
                                [_VECTOR, _VECTOR.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
     builder.call(function, [value, address, ir.Constant(_I32, 4), mask])
 
 
 @intrinsic
 def load(typingctx, array, offset, lanes):
-    """``array.flat[offset:offset + lanes]`` in the first ``lanes`` lanes (at most 16), zeros in the rest."""
+    """``array.flat[offset:offset + lanes]`` in the first ``lanes`` lanes (at most LANES), zeros in the rest."""
 
     def codegen(context, builder, signature, args):
         address = _address(context, builder, signature.args[0], args[0], args[1])
         return _masked_load(builder, address, _lane_mask(builder, args[2]))
 
-    return float32x16(array, offset, lanes), codegen
+    return float32_vector(array, offset, lanes), codegen
 
 
 @intrinsic
@@ -114,7 +131,7 @@ def broadcast(typingctx, array, offset):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         return _broadcast(builder, builder.load(builder.gep(data, [args[1]])), _VECTOR)
 
-    return float32x16(array, offset), codegen
+    return float32_vector(array, offset), codegen
 
 
 @intrinsic
@@ -124,25 +141,25 @@ def splat(typingctx, x):
     def codegen(context, builder, signature, args):
         return _broadcast(builder, context.cast(builder, args[0], signature.args[0], types.float32), _VECTOR)
 
-    return float32x16(x), codegen
+    return float32_vector(x), codegen
 
 
 def _lane_wise(name, operation, arity, doc):
-    # An intrinsic on float32x16 values in which scalar operands stand for themselves in every lane;
-    # operation(builder, values) gets every operand as a <16 x float>.
+    # An intrinsic on float32_vector values in which scalar operands stand for themselves in every lane;
+    # operation(builder, values) gets every operand as a <LANES x float>.
     def codegen(context, builder, signature, args):
         values = []
         for operand_type, value in zip(signature.args, args, strict=True):
-            if operand_type != float32x16:
+            if operand_type != float32_vector:
                 value = _broadcast(builder, context.cast(builder, value, operand_type, types.float32), _VECTOR)
             values.append(value)
         return operation(builder, values)
 
     def signature(operands):
         scalar = (types.Float, types.Integer)
-        if float32x16 not in operands or not all(o == float32x16 or isinstance(o, scalar) for o in operands):
+        if float32_vector not in operands or not all(o == float32_vector or isinstance(o, scalar) for o in operands):
             return None
-        return float32x16(*operands), codegen
+        return float32_vector(*operands), codegen
 
     if arity == 1:
         def typer(typingctx, a):
@@ -160,9 +177,9 @@ def _lane_wise(name, operation, arity, doc):
 
 
 def _llvm_vector_function(name, arity):
-    # a call of llvm.<name>.v16f32
+    # a call of llvm.<name>.v<LANES>f32
     def operation(builder, values):
-        return builder.call(_llvm_intrinsic(builder, f"llvm.{name}.v16f32", _VECTOR, [_VECTOR] * arity), values)
+        return builder.call(_llvm_intrinsic(builder, f"llvm.{name}.v{LANES}f32", _VECTOR, [_VECTOR] * arity), values)
 
     return operation
 
@@ -187,17 +204,18 @@ power_of_two = _lane_wise("power_of_two", _power_of_two, 1,
 
 @intrinsic
 def lane_sum(typingctx, a):
-    """The sum of the 16 lanes (in any order)."""
+    """The sum of the lanes (in any order)."""
 
     def codegen(context, builder, signature, args):
-        reduce_add = _llvm_intrinsic(builder, "llvm.vector.reduce.fadd.v16f32", _FLOAT, [_FLOAT, _VECTOR])
+        reduce_add = _llvm_intrinsic(builder, f"llvm.vector.reduce.fadd.v{LANES}f32", _FLOAT, [_FLOAT, _VECTOR])
         return builder.call(reduce_add, [ir.Constant(_FLOAT, -0.0), args[0]], fastmath=("reassoc",))
 
     return types.float32(a), codegen
 
 
-# Blocks: 16 vectors as one value (a tuple, kept in registers).
-_BLOCK_TYPE = types.UniTuple(float32x16, LANES)
+# Blocks: LANES vectors as one value (a tuple, kept in registers).
+_BLOCK_TYPE = types.UniTuple(float32_vector, LANES)
+_HALVINGS = tuple(LANES >> k for k in range(1, LANES.bit_length()))  # LANES / 2, ..., 2, 1
 
 
 def _rows(builder, block):
@@ -214,7 +232,7 @@ def _row_mask(builder, lane_mask, row, rows):
 
 
 def _row_addresses(context, builder, signature, args):
-    # array.flat[row_offsets[j] + offset] for the 16 rows j (row_offsets read only for the rows < rows)
+    # array.flat[row_offsets[j] + offset] for the LANES rows j (row_offsets read only for the rows < rows)
     array_type, offsets_type = signature.args[0], signature.args[1]
     array, row_offsets, offset, rows = args[:4]
     offsets_data = context.make_array(offsets_type)(context, builder, row_offsets).data
@@ -231,7 +249,7 @@ def _row_addresses(context, builder, signature, args):
 
 @intrinsic
 def load_rows(typingctx, array, row_offsets, offset, rows, lanes):
-    """16 vectors: row ``j < rows`` is ``load(array, row_offsets[j] + offset, lanes)``, the rest zero."""
+    """LANES vectors: row ``j < rows`` is ``load(array, row_offsets[j] + offset, lanes)``, the rest zero."""
 
     def codegen(context, builder, signature, args):
         lane_mask = _lane_mask(builder, args[4])
@@ -262,7 +280,7 @@ def fma_rows(typingctx, block, multiplier, addend):
     by row."""
 
     def codegen(context, builder, signature, args):
-        fma_vector = _llvm_intrinsic(builder, "llvm.fma.v16f32", _VECTOR, [_VECTOR] * 3)
+        fma_vector = _llvm_intrinsic(builder, f"llvm.fma.v{LANES}f32", _VECTOR, [_VECTOR] * 3)
         addends = _rows(builder, args[2]) if signature.args[2] == _BLOCK_TYPE else [args[2]] * LANES
         rows = [builder.call(fma_vector, [row, args[1], total])
                 for row, total in zip(_rows(builder, args[0]), addends, strict=True)]
@@ -273,12 +291,12 @@ def fma_rows(typingctx, block, multiplier, addend):
 
 @intrinsic
 def transpose(typingctx, block):
-    """The 16 x 16 transpose: lane ``k`` of row ``j`` becomes lane ``j`` of row ``k``."""
+    """The LANES x LANES transpose: lane ``k`` of row ``j`` becomes lane ``j`` of row ``k``."""
 
     def codegen(context, builder, signature, args):
         rows = _rows(builder, args[0])
-        # four butterfly stages; stage `bit` swaps that bit of the row index with that bit of the lane index
-        for bit in (1, 2, 4, 8):
+        # log2(LANES) butterfly stages; stage `bit` swaps that bit of the row index with that bit of the lane index
+        for bit in _HALVINGS[::-1]:
             low_mask = ir.Constant(ir.VectorType(_I32, LANES),
                                    [k if not k & bit else LANES + k - bit for k in range(LANES)])
             high_mask = ir.Constant(ir.VectorType(_I32, LANES),
@@ -306,12 +324,12 @@ def zeros(typingctx):
 
 @intrinsic
 def row_sums(typingctx, block):
-    """Lane ``j`` holds the sum of row ``j``'s 16 lanes: 16 dot products finished at once."""
+    """Lane ``j`` holds the sum of row ``j``'s lanes: LANES dot products finished at once."""
 
     def codegen(context, builder, signature, args):
         rows = _rows(builder, args[0])
         # halving stages: rows r and r + width exchange lane blocks so that each keeps half of both, summed
-        for width in (8, 4, 2, 1):
+        for width in _HALVINGS:
             low_mask, high_mask = [], []
             for start in range(0, LANES, 2 * width):
                 low_mask += [start + k for k in range(width)] + [LANES + start + k for k in range(width)]
@@ -323,18 +341,18 @@ def row_sums(typingctx, block):
                                  builder.shuffle_vector(rows[r], rows[r + width], high_mask)) for r in range(width)]
         return rows[0]
 
-    return float32x16(block), codegen
+    return float32_vector(block), codegen
 
 
 @intrinsic
 def largest_lane(typingctx, a):
-    """The largest of the 16 lanes."""
+    """The largest of the lanes."""
 
     def codegen(context, builder, signature, args):
         # a tree of lane-wise maxima over halves: llvm.vector.reduce.fmax is a serial chain without nnan
-        maxnum = _llvm_intrinsic(builder, "llvm.maxnum.v16f32", _VECTOR, [_VECTOR] * 2)
+        maxnum = _llvm_intrinsic(builder, f"llvm.maxnum.v{LANES}f32", _VECTOR, [_VECTOR] * 2)
         value = args[0]
-        for width in (8, 4, 2, 1):
+        for width in _HALVINGS:
             upper = ir.Constant(ir.VectorType(_I32, LANES),
                                 [ir.Constant(_I32, (k + width) % LANES) for k in range(LANES)])
             value = builder.call(maxnum, [value, builder.shuffle_vector(value, value, upper)])
@@ -345,8 +363,8 @@ def largest_lane(typingctx, a):
 
 @njit(**FAST)
 def scratch(size):
-    """``size`` uninitialised float32 starting on a 64-byte boundary (a cache line): 16-lane loads from
+    """``size`` uninitialised float32 starting on a 64-byte boundary (a cache line): vector loads from
     it never straddle two lines. (NumPy's arrays start on 16-byte boundaries, Numba's on 32-byte ones.)"""
-    buffer = np.empty(size + LANES, np.float32)
-    first = -(buffer.ctypes.data // 4) % LANES
+    buffer = np.empty(size + CACHE_LINE_FLOATS, np.float32)
+    first = -(buffer.ctypes.data // 4) % CACHE_LINE_FLOATS
     return buffer[first : first + size]
