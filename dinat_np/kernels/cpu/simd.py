@@ -100,13 +100,39 @@ def _masked_store(builder, value, address, mask):
     builder.call(function, [value, address, ir.Constant(_I32, 4), mask])
 
 
+# A whole vector is read or written by a plain instruction, a part by a masked one: AVX2's masked loads
+# and stores (vmaskmovps) are slow on AMD's CPUs, and the lane count is known only at run time.
+def _load_lanes(builder, address, lanes):
+    whole = builder.icmp_signed(">=", lanes, ir.Constant(lanes.type, LANES))
+    with builder.if_else(whole, likely=True) as (then, otherwise):
+        with then:
+            plain = builder.load(address, align=4)
+            plain_block = builder.basic_block
+        with otherwise:
+            masked = _masked_load(builder, address, _lane_mask(builder, lanes))
+            masked_block = builder.basic_block
+    value = builder.phi(_VECTOR)
+    value.add_incoming(plain, plain_block)
+    value.add_incoming(masked, masked_block)
+    return value
+
+
+def _store_lanes(builder, value, address, lanes):
+    whole = builder.icmp_signed(">=", lanes, ir.Constant(lanes.type, LANES))
+    with builder.if_else(whole, likely=True) as (then, otherwise):
+        with then:
+            builder.store(value, address, align=4)
+        with otherwise:
+            _masked_store(builder, value, address, _lane_mask(builder, lanes))
+
+
 @intrinsic
 def load(typingctx, array, offset, lanes):
     """``array.flat[offset:offset + lanes]`` in the first ``lanes`` lanes (at most LANES), zeros in the rest."""
 
     def codegen(context, builder, signature, args):
         address = _address(context, builder, signature.args[0], args[0], args[1])
-        return _masked_load(builder, address, _lane_mask(builder, args[2]))
+        return _load_lanes(builder, address, args[2])
 
     return float32_vector(array, offset, lanes), codegen
 
@@ -117,7 +143,7 @@ def store(typingctx, array, offset, lanes, value):
 
     def codegen(context, builder, signature, args):
         address = _address(context, builder, signature.args[0], args[0], args[1])
-        _masked_store(builder, args[3], address, _lane_mask(builder, args[2]))
+        _store_lanes(builder, args[3], address, args[2])
         return context.get_dummy_value()
 
     return types.none(array, offset, lanes, value), codegen
