@@ -6,8 +6,8 @@
 # Prerequisites: an x86-64 Debian 12 or newer, run as root (apt-get installs qemu-user and mmdebstrap),
 # Debian's and PyPI's package archives reachable, about 1 GB of disk; an x86-64 Python with dinat-np
 # installed from this tree, for the x86 side of the comparison (X86_PYTHON, default .venv/bin/python).
-# The first run took 11 minutes on one core of an x86-64 VM, mostly Numba compiling under emulation (a
-# run reusing WORK_DIR's compiled kernels, 6): start it with `nice`.
+# A first run took 11-13 minutes on one core of an x86-64 VM, mostly Numba compiling under emulation (a
+# run that reuses WORK_DIR and its compiled kernels, about 4): start it with `nice`.
 #
 #   benchmarks/aarch64_smoke.sh [WORK_DIR]     (default /tmp/dinat-np-arm64; kept for the next run)
 #
