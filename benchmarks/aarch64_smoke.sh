@@ -61,7 +61,7 @@ printf '#!/bin/sh\nexec qemu-aarch64 -0 "$0" -L "%s" "%s" "$@"\n' "$ROOT" "$ROOT
     >"$WORK/bin/python3.11"
 chmod +x "$WORK/bin/python3.11"
 # -P: dinat_np is the wheel in $SITE, not the source folder of the current directory
-arm_python() { PYTHONPATH=$SITE NUMBA_CACHE_DIR=$WORK/numba-cache "$WORK/bin/python3.11" -P "$@"; }
+arm_python() { PYTHONPATH=$SITE NUMBA_CACHE_DIR=$ARM_CACHE "$WORK/bin/python3.11" -P "$@"; }
 
 step "aarch64 wheels in $SITE"
 # this tree as a wheel, built anew each run so that the run checks the tree as it is now
@@ -81,6 +81,12 @@ EOF
 else
     "$X86_PYTHON" -m pip install -q --no-warn-conflicts --target "$SITE" --no-deps --upgrade "$WORK"/wheel/dinat_np-*.whl
 fi
+
+# Numba's cache of a kernel is invalidated only when the kernel's own file changes, not when a module it
+# inlines (simd.py) does: both sides compile into caches named after this tree's Python sources.
+SOURCES=$(cd "$REPO" && find dinat_np cli -name '*.py' | sort | xargs cat | sha256sum | cut -c1-16)
+ARM_CACHE=$WORK/numba-cache/aarch64-$SOURCES
+X86_CACHE=$WORK/numba-cache/x86_64-$SOURCES
 
 step "the platform as dinat-np sees it (under qemu-aarch64)"
 arm_python - <<'EOF'
@@ -138,7 +144,7 @@ pixels = np.stack([classifier.processor.preprocess(path) for path in sys.argv[2:
 np.save(sys.argv[1], classifier.model(pixels).logits)
 '
 arm_python -c "$logits_program" "$WORK/logits-aarch64.npy" "${SAMPLES[@]}"
-"$X86_PYTHON" -c "$logits_program" "$WORK/logits-x86_64.npy" "${SAMPLES[@]}"
+NUMBA_CACHE_DIR=$X86_CACHE "$X86_PYTHON" -c "$logits_program" "$WORK/logits-x86_64.npy" "${SAMPLES[@]}"
 "$X86_PYTHON" - "$WORK/logits-aarch64.npy" "$WORK/logits-x86_64.npy" <<'EOF'
 import sys
 
