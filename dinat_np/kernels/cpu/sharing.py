@@ -1,0 +1,101 @@
+"""Sharing the cores: the kernels' thread count follows the cores that other processes leave free (Linux).
+
+Every kernel splits its work statically, one part per thread, and ends when its last part does. When
+other processes keep a core busy, one of the kernels' threads shares that core and is descheduled for a
+time slice (milliseconds) now and then, and each of the ~100 kernels of a forward may wait for it: beside
+one busy loop on 2 cores, batch 1 took 5-6x its idle time, where the one core left should cost about 2x.
+Even a niced process does this: on its wake-up a kernel thread waits for the time slice that process
+holds. So while other processes take a core's worth of CPU time or more, the kernels run on fewer
+threads, as many as the cores the others leave.
+
+How: at a kernel launch, at most every ``SAMPLE_S`` (nothing runs in the background), the CPU time spent
+on this process's CPUs (``/proc/stat``: busy = user, nice, system, irq, softirq and a hypervisor's steal)
+minus this process's own (``time.process_time``, every thread) since the previous sample gives the cores
+the others took, hence ``free`` = CPUs - those. The count moves down when ``free < threads - DOWN_MARGIN``
+and up when ``free >= threads + UP_MARGIN``, to about ``free`` (``adapted_threads``). The gap keeps it
+from flapping, and it is wide upwards because the others get more CPU time once the kernels take less.
+The others' CPU time is measured whatever the kernels' count, so when they stop the count comes back at
+the next sample: no probing. A sample costs ~10 us (reading ``/proc/stat``); the check at each launch,
+a clock read. This process's other threads count as its own, not as others.
+
+``threads`` wires this in: where the user fixed the thread count or the threads' spin it stays off (see
+``threads``), and ``DINAT_NP_ADAPT_THREADS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+
+SAMPLE_S = 0.1  # seconds between samples, at least: long enough for /proc/stat's 10 ms ticks
+DOWN_MARGIN = 0.5  # fewer threads when the cores left are this far below the count (others > ~half a core)
+UP_MARGIN = 0.65  # more threads when the cores left are this far above it
+
+# /proc/stat's per-CPU columns after the name: user nice system idle iowait irq softirq steal guest guest_nice
+# (guest time is counted in user and nice already).
+_BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)
+
+
+def adaptation_asked() -> bool:
+    """Whether ``DINAT_NP_ADAPT_THREADS`` leaves the adaptation on (unset, or anything but ``0``)."""
+    return os.environ.get("DINAT_NP_ADAPT_THREADS", "1") != "0"
+
+
+def adapted_threads(threads: int, most: int, free: float) -> int:
+    """The thread count after ``threads``, with ``free`` cores left by the others (at most ``most`` threads)."""
+    if free < threads - DOWN_MARGIN:
+        return max(1, math.floor(free + 0.5))
+    if free >= threads + UP_MARGIN:
+        return min(most, math.floor(free + 1 - UP_MARGIN))
+    return threads
+
+
+def busy_seconds(stat: bytes, cpus: frozenset[int], tick_s: float) -> float:
+    """CPU time spent busy on ``cpus`` (numbers), in seconds, from the text of ``/proc/stat``."""
+    busy = 0
+    for line in stat.split(b"\n"):
+        if not line.startswith(b"cpu"):
+            break  # the per-CPU lines come first
+        name, *columns = line.split()
+        if name[3:] and int(name[3:]) in cpus:  # "cpu" alone is the total
+            busy += sum(int(columns[column]) for column in _BUSY_COLUMNS)
+    return busy * tick_s
+
+
+class ProcStat:
+    """Busy CPU time on this process's CPUs (``busy_seconds`` of ``/proc/stat``), read through one open file."""
+
+    def __init__(self) -> None:
+        self._file = os.open("/proc/stat", os.O_RDONLY)  # OSError where there is none
+        self.cpus = frozenset(os.sched_getaffinity(0))
+        self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+
+    def __call__(self) -> float:
+        return busy_seconds(os.pread(self._file, 1 << 16, 0), self.cpus, self._tick_s)
+
+
+class ThreadAdapter:
+    """The adapted thread count (``threads``) of up to ``most`` threads on ``cpus`` CPUs, updated by ``sample``.
+
+    ``busy`` gives the busy CPU time of those CPUs so far, ``own`` this process's CPU time, ``clock`` the time
+    (seconds, all three); the tests fake them.
+    """
+
+    def __init__(self, most: int, cpus: int, busy: Callable[[], float], own: Callable[[], float] = time.process_time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.most, self.threads, self._cpus = most, most, cpus
+        self._busy, self._own, self.clock = busy, own, clock
+        self._previous = (clock(), busy(), own())
+        self.next_sample = self._previous[0] + SAMPLE_S
+
+    def sample(self, now: float) -> int:
+        """Read the others' CPU time since the previous sample and adapt the count; returns it."""
+        busy, own = self._busy(), self._own()
+        then, busy_then, own_then = self._previous
+        others = max(0.0, (busy - busy_then) - (own - own_then)) / max(now - then, 1e-9)
+        self.threads = adapted_threads(self.threads, self.most, self._cpus - others)
+        self._previous = (now, busy, own)
+        self.next_sample = now + SAMPLE_S
+        return self.threads
