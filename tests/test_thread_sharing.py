@@ -3,6 +3,7 @@ faked readings, its wiring into the launches, and a model's results the same wha
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numba
@@ -36,6 +37,7 @@ def test_busy_seconds_counts_only_the_given_cpus_and_busy_columns():
     assert busy_seconds(stat, frozenset({0}), 0.01) == pytest.approx(0.66)  # 10+20+30+1+2+3 ticks
     assert busy_seconds(stat, frozenset({0, 12}), 0.01) == pytest.approx(0.73)
     assert busy_seconds(stat, frozenset({5}), 0.01) == 0.0
+    assert busy_seconds(stat, None, 0.01) == pytest.approx(54.0)  # the total line: 6 columns of 900
 
 
 class FakeMachine:
@@ -96,6 +98,10 @@ def test_no_adaptation_where_the_user_fixed_threads_or_spin_or_turned_it_off(mon
     assert threads._thread_adapter() is None
 
 
+def adapting() -> bool:
+    return threads._next_sample != math.inf
+
+
 @pytest.fixture
 def faked_adapter(monkeypatch):
     """The launches of this process follow a ThreadAdapter on a FakeMachine (two threads at most, two CPUs);
@@ -108,7 +114,8 @@ def faked_adapter(monkeypatch):
     numba.set_num_threads(2)
     threads._applied.threads = 2
     monkeypatch.setattr(threads, "_adapter", machine.adapter())
-    monkeypatch.setattr(threads, "_adapting", True)
+    monkeypatch.setattr(threads, "_clock", machine.clock)
+    monkeypatch.setattr(threads, "_next_sample", 0.0)
     yield machine
     numba.set_num_threads(original)
     threads._applied.threads = original
@@ -146,7 +153,7 @@ def test_numbas_count_set_by_the_user_wins(faked_adapter):
     numba.set_num_threads(1)  # directly, behind the adaptation's back
     faked_adapter.others = 1.0
     cpu.layer_norm(x, norm)
-    assert threads._adapting is False
+    assert not adapting()
     numba.set_num_threads(2)
     cpu.layer_norm(x, norm)
     assert numba.get_num_threads() == 2
@@ -154,6 +161,6 @@ def test_numbas_count_set_by_the_user_wins(faked_adapter):
 
 def test_set_num_threads_stops_the_adaptation(faked_adapter):
     threads.set_num_threads(2)
-    assert threads._adapting is False
+    assert not adapting()
     assert threads.adapt_thread_count(True) is True  # on again, for comparisons (bench_cpu)
     assert threads.adapt_thread_count(False) is False and numba.get_num_threads() == 2

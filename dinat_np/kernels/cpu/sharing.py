@@ -52,16 +52,22 @@ def adapted_threads(threads: int, most: int, free: float) -> int:
     return threads
 
 
-def busy_seconds(stat: bytes, cpus: frozenset[int], tick_s: float) -> float:
-    """CPU time spent busy on ``cpus`` (numbers), in seconds, from the text of ``/proc/stat``."""
+def busy_seconds(stat: bytes, cpus: frozenset[int] | None, tick_s: float) -> float:
+    """CPU time spent busy on ``cpus`` (numbers; None: all of them), in seconds, from the text of ``/proc/stat``."""
+    if cpus is None:  # the first line, "cpu", is the total
+        return sum(int(column) for column in _busy_columns(stat[:stat.index(b"\n")])) * tick_s
     busy = 0
-    for line in stat.split(b"\n"):
+    for line in stat.split(b"\n")[1:]:
         if not line.startswith(b"cpu"):
             break  # the per-CPU lines come first
-        name, *columns = line.split()
-        if name[3:] and int(name[3:]) in cpus:  # "cpu" alone is the total
-            busy += sum(int(columns[column]) for column in _BUSY_COLUMNS)
+        if int(line[3:line.index(b" ")]) in cpus:
+            busy += sum(int(column) for column in _busy_columns(line))
     return busy * tick_s
+
+
+def _busy_columns(line: bytes) -> list[bytes]:
+    columns = line.split()[1:]
+    return [columns[column] for column in _BUSY_COLUMNS]
 
 
 class ProcStat:
@@ -70,10 +76,15 @@ class ProcStat:
     def __init__(self) -> None:
         self._file = os.open("/proc/stat", os.O_RDONLY)  # OSError where there is none
         self.cpus = frozenset(os.sched_getaffinity(0))
+        stat = os.pread(self._file, 1 << 20, 0)
+        every = {int(line[3:line.index(b" ")]) for line in stat.split(b"\n")[1:] if line.startswith(b"cpu")}
+        self._cpus = None if self.cpus == every else self.cpus  # None: the total line is enough
+        # enough for the lines it reads (a sample reads no more: /proc/stat's interrupt counts can be long)
+        self._size = 256 * (1 + (0 if self._cpus is None else max(every) + 1))
         self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
 
     def __call__(self) -> float:
-        return busy_seconds(os.pread(self._file, 1 << 16, 0), self.cpus, self._tick_s)
+        return busy_seconds(os.pread(self._file, self._size, 0), self._cpus, self._tick_s)
 
 
 class ThreadAdapter:

@@ -33,9 +33,11 @@ at the next change of the adapted count), or ``DINAT_NP_ADAPT_THREADS=0``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -148,8 +150,9 @@ def _thread_adapter() -> ThreadAdapter | None:
 _SET_UP_LOCK = threading.Lock()
 _process_set_up: ProcessSetUp | None = None
 _adapter: ThreadAdapter | None = None  # where the adaptation is allowed
-_adapting = False  # and on
-_applied = threading.local()  # .threads: the count last applied to this Python thread's launches
+_NEVER = math.inf
+_next_sample = _NEVER  # when a launch next samples the others' CPU time (never: the adaptation is off)
+_applied = threading.local()  # .threads: the count the adaptation last gave this Python thread
 
 
 def set_up_process() -> ProcessSetUp:
@@ -157,17 +160,18 @@ def set_up_process() -> ProcessSetUp:
     threading layer chosen and written to the environment, a fork handler registered, glibc's malloc
     thresholds raised (see the module docstring and ``malloc``), NumPy's OpenBLAS given a short idle spin
     (``blas.bound_idle_spin``), the thread count's adaptation to other processes started where allowed."""
-    global _process_set_up, _adapter, _adapting
+    global _process_set_up, _adapter, _next_sample
     if _process_set_up is not None:  # every launch asks: no lock once done
         return _process_set_up
     with _SET_UP_LOCK:
         if _process_set_up is None:
             _adapter = _thread_adapter()
-            _adapting = _adapter is not None
+            _next_sample = _NEVER if _adapter is None else _adapter.next_sample
             threading_layer = _choose_threading_layer()
             if hasattr(os, "register_at_fork"):  # POSIX only
                 os.register_at_fork(after_in_child=_note_fork_in_child)
-            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds(), bound_idle_spin(), _adapting)
+            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds(), bound_idle_spin(),
+                                           _adapter is not None)
         return _process_set_up
 
 
@@ -180,10 +184,10 @@ def thread_count() -> int:
 def set_num_threads(threads: int) -> None:
     """Number of threads the parallel kernels use (starts Numba's pool: the process is set up first); fixed
     from now on: the adaptation to other processes stops."""
-    global _adapting
+    global _next_sample
     set_up_process()
     with _LAUNCH_LOCK:
-        _adapting = False
+        _next_sample = _NEVER
         numba.set_num_threads(threads)
 
 
@@ -191,33 +195,34 @@ def adapt_thread_count(enabled: bool) -> bool:
     """Turn the adaptation of the thread count to other processes on or off (``benchmarks/bench_cpu.py``
     compares the two); off, the calling thread gets the full count back. Returns whether it is on: never
     where it is not allowed (see the module docstring)."""
-    global _adapting
+    global _next_sample
     set_up_process()
     with _LAUNCH_LOCK:
-        _adapting = enabled and _adapter is not None
-        if _adapter is not None and not enabled:
+        if _adapter is None:
+            return False
+        _next_sample = _clock() if enabled else _NEVER  # on: the next launch samples
+        if not enabled:
             numba.set_num_threads(_adapter.most)
             _applied.threads = _adapter.most
-    return _adapting
+    return enabled
 
 
-def _follow_other_processes() -> None:
-    """Sample when due and give the calling thread the adapted count, unless its user set another one."""
-    global _adapting
-    adapter = _adapter
-    now = adapter.clock()
-    if now >= adapter.next_sample:
-        adapter.sample(now)
-    applied = getattr(_applied, "threads", adapter.most)
-    if applied != adapter.threads:
-        if numba.get_num_threads() != applied:  # set by the user, directly through Numba: theirs wins
-            _adapting = False
-            return
-        numba.set_num_threads(adapter.threads)
-        _applied.threads = adapter.threads
+def _follow_other_processes(now: float) -> None:
+    """Sample, and give the calling thread the adapted count unless its user set another one through Numba
+    (theirs wins: the adaptation stops). Other Python threads that launch get it when they sample."""
+    global _next_sample
+    threads = _adapter.sample(now)
+    _next_sample = _adapter.next_sample
+    current = numba.get_num_threads()
+    if current != getattr(_applied, "threads", _adapter.most):
+        _next_sample = _NEVER
+    elif current != threads:
+        numba.set_num_threads(threads)
+        _applied.threads = threads
 
 
 _LAUNCH_LOCK = threading.RLock()
+_clock = time.monotonic  # the adapter's clock too (the tests fake both)
 
 
 @contextmanager
@@ -232,6 +237,7 @@ def launching() -> Iterator[None]:
             "before dinat_np is imported"
         )
     with _LAUNCH_LOCK:
-        if _adapting:
-            _follow_other_processes()
+        now = _clock()
+        if now >= _next_sample:  # every launch asks: one clock read
+            _follow_other_processes(now)
         yield
