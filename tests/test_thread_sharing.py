@@ -98,6 +98,14 @@ def test_no_adaptation_where_the_user_fixed_threads_or_spin_or_turned_it_off(mon
     assert threads._thread_adapter() is None
 
 
+@pytest.mark.skipif(not LINUX, reason="the adaptation reads /proc/stat")
+def test_the_spin_a_parent_process_wrote_is_not_the_users(monkeypatch):
+    for name in (*threads.USER_THREAD_SETTINGS, "DINAT_NP_ADAPT_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", threads._spin_count())  # as a child process inherits it
+    assert isinstance(threads._thread_adapter(), ThreadAdapter)
+
+
 def adapting() -> bool:
     return threads._next_sample != math.inf
 

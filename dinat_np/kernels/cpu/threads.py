@@ -136,9 +136,16 @@ class ProcessSetUp(NamedTuple):
 USER_THREAD_SETTINGS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
+def _user_fixed_threads_or_spin() -> bool:
+    """Whether one of USER_THREAD_SETTINGS is set, other than the spin dinat-np writes itself (which a child
+    process inherits: set by its parent's set-up, it is not the user's)."""
+    ours = {"GOMP_SPINCOUNT": _spin_count()}
+    return any(os.environ.get(name, ours.get(name)) != ours.get(name) for name in USER_THREAD_SETTINGS)
+
+
 def _thread_adapter() -> ThreadAdapter | None:
-    """The adaptation of the thread count, where allowed (read before the set-up writes GOMP_SPINCOUNT)."""
-    if not adaptation_asked() or any(name in os.environ for name in USER_THREAD_SETTINGS):
+    """The adaptation of the thread count, where allowed (asked before the set-up writes GOMP_SPINCOUNT)."""
+    if not adaptation_asked() or _user_fixed_threads_or_spin():
         return None
     try:
         stat = ProcStat()
