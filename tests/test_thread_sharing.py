@@ -68,6 +68,36 @@ def test_adapter_follows_the_others_with_hysteresis():
     assert counts == [2, 1, 1, 1, 2, 2, 1]
 
 
+def run_beside(machine: FakeMachine, adapter: ThreadAdapter, others: dict[int, float], seconds: float) -> list[tuple]:
+    """Samples for ``seconds``, the others taking ``others[count]`` cores while the adapter uses ``count``
+    threads; returns (time, count) at each change of the count."""
+    changes = []
+    while machine.now < seconds:
+        machine.others = others[adapter.threads]
+        before = adapter.threads
+        if adapter.sample(machine.clock()) != before:
+            changes.append((machine.now, adapter.threads))
+    return changes
+
+
+def test_adapter_probes_a_thread_more_and_keeps_it_when_the_others_yield():
+    machine = FakeMachine(step=0.125)
+    adapter = machine.adapter()
+    # an equal competitor first: it takes a core; one of lower priority then (nice): it takes the core the
+    # kernels leave, and yields it when they ask
+    assert run_beside(machine, adapter, {2: 0.7, 1: 1.0}, 1.0) == [(0.25, 1)]
+    assert run_beside(machine, adapter, {2: 0.05, 1: 1.0}, 3.0) == [(1.25, 2)]  # a probe, kept
+
+
+def test_adapter_probes_less_often_while_they_fail():
+    machine = FakeMachine(step=0.125)  # exact in binary: the times below are exact
+    adapter = machine.adapter()
+    changes = run_beside(machine, adapter, {2: 0.7, 1: 1.0}, 50.0)
+    probes = [at for at, count in changes if count == 2]
+    # each probe goes down at the next sample, and the next probe waits twice as long, up to PROBE_MAX_S
+    assert [b - a for a, b in zip(probes[:-1], probes[1:], strict=True)] == [2.125, 4.125, 8.125, 16.125, 16.125]
+
+
 def test_adapter_does_not_count_its_own_cpu_time_as_the_others():
     machine = FakeMachine(others=0.0, own=2.0)  # this process alone keeps both cores busy (its spinning threads)
     adapter = machine.adapter()

@@ -15,8 +15,13 @@ the others took, hence ``free`` = CPUs - those. The count moves down when ``free
 and up when ``free >= threads + UP_MARGIN``, to about ``free`` (``adapted_threads``). The gap keeps it
 from flapping, and it is wide upwards because the others get more CPU time once the kernels take less.
 The others' CPU time is measured whatever the kernels' count, so when they stop the count comes back at
-the next sample: no probing. A sample costs ~10 us (reading ``/proc/stat``); the check at each launch,
-a clock read. This process's other threads count as its own, not as others.
+the next sample. But others of lower priority (``nice``, or a session of lower weight: Linux shares the
+CPU between sessions' autogroups first) take the cores the kernels leave and give them back when asked:
+so ``PROBE_S`` after going down, the count goes one up for one sample, and stays there if the others
+then leave enough free; each probe that goes down again doubles the wait before the next one (up to
+``PROBE_MAX_S``: beside an equal competitor, about one slower forward every 16 s). A sample costs
+~10-15 us (reading ``/proc/stat``); the check at each launch, a clock read. This process's other
+threads count as its own, not as others.
 
 ``threads`` wires this in: where the user fixed the thread count or the threads' spin it stays off (see
 ``threads``), and ``DINAT_NP_ADAPT_THREADS=0`` turns it off.
@@ -32,6 +37,8 @@ from collections.abc import Callable
 SAMPLE_S = 0.1  # seconds between samples, at least: long enough for /proc/stat's 10 ms ticks
 DOWN_MARGIN = 0.5  # fewer threads when the cores left are this far below the count (others > ~half a core)
 UP_MARGIN = 0.65  # more threads when the cores left are this far above it
+PROBE_S = 1.0  # a thread more for one sample this long after going down (others of lower priority yield)...
+PROBE_MAX_S = 16.0  # ... and twice as long after each probe that went down again, up to this
 
 # /proc/stat's per-CPU columns after the name: user nice system idle iowait irq softirq steal guest guest_nice
 # (guest time is counted in user and nice already).
@@ -100,13 +107,24 @@ class ThreadAdapter:
         self._busy, self._own, self.clock = busy, own, clock
         self._previous = (clock(), busy(), own())
         self.next_sample = self._previous[0] + SAMPLE_S
+        self._probing = False  # the count was raised at the previous sample to see whether the others yield
+        self._probe_wait = PROBE_S
+        self._probe_at = math.inf
 
     def sample(self, now: float) -> int:
         """Read the others' CPU time since the previous sample and adapt the count; returns it."""
         busy, own = self._busy(), self._own()
         then, busy_then, own_then = self._previous
         others = max(0.0, (busy - busy_then) - (own - own_then)) / max(now - then, 1e-9)
-        self.threads = adapted_threads(self.threads, self.most, self._cpus - others)
+        threads = adapted_threads(self.threads, self.most, self._cpus - others)
+        if threads < self.threads:  # down; after a probe, the next one waits twice as long
+            self._probe_wait = min(2 * self._probe_wait, PROBE_MAX_S) if self._probing else PROBE_S
+            self._probe_at, self._probing = now + self._probe_wait, False
+        elif threads == self.threads < self.most and now >= self._probe_at:
+            threads, self._probing = threads + 1, True
+        elif self._probing:  # the others yielded to the probe: the next one, if any, comes as soon as the first
+            self._probe_wait, self._probe_at, self._probing = PROBE_S, now + PROBE_S, False
+        self.threads = threads
         self._previous = (now, busy, own)
         self.next_sample = now + SAMPLE_S
-        return self.threads
+        return threads
