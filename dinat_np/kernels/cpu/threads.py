@@ -24,11 +24,13 @@ parallel kernels at once, so every launch is serialised (``launching``): concurr
 interleave kernel by kernel instead.
 
 While other processes keep cores busy, the launches run on fewer threads, as many as the cores left free
-(Linux; ``sharing`` says how and why). Numba's thread count is per Python thread: each launch applies
-the adapted count to its caller's. It stays off where the user fixed the thread count or the spin:
-``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS``, ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` in the environment
-at set-up, ``set_num_threads`` (``dinat-classify --threads``), Numba's count changed directly (noticed
-at the next change of the adapted count), or ``DINAT_NP_ADAPT_THREADS=0``.
+(Linux; ``sharing`` says how and why). Each launch reads the clock; the one that is due samples the
+others' CPU time and gives its caller the adapted count (Numba's count is per Python thread: other
+threads that launch get it at their own samples). It stays off where the user fixed the thread count
+or the spin: ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS``, ``GOMP_SPINCOUNT`` (other than the one this
+set-up writes, which child processes inherit) or ``OMP_WAIT_POLICY`` in the environment at set-up,
+``set_num_threads`` (``dinat-classify --threads``), Numba's count changed directly (noticed at the next
+sample), or ``DINAT_NP_ADAPT_THREADS=0``.
 """
 
 from __future__ import annotations
