@@ -3,10 +3,10 @@
 Every kernel splits its work statically, one part per thread, and ends when its last part does. When
 other processes keep a core busy, one of the kernels' threads shares that core and is descheduled for a
 time slice (milliseconds) now and then, and each of the ~100 kernels of a forward may wait for it: beside
-one busy loop on 2 cores, batch 1 took 5-6x its idle time, where the one core left should cost about 2x.
-Even a niced process does this: on its wake-up a kernel thread waits for the time slice that process
-holds. So while other processes take a core's worth of CPU time or more, the kernels run on fewer
-threads, as many as the cores the others leave.
+one busy loop on 2 cores, batch 1 took about 5x its idle time, where the one core left should cost about
+2x. A niced process of another session does the same: Linux shares the CPU between sessions (autogroups)
+before it looks at nice. So while other processes take a core's worth of CPU time or more, the kernels
+run on fewer threads, as many as the cores the others leave.
 
 How: at a kernel launch, at most every ``SAMPLE_S`` (nothing runs in the background), the CPU time spent
 on this process's CPUs (``/proc/stat``: busy = user, nice, system, irq, softirq and a hypervisor's steal)
@@ -15,11 +15,12 @@ the others took, hence ``free`` = CPUs - those. The count moves down when ``free
 and up when ``free >= threads + UP_MARGIN``, to about ``free`` (``adapted_threads``). The gap keeps it
 from flapping, and it is wide upwards because the others get more CPU time once the kernels take less.
 The others' CPU time is measured whatever the kernels' count, so when they stop the count comes back at
-the next sample. But others of lower priority (``nice``, or a session of lower weight: Linux shares the
-CPU between sessions' autogroups first) take the cores the kernels leave and give them back when asked:
-so ``PROBE_S`` after going down, the count goes one up for one sample, and stays there if the others
-then leave enough free; each probe that goes down again doubles the wait before the next one (up to
-``PROBE_MAX_S``: beside an equal competitor, about one slower forward every 16 s). A sample costs
+the next sample. But others of lower priority (niced in this session, or a session of lower weight)
+take the cores the kernels leave and give them back when asked: so ``PROBE_S`` after going down, the
+count goes one up for one sample, and stays there if the others then leave enough free; each probe
+that goes down again doubles the wait before the next one (up to ``PROBE_MAX_S``: beside an equal
+competitor, about one slower forward every 16 s). Where such others give back only part of a core the
+probes fail, and the kernels stay on fewer threads than would be faster (see docs/perf-journal.md). A sample costs
 ~10-15 us (reading ``/proc/stat``); the check at each launch, a clock read. This process's other
 threads count as its own, not as others.
 
