@@ -2,13 +2,14 @@
 
     python -m benchmarks.bench_cpu [--model mini|tiny|small|base] [--threads N] [--repeats 20]
                                    [--target host|avx2|generic] [--skip-busy] [--skip-torch] [--skip-peers]
-                                   [--skip-startup] [--json results.json]
+                                   [--skip-startup] [--busy-only] [--json results.json]
 
 One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
 
 * batch 1 latency (median of >= 20 timed forwards after warm-up) and batch 8 throughput;
 * batch 1 latency beside one competing busy process (a bounded busy-loop child: one core's worth of other
-  work), against the idle latency, in alternating idle and busy blocks so that drift cancels;
+  work), against the idle latency, in alternating idle and busy blocks so that drift cancels; each block
+  times the thread count adapting to other processes and fixed, in alternation (``--busy-only``: this alone);
 * the BLAS floor: the model's own matrix products (q/k/v, attention output, MLP in/out, classifier,
   and the 3x3 stride-2 convolutions as their im2col products), shapes recorded from a real forward,
   replayed with NumPy on random data, each with its own weight as in the model (and, for comparison,
@@ -27,7 +28,8 @@ One run measures, at 224x224 with random weights (seed 0) and 1000 classes:
   temporary folder), and a fresh ``dinat-classify IMAGE`` process with the cache warm;
 * that a new input size or batch size adds no compiled signature to any kernel (no recompilation).
 
-``--threads N`` sets the BLAS thread variables before NumPy is imported, and Numba's thread count.
+``--threads N`` sets the BLAS thread variables before NumPy is imported, and Numba's thread count (fixed
+then: it no longer adapts to other processes); without it every library keeps its own default.
 ``--target avx2`` or ``generic`` runs everything above as on another CPU: the whole benchmark runs again in a
 child process whose environment, read by Numba and OpenBLAS as they start, names that CPU (``avx2``: LLVM's
 ``haswell`` with exactly its features, no AVX-512, and OpenBLAS's Haswell kernels for the floor; ``generic``:
@@ -169,10 +171,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="no ONNX Runtime / OpenVINO peers (by default timed where installed, on the model "
                              "exported to ONNX by torch + transformers)")
     parser.add_argument("--skip-startup", action="store_true", help="no cold-compile / dinat-classify runs")
+    parser.add_argument("--busy-only", action="store_true",
+                        help="measure only batch 1 beside one busy process (and idle), nothing else")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one measurement in a subprocess
     parser.add_argument("--child-arg", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.threads_fixed = args.threads is not None
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.threads < 1:
@@ -188,14 +193,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 np: Any = None
 
 
-def setup_threads(threads: int, threading_layer: str) -> None:
-    """The same thread set-up as ``dinat-classify --threads``, before NumPy and Numba's pool load."""
+def setup_threads(threads: int | None, threading_layer: str) -> None:
+    """The same thread set-up as ``dinat-classify --threads`` where ``threads`` is given, before NumPy and
+    Numba's pool load."""
     global np
     if threading_layer != "default":
         os.environ["NUMBA_THREADING_LAYER"] = threading_layer
-    from dinat_np.cli.classify import configure_threads
+    if threads is not None:
+        from dinat_np.cli.classify import configure_threads
 
-    configure_threads(threads)
+        configure_threads(threads)
     import numpy
 
     np = numpy
@@ -418,33 +425,56 @@ def time_beside_busy_process(function: Callable[[], Any], repeats: int) -> dict[
     calls in the order idle, busy, busy, idle, idle, ... so that the machine's drift cancels in the ratio.
 
     Each busy block has its own busy-loop child, which stops by itself at a deadline well after the block
-    should end (so that none outlives an interrupted run) and is killed when the block ends; the first
-    call after each switch is not timed.
+    should end (so that none outlives an interrupted run) and is killed when the block ends. Where the
+    thread count may adapt to other processes (``dinat_np.kernels.cpu.sharing``: not with ``--threads``),
+    each block times it adapting and fixed, in alternating order; the first call after each switch is not
+    timed. Returns, per mode, the idle and busy times and their ratio, and the thread counts used.
     """
+    from dinat_np.kernels.cpu import threads
+
+    modes = ("adapting", "fixed") if threads.adapt_thread_count(True) else ("fixed",)
     blocks = 2 * max(1, -(-repeats // BUSY_BLOCK))  # idle and busy alike
     estimate = statistics.median(time_calls(function, 3, 1))
-    deadline_s = 60 + 20 * (BUSY_BLOCK + 1) * estimate
-    times: dict[str, list[float]] = {"idle": [], "busy": []}
+    deadline_s = 60 + 20 * len(modes) * (BUSY_BLOCK + 1) * estimate
+    times = {(mode, state): [] for mode in modes for state in ("idle", "busy")}
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)  # thread counts after each timed call
     problems = []
+
+    def run(state: str) -> None:
+        for mode in modes if len(times[(modes[0], state)]) % (2 * BUSY_BLOCK) == 0 else modes[::-1]:
+            threads.adapt_thread_count(mode == "adapting")
+            function()
+            for _ in range(BUSY_BLOCK):
+                times[(mode, state)] += time_calls(function, 1, 0)
+                counts[(mode, state)][threads.thread_count()] += 1
+
     for block in range(blocks):
         if block % 4 in (0, 3):
-            function()
-            times["idle"] += time_calls(function, BUSY_BLOCK, 0)
+            run("idle")
             continue
         busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(deadline_s)], stdout=subprocess.PIPE,
                                 text=True)
         try:
             busy.stdout.readline()  # its loop runs from here
-            function()
-            times["busy"] += time_calls(function, BUSY_BLOCK, 0)
+            run("busy")
             if busy.poll() is not None:
                 problems.append(f"block {block}: the busy loop ended before the block did (exit {busy.returncode})")
         finally:
             busy.kill()
             busy.wait()
-    idle, loaded = summary(times["idle"]), summary(times["busy"])
-    return {"idle": idle, "busy": loaded, "ratio": loaded["median"] / idle["median"], "blocks": blocks,
-            "block_size": BUSY_BLOCK, "problems": problems}
+    threads.adapt_thread_count(True)
+    results: dict[str, Any] = {"blocks": blocks, "block_size": BUSY_BLOCK, "problems": problems, "modes": {}}
+    for mode in modes:
+        idle, loaded = summary(times[(mode, "idle")]), summary(times[(mode, "busy")])
+        results["modes"][mode] = {
+            "idle": idle, "busy": loaded, "ratio": loaded["median"] / idle["median"],
+            "threads": {state: dict(counts[(mode, state)]) for state in ("idle", "busy")},
+        }
+    results.update({key: results["modes"][modes[0]][key] for key in ("idle", "busy", "ratio")})  # the default's
+    if len(modes) == 2:
+        results["idle_adapting_over_fixed"] = (results["modes"]["adapting"]["idle"]["median"]
+                                               / results["modes"]["fixed"]["idle"]["median"])
+    return results
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -970,14 +1000,6 @@ def _speed_section(results: dict[str, Any]) -> list[str]:
          f"(against one weight per shape: {b1['median'] / floor['batch1_shared_weights']:.2f}x, "
          f"{b8['median'] / floor['batch8_shared_weights']:.2f}x)"],
     ]
-    busy = results["busy"]
-    if "ratio" in busy:
-        rows.append(["engine batch 1 beside one busy process",
-                     f"median {fmt_ms(busy['busy']['median'])}, idle {fmt_ms(busy['idle']['median'])} in the same "
-                     f"alternation = {busy['ratio']:.2f}x (n={busy['busy']['n']} each, {busy['blocks']} blocks of "
-                     f"{busy['block_size']})" + (f"; {'; '.join(busy['problems'])}" if busy["problems"] else "")])
-    else:
-        rows.append(["engine batch 1 beside one busy process", f"skipped: {busy['skipped']}"])
     baseline = results.get("torch") or {}
     if "batch1" in baseline:
         t1, t8 = baseline["batch1"], baseline["batch8"]
@@ -994,6 +1016,24 @@ def _speed_section(results: dict[str, Any]) -> list[str]:
     else:
         rows.append(["PyTorch eager", str(baseline.get("error") or baseline.get("skipped"))])
     return out + ["\n### Latency, throughput, floor\n", table(rows, ["measurement", "value"])]
+
+
+def _busy_section(results: dict[str, Any]) -> list[str]:
+    busy, title = results["busy"], "\n### Batch 1 beside one busy process (one core's worth of other work)\n"
+    if "ratio" not in busy:
+        return [title, f"Skipped: {busy['skipped']}."]
+    rows = []
+    for mode, figures in busy["modes"].items():
+        used = "; ".join(f"{state} " + ", ".join(f"{count}: {n}x" for count, n in sorted(calls.items()))
+                         for state, calls in figures["threads"].items())
+        rows.append([f"thread count {mode}", fmt_ms(figures["idle"]["median"]), fmt_ms(figures["busy"]["median"]),
+                     f"{figures['ratio']:.2f}x", used])
+    notes = [f"n={busy['busy']['n']} per mode and state, in {busy['blocks']} blocks of {busy['block_size']}"]
+    if "idle_adapting_over_fixed" in busy:
+        notes.append(f"idle adapting / fixed = {busy['idle_adapting_over_fixed']:.3f}")
+    notes += busy["problems"]
+    return [title, table(rows, ["mode", "idle median", "busy median", "busy / idle", "threads used (count: calls)"]),
+            "\n" + "; ".join(notes) + "."]
 
 
 def _peers_section(results: dict[str, Any]) -> list[str]:
@@ -1100,17 +1140,27 @@ def _targets_section(results: dict[str, Any]) -> list[str]:
          verdict(rss.get("peak_mib"), TARGET_RSS_BATCH1_MIB)],
         ["new input/batch size never recompiles", "new signatures" if recompiles else "no new signatures",
          "NOT met" if recompiles else "met"],
-        ["batch 1 beside one busy process <= 2.2 x idle (issue 24)",
-         f"{busy['ratio']:.2f} x" if "ratio" in busy else "n/a", verdict(busy.get("ratio"), TARGET_BUSY_RATIO)],
+        _busy_target_row(busy),
     ]
     return ["\n### Targets of issues 5 and 24 (2-core development machine)\n",
             table(rows, ["target", "measured", "verdict"])]
 
 
+def _busy_target_row(busy: dict[str, Any]) -> list[str]:
+    return ["batch 1 beside one busy process <= 2.2 x idle (issue 24)",
+            f"{busy['ratio']:.2f} x" if "ratio" in busy else "n/a", verdict(busy.get("ratio"), TARGET_BUSY_RATIO)]
+
+
+def _busy_target_section(results: dict[str, Any]) -> list[str]:
+    return ["\n### Target of issue 24\n", table([_busy_target_row(results["busy"])], ["target", "measured", "verdict"])]
+
+
 def report(results: dict[str, Any]) -> str:
-    """The whole report as Markdown."""
-    sections = (_machine_section, _speed_section, _peers_section, _breakdown_section, _startup_section,
-                _targets_section)
+    """The whole report as Markdown (``--busy-only``: the machine and the busy case)."""
+    sections = (_machine_section, _speed_section, _busy_section, _peers_section, _breakdown_section,
+                _startup_section, _targets_section)
+    if results.get("busy_only"):
+        sections = (_machine_section, _busy_section, _busy_target_section)
     return "\n".join(line for section in sections for line in section(results))
 
 
@@ -1129,6 +1179,10 @@ def measure_engine(args: argparse.Namespace, results: dict[str, Any]) -> tuple[A
     log(f"first forward {time.perf_counter() - start:.2f} s (includes loading/compiling kernels)")
     results["threading_layer"] = numba.threading_layer()
     results["machine"] = machine_info(args.threads)
+    if args.busy_only:
+        log(f"batch 1 beside a busy process: idle and busy blocks of {BUSY_BLOCK} forwards in alternation")
+        results["busy"] = time_beside_busy_process(lambda: model(x1), args.repeats)
+        return x1, logits1
 
     signatures_b1 = kernel_signatures()
     model(x8)
@@ -1262,7 +1316,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.repeats < 20:
         log(f"--repeats {args.repeats} < 20: below the issue's protocol (median of >= 20)")
     x1, logits1 = measure_engine(args, results)
-    measure_outside(args, results, x1, logits1)
+    results["busy_only"] = args.busy_only
+    if not args.busy_only:
+        measure_outside(args, results, x1, logits1)
     results["load_end"] = os.getloadavg()
     return results
 
@@ -1270,7 +1326,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    setup_threads(args.threads, args.threading_layer)
+    setup_threads(args.threads if args.threads_fixed else None, args.threading_layer)
     if args.child:
         handlers = {"rss1": child_rss_batch1, "cold": child_cold, "torch": child_torch, "export": child_export,
                     "onnxruntime": child_onnxruntime, "openvino": child_openvino, "benchmark": run_benchmark}

@@ -22,13 +22,24 @@ do not survive fork, and Numba would terminate the child): launches there raise 
 says what to do instead. The workqueue layer aborts the process when two Python threads launch
 parallel kernels at once, so every launch is serialised (``launching``): concurrent model calls
 interleave kernel by kernel instead.
+
+While other processes keep cores busy, the launches run on fewer threads, as many as the cores left free
+(Linux; ``sharing`` says how and why). Each launch reads the clock; the one that is due samples the
+others' CPU time and gives its caller the adapted count (Numba's count is per Python thread: other
+threads that launch get it at their own samples). It stays off where the user fixed the thread count
+or the spin: ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS``, ``GOMP_SPINCOUNT`` (other than the one this
+set-up writes, which child processes inherit) or ``OMP_WAIT_POLICY`` in the environment at set-up,
+``set_num_threads`` (``dinat-classify --threads``), Numba's count changed directly (noticed at the next
+sample), or ``DINAT_NP_ADAPT_THREADS=0``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -39,6 +50,7 @@ import numba
 from .blas import bound_idle_spin
 from .gemm import PRODUCTS
 from .malloc import raise_thresholds
+from .sharing import ProcStat, ThreadAdapter, adaptation_asked
 
 
 # Spin iterations of an idle GNU OpenMP thread before it sleeps (3000 is ~0.2 ms on the development VM):
@@ -119,26 +131,56 @@ class ProcessSetUp(NamedTuple):
     threading_layer: str | None  # the layer asked of Numba; None where its pool had started before
     malloc_tuned: bool  # glibc's malloc thresholds raised (see ``malloc``)
     openblas_spin_bounded: bool  # NumPy's OpenBLAS, loaded before, given the short idle spin (see ``blas``)
+    threads_adapted: bool  # the thread count follows the cores other processes leave free (see ``sharing``)
+
+
+# Set by the user, these fix the thread count or the threads' spin: no adaptation then.
+USER_THREAD_SETTINGS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def _user_fixed_threads_or_spin() -> bool:
+    """Whether one of USER_THREAD_SETTINGS is set, other than the spin dinat-np writes itself (which a child
+    process inherits: set by its parent's set-up, it is not the user's)."""
+    ours = {"GOMP_SPINCOUNT": _spin_count()}
+    return any(os.environ.get(name, ours.get(name)) != ours.get(name) for name in USER_THREAD_SETTINGS)
+
+
+def _thread_adapter() -> ThreadAdapter | None:
+    """The adaptation of the thread count, where allowed (asked before the set-up writes GOMP_SPINCOUNT)."""
+    if not adaptation_asked() or _user_fixed_threads_or_spin():
+        return None
+    try:
+        stat = ProcStat()
+    except (OSError, AttributeError):  # no /proc/stat or no sched_getaffinity: not Linux
+        return None
+    return ThreadAdapter(numba.config.NUMBA_NUM_THREADS, len(stat.cpus), stat)
 
 
 _SET_UP_LOCK = threading.Lock()
 _process_set_up: ProcessSetUp | None = None
+_adapter: ThreadAdapter | None = None  # where the adaptation is allowed
+_NEVER = math.inf
+_next_sample = _NEVER  # when a launch next samples the others' CPU time (never: the adaptation is off)
+_applied = threading.local()  # .threads: the count the adaptation last gave this Python thread
 
 
 def set_up_process() -> ProcessSetUp:
     """The CPU backend's process-wide set-up, done once (later calls return the same record): Numba's
     threading layer chosen and written to the environment, a fork handler registered, glibc's malloc
     thresholds raised (see the module docstring and ``malloc``), NumPy's OpenBLAS given a short idle spin
-    (``blas.bound_idle_spin``)."""
-    global _process_set_up
+    (``blas.bound_idle_spin``), the thread count's adaptation to other processes started where allowed."""
+    global _process_set_up, _adapter, _next_sample
     if _process_set_up is not None:  # every launch asks: no lock once done
         return _process_set_up
     with _SET_UP_LOCK:
         if _process_set_up is None:
+            _adapter = _thread_adapter()
+            _next_sample = _NEVER if _adapter is None else _adapter.next_sample
             threading_layer = _choose_threading_layer()
             if hasattr(os, "register_at_fork"):  # POSIX only
                 os.register_at_fork(after_in_child=_note_fork_in_child)
-            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds(), bound_idle_spin())
+            _process_set_up = ProcessSetUp(threading_layer, raise_thresholds(), bound_idle_spin(),
+                                           _adapter is not None)
         return _process_set_up
 
 
@@ -149,12 +191,47 @@ def thread_count() -> int:
 
 
 def set_num_threads(threads: int) -> None:
-    """Number of threads the parallel kernels use (starts Numba's pool: the process is set up first)."""
+    """Number of threads the parallel kernels use (starts Numba's pool: the process is set up first); fixed
+    from now on: the adaptation to other processes stops."""
+    global _next_sample
     set_up_process()
-    numba.set_num_threads(threads)
+    with _LAUNCH_LOCK:
+        _next_sample = _NEVER
+        numba.set_num_threads(threads)
+
+
+def adapt_thread_count(enabled: bool) -> bool:
+    """Turn the adaptation of the thread count to other processes on or off (``benchmarks/bench_cpu.py``
+    compares the two); off, the calling thread gets the full count back. Returns whether it is on: never
+    where it is not allowed (see the module docstring)."""
+    global _next_sample
+    set_up_process()
+    with _LAUNCH_LOCK:
+        if _adapter is None:
+            return False
+        _next_sample = _clock() if enabled else _NEVER  # on: the next launch samples
+        if not enabled:
+            numba.set_num_threads(_adapter.most)
+            _applied.threads = _adapter.most
+    return enabled
+
+
+def _follow_other_processes(now: float) -> None:
+    """Sample, and give the calling thread the adapted count unless its user set another one through Numba
+    (theirs wins: the adaptation stops). Other Python threads that launch get it when they sample."""
+    global _next_sample
+    threads = _adapter.sample(now)
+    _next_sample = _adapter.next_sample
+    current = numba.get_num_threads()
+    if current != getattr(_applied, "threads", _adapter.most):
+        _next_sample = _NEVER
+    elif current != threads:
+        numba.set_num_threads(threads)
+        _applied.threads = threads
 
 
 _LAUNCH_LOCK = threading.RLock()
+_clock = time.monotonic  # the adapter's clock too (the tests fake both)
 
 
 @contextmanager
@@ -169,4 +246,7 @@ def launching() -> Iterator[None]:
             "before dinat_np is imported"
         )
     with _LAUNCH_LOCK:
+        now = _clock()
+        if now >= _next_sample:  # every launch asks: one clock read
+            _follow_other_processes(now)
         yield
