@@ -245,9 +245,16 @@ def _helper_main() -> int:
 _COMPILING = threading.RLock()
 
 
-def compile_for(forward: Callable[[], Any], parallel: bool = True) -> Startup:
+def helper_wanted() -> bool:
+    """Whether a cold start may start a helper process (``DINAT_NP_COMPILE_HELPER=0`` says no)."""
+    return os.environ.get("DINAT_NP_COMPILE_HELPER", "1") != "0"
+
+
+def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Startup:
     """Make sure the kernels ``forward`` launches are compiled or loaded from the cache, compiling the
-    missing ones in two processes (``parallel``) where more than one is missing (see the module docstring)."""
+    missing ones in two processes (``parallel``, by default ``helper_wanted()``) where more than one is
+    missing (see the module docstring)."""
+    parallel = helper_wanted() if parallel is None else parallel
     with _COMPILING:
         kernels = kernels_launched_by(forward)
         missing = [k for k in kernels if not _load(k)]
