@@ -28,6 +28,7 @@ from .modeling_utils import (
     PreTrainedModel,
     Weights,
     classification_loss,
+    compiles_kernels_first,
 )
 from .state_dict import WeightsMismatchError
 
@@ -293,6 +294,7 @@ class DinatModel(DinatPreTrainedModel):
             reshaped_hidden_states=tuple(h.transpose(0, 3, 1, 2) for h in hidden_states) if hidden_states else None,
         ), pooled
 
+    @compiles_kernels_first
     def __call__(
         self,
         pixel_values: np.ndarray,
@@ -325,6 +327,7 @@ class DinatForImageClassification(DinatPreTrainedModel):
     def _own_tensors(self, tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         return tensors  # its checkpoint names the base model's weights `dinat.*` as the model does
 
+    @compiles_kernels_first
     def __call__(
         self,
         pixel_values: np.ndarray,
@@ -371,6 +374,7 @@ class DinatBackbone(DinatPreTrainedModel):
     def _ignored_weight(self, name: str) -> bool:
         return name.startswith("layernorm.")  # the classification model's final norm; a backbone has none
 
+    @compiles_kernels_first
     def __call__(
         self,
         pixel_values: np.ndarray,

@@ -10,6 +10,7 @@ architecture on top of these.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import fields
@@ -232,6 +233,23 @@ class Mlp:
 # ---------------------------------------------------------------------------------------------------
 # The pre-trained-model base class
 # ---------------------------------------------------------------------------------------------------
+def compiles_kernels_first(call: Callable[..., Any]) -> Callable[..., Any]:
+    """For a model's ``__call__``: before a CPU model's first call, the kernels that call launches are
+    compiled (or loaded from Numba's cache), with an empty cache in two processes at once
+    (``kernels.cpu.compile``); later calls run as they are."""
+
+    @functools.wraps(call)
+    def first_compiling(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        if self.device == "cpu" and not self._kernels_ready:
+            from .kernels.cpu.compile import compile_for
+
+            self._kernels_ready = True  # first: a failed call compiles as it goes next time, as before
+            compile_for(lambda: call(self, *args, **kwargs))
+        return call(self, *args, **kwargs)
+
+    return first_compiling
+
+
 class PreTrainedModel:
     """Loading, saving, devices, input checks and the call convention of the public models.
 
@@ -242,6 +260,7 @@ class PreTrainedModel:
     """
 
     config_class: ClassVar[type]  # each family's configuration class (HF's ``config_class``)
+    _kernels_ready = False  # its first call has compiled the kernels it launches (compiles_kernels_first)
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dinat_np.cli.classify import COMPILING_NOTICE
@@ -43,3 +44,165 @@ def test_a_baseline_x86_64_build_gives_the_same_scores_and_says_it_is_compiling(
     assert generic.stderr.count(COMPILING_NOTICE) == 1
     for expected, got in zip(scores(host), scores(generic), strict=True):
         assert got == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cold start in two processes (dinat_np.kernels.cpu.compile)
+# ---------------------------------------------------------------------------------------------------------
+DEMO = REPO / "weights" / "digits-demo"
+
+
+def run_child(script: str, cache: Path) -> dict:
+    """Run ``script`` in a fresh Python with an empty Numba cache ``cache``; its last stdout line is JSON."""
+    outcome = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, cwd=REPO)
+    assert outcome.returncode == 0, outcome.stderr
+    return json.loads(outcome.stdout.splitlines()[-1])
+
+
+FIRST_FORWARD = f"""
+import json
+import numpy as np
+from numba.core import event
+from dinat_np import DinatForImageClassification
+from dinat_np.kernels.cpu import compile
+
+model = DinatForImageClassification.from_pretrained({str(DEMO)!r})
+x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+model._kernels_ready = True  # compile_for is called here, to see what it did
+startup = compile.compile_for(lambda: model(x))
+
+class Count(event.Listener):
+    compiled = []
+    def on_start(self, ev):
+        self.compiled.append(ev.data["dispatcher"].py_func.__name__)
+    def on_end(self, ev):
+        pass
+
+counter = Count()
+with event.install_listener("numba:compile", counter):
+    logits = model(x).logits
+print(json.dumps({{"startup": startup._asdict(), "compiled_in_forward": counter.compiled,
+                  "logits": logits.tolist()}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_cold_start_in_two_processes_compiles_what_the_forward_launches_and_gives_the_warm_scores(
+    tmp_path: Path,
+) -> None:
+    from dinat_np import DinatForImageClassification
+
+    model = DinatForImageClassification.from_pretrained(DEMO)
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    warm = model(x).logits  # this process: the test session's cache
+
+    cold = run_child(FIRST_FORWARD, tmp_path)
+    startup = cold["startup"]
+    assert cold["compiled_in_forward"] == []  # the recording found every kernel with its signature
+    assert startup["compiled_by_helper"] and startup["compiled_here"] and not startup["helper_failed"]
+    assert sorted(startup["compiled_here"] + startup["compiled_by_helper"]) == sorted(startup["kernels"])
+    assert {"_na_fused", "_na_whole_groups", "_linear", "_conv3x3_s2", "_layer_norm"} <= set(startup["kernels"])
+    np.testing.assert_allclose(np.array(cold["logits"]), warm, rtol=0, atol=1e-5)
+
+    again = run_child(FIRST_FORWARD, tmp_path)  # the same cache, warm now: nothing to compile
+    assert again["startup"]["compiled_here"] == [] and again["startup"]["compiled_by_helper"] == []
+    assert again["compiled_in_forward"] == []
+    np.testing.assert_array_equal(np.array(again["logits"]), np.array(cold["logits"]))
+
+
+# Two cheap kernels (LayerNorm's and the im2col gather), so that each case compiles in a few seconds.
+FALLBACK = """
+import json, os, subprocess, sys
+import numpy as np
+from dinat_np.kernels import cpu
+from dinat_np.kernels.common import Norm
+from dinat_np.kernels.cpu import compile, conv
+
+rng = np.random.default_rng(5)
+x = rng.standard_normal((1, 6, 6, 20)).astype(np.float32)
+norm = Norm(rng.standard_normal(20).astype(np.float32), rng.standard_normal(20).astype(np.float32), 1e-5)
+cols = np.empty((9, 180), np.float32)
+
+def forward():
+    normed = cpu.layer_norm(x, norm)
+    with cpu.threads.launching():
+        conv._im2col_rows(x.reshape(-1), x.shape, (720, 120, 20, 1), 0, 9, cols, 0)
+    return normed
+
+helpers = []
+compile.HELPER_START_SECONDS = 0.0  # so that the helper gets one of the two
+CASE
+startup = compile.compile_for(forward)
+normed = forward()
+mean = x.mean(-1, keepdims=True)
+expected = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * norm.weight + norm.bias
+print(json.dumps({"startup": startup._asdict(), "error": float(abs(normed - expected).max()),
+                  "patch": cols[4].tolist() == x[0, 1:4, 1:4].reshape(-1).tolist(),
+                  "helpers_running": [h.poll() is None for h in helpers]}))
+"""
+
+CASES = {
+    "helper delivers": "",
+    "no helper starts": "sys.executable = os.path.join(os.sep, 'no', 'python')",
+    "helper fails": (
+        "compile._start_helper = lambda kernels: subprocess.Popen([sys.executable, '-c', 'raise SystemExit(3)'])"),
+    "helper hangs": (
+        "compile.HELPER_TIMEOUT_SECONDS = 1.0\n"
+        "def hanging(kernels):\n"
+        "    helpers.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']))\n"
+        "    return helpers[-1]\n"
+        "compile._start_helper = hanging"),
+    "cache not writable": "compile._cache_writable = lambda kernels: False",
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_cold_start_falls_back_to_compiling_here(case: str, tmp_path: Path) -> None:
+    result = run_child(FALLBACK.replace("CASE", CASES[case]), tmp_path)
+    startup = result["startup"]
+    assert startup["kernels"] == ["_layer_norm", "_im2col_rows"]
+    assert result["error"] < 1e-5 and result["patch"]
+    assert result["helpers_running"] == [False] * len(result["helpers_running"])  # nothing left running
+    if case == "helper delivers":
+        assert len(startup["compiled_by_helper"]) == 1 and not startup["helper_failed"]
+    elif case in ("helper fails", "helper hangs"):
+        assert len(startup["compiled_by_helper"]) == 1 and startup["helper_failed"]
+    else:  # no helper: everything compiled here
+        assert startup["compiled_here"] == startup["kernels"] and startup["compiled_by_helper"] == []
+
+
+def test_the_recording_runs_no_kernel_and_puts_the_dispatchers_back() -> None:
+    from numba.core.dispatcher import Dispatcher
+
+    from dinat_np import DinatForImageClassification
+    from dinat_np.kernels.cpu import attention, compile
+
+    model = DinatForImageClassification.from_pretrained(DEMO)
+    x = np.random.default_rng(4).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    kernels = compile.kernels_launched_by(lambda: model(x))
+    names = [k.name for k in kernels]
+    assert len(names) == len(set(names))  # one signature each
+    assert {"_na_fused", "_na_whole_groups", "_linear", "_conv3x3_s2", "_layer_norm"} <= set(names)
+    assert "_mlp" not in names  # 64 rows at most: the MLP's products run as two linears
+    assert all(k.stand_ins is not None for k in kernels)
+    assert isinstance(attention._na_fused, Dispatcher) and isinstance(attention.window_starts, Dispatcher)
+
+
+def test_the_split_gives_the_helper_a_balanced_share() -> None:
+    from dinat_np.kernels.cpu.compile import Kernel, split
+
+    kernels = [Kernel("m", name, (), ()) for name in ("_layer_norm", "_na_whole_groups", "_linear", "_na_fused",
+                                                      "_conv3x3_s2", "_mlp")]
+    kernels.append(Kernel("m", "_unpicklable", (), None))
+    here, helper = split(kernels)
+    assert "_na_whole_groups" in [k.name for k in here] and "_unpicklable" in [k.name for k in here]
+    assert sorted(here + helper) == sorted(kernels)
+    seconds = [sum(compile_seconds(k) for k in share) for share in (here, helper)]
+    assert abs(seconds[0] - seconds[1]) < 5.0
+
+
+def compile_seconds(kernel) -> float:
+    from dinat_np.kernels.cpu.compile import COMPILE_SECONDS, UNLISTED_SECONDS
+
+    return COMPILE_SECONDS.get(kernel.name, UNLISTED_SECONDS)

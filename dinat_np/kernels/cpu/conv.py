@@ -178,10 +178,11 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     few = pixels < MIN_ROWS_PER_THREAD * parts
     if kernel_sgemm() is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
         cols = aligned_empty((pixels, 9 * channels))
-        if few:  # at most a few hundred patches, microseconds on this thread: not worth a parallel kernel to compile
-            _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)
-        else:
-            with launching():
+        # launching() around the plain function too: a recording (compile.py) replaces both while it holds it
+        with launching():
+            if few:  # at most a few hundred patches, microseconds on this thread: no parallel kernel to compile
+                _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)
+            else:
                 _im2col_3x3_s2(parts, elements, x.shape, strides, cols)
         return linear(cols, Linear(weight_cols, bias)).reshape(batch, out_height, out_width, -1)
     bias = NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)

@@ -1,0 +1,288 @@
+"""A cold start on two cores: the kernels a first forward needs, compiled by this process and a helper
+process side by side, into Numba's on-disk cache.
+
+With an empty cache, a first forward of dinat-mini spends about 30 s compiling its six parallel kernels
+one after the other (docs/performance.md has the table), on one core. ``compile_for(forward)`` runs
+before a model's first forward (``modeling_utils.PreTrainedModel``):
+
+1. **Which kernels, with which signatures**: ``forward`` runs once with every kernel launch recorded
+   instead of run (the ops allocate their outputs and launch nothing; the values computed are
+   discarded). The list is the forward's own, so it follows the kernels and the model as they change,
+   and a kernel the forward does not launch is not compiled.
+2. **Which are missing**: each is looked up in this process and in Numba's cache (loading it, as the
+   forward would). A warm cache ends here, a few milliseconds after the recording.
+3. **Compiled in two processes**: a helper process (``python -m dinat_np.kernels.cpu.compile``) compiles
+   part of the missing kernels, chosen so that both finish about together (``COMPILE_SECONDS``), while
+   this process compiles the rest; Numba writes each to the cache (a temporary file renamed in place:
+   never a half-written entry). Then this process loads the helper's kernels from the cache.
+
+Whatever goes wrong with the helper (it cannot start, fails, or wrote its kernels where this process
+does not read: a read-only or other cache directory), this process compiles what is still missing
+itself: slower, never wrong. Nothing keeps running after ``compile_for`` returns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba.core import event
+from numba.core.dispatcher import Dispatcher
+
+from . import attention, conv, norm, products
+from .threads import launching
+
+# The modules whose functions launch kernels: their dispatchers are what a recording replaces.
+KERNEL_MODULES = (attention, conv, norm, products)
+
+# Seconds each kernel took to compile (dinat-mini's first forward on the 2-core development VM, AVX2,
+# docs/performance.md), callees included. They only balance the two processes' shares: a kernel not listed
+# counts as UNLISTED_SECONDS, and wrong figures make the start-up slower, never wrong.
+COMPILE_SECONDS = {
+    "_na_whole_groups": 10.4, "_na_fused": 6.5, "_linear": 5.8, "_conv3x3_s2": 5.2, "_mlp": 2.5,
+    "_layer_norm": 0.8, "_im2col_rows": 0.6, "_im2col_3x3_s2": 1.0,
+}
+UNLISTED_SECONDS = 1.0
+# The helper's own start (a Python process importing NumPy, Numba and the kernels) before it compiles.
+HELPER_START_SECONDS = 1.0
+# A helper still running after this long is stopped, and this process compiles its share.
+HELPER_TIMEOUT_SECONDS = 600.0
+
+
+class Kernel(NamedTuple):
+    """One kernel launch of a forward: the dispatcher's module and name, its Numba signature, and stand-ins
+    for its arguments that a helper process can rebuild the same signature from (None where it cannot)."""
+
+    module: str
+    name: str
+    signature: tuple
+    stand_ins: tuple | None
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+class Startup(NamedTuple):
+    """What :func:`compile_for` did (for tests and the benchmark)."""
+
+    kernels: tuple[str, ...]  # the kernels the forward launches, in order
+    compiled_here: tuple[str, ...]  # compiled by this process
+    compiled_by_helper: tuple[str, ...]  # compiled by the helper and loaded from the cache
+    helper_failed: bool  # a helper was started but did not deliver its share (this process compiled it)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Recording a forward's kernels
+# ---------------------------------------------------------------------------------------------------------
+_SGEMM = "kernel_sgemm"  # the stand-in for the products' sgemm argument, a ctypes function (not picklable)
+
+
+def _stand_in(value: Any) -> Any:
+    """A small picklable value of the same Numba type as ``value`` (arrays: same dtype, dimensions, layout)."""
+    if isinstance(value, np.ndarray):
+        if value.flags.c_contiguous:
+            array = np.empty((0,) * value.ndim, value.dtype)
+        elif value.flags.f_contiguous:
+            array = np.empty((2,) * value.ndim, value.dtype, order="F")
+        else:  # neither: a strided view
+            array = np.empty((2,) * (value.ndim - 1) + (4,), value.dtype)[..., ::2]
+        array.setflags(write=value.flags.writeable)
+        return array
+    if value is not None and value is products.kernel_sgemm():
+        return _SGEMM
+    return value
+
+
+def _rebuilt(stand_in: Any) -> Any:
+    return products.kernel_sgemm() if isinstance(stand_in, str) and stand_in == _SGEMM else stand_in
+
+
+class _Recorder:
+    """Stands in for a dispatcher during a recording: notes the signature of each call, runs nothing."""
+
+    def __init__(self, module: str, name: str, dispatcher: Dispatcher, launched: dict[tuple, Kernel]) -> None:
+        self.module, self.name, self.dispatcher, self.launched = module, name, dispatcher, launched
+
+    def __call__(self, *args: Any) -> None:
+        signature = tuple(self.dispatcher.typeof_pyval(a) for a in args)
+        key = (self.module, self.name, signature)
+        if key not in self.launched:
+            stand_ins = tuple(_stand_in(a) for a in args)
+            rebuilt = tuple(self.dispatcher.typeof_pyval(_rebuilt(s)) for s in stand_ins)
+            try:
+                pickle.dumps(stand_ins)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                stand_ins = None
+            self.launched[key] = Kernel(self.module, self.name, signature,
+                                        stand_ins if rebuilt == signature else None)
+
+
+@contextmanager
+def _recording(launched: dict[tuple, Kernel]) -> Iterator[None]:
+    # The kernel modules' dispatchers are replaced while the launch lock is held: other threads' launches
+    # wait (the ops look their kernel up inside `launching()`), and nothing compiles meanwhile.
+    with launching():
+        replaced = []
+        try:
+            for module in KERNEL_MODULES:
+                for name, value in list(vars(module).items()):
+                    if isinstance(value, Dispatcher):
+                        replaced.append((module, name, value))
+                        setattr(module, name, _Recorder(module.__name__, name, value, launched))
+            yield
+        finally:
+            for module, name, value in replaced:
+                setattr(module, name, value)
+
+
+def kernels_launched_by(forward: Callable[[], Any]) -> list[Kernel]:
+    """The kernels ``forward`` launches, each signature once, in order; recorded, not run (see the module
+    docstring). ``forward``'s result is garbage and discarded."""
+    launched: dict[tuple, Kernel] = {}
+    with _recording(launched), np.errstate(all="ignore"):  # uninitialised outputs: any value, quietly
+        forward()
+    return list(launched.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. What is missing
+# ---------------------------------------------------------------------------------------------------------
+class _WouldCompile(Exception):
+    pass
+
+
+def _load(kernel: Kernel) -> bool:
+    """Whether the kernel is compiled in this process, or could be loaded from Numba's cache (it is now);
+    False where it would have to be compiled (nothing is compiled here)."""
+    dispatcher = kernel.dispatcher
+
+    class RefuseCompiling(event.Listener):  # Numba announces a compile after it found no cache entry
+        def on_start(self, ev: event.Event) -> None:
+            if ev.data["dispatcher"] is dispatcher:
+                raise _WouldCompile
+
+        def on_end(self, ev: event.Event) -> None:
+            pass
+
+    try:
+        with event.install_listener("numba:compile", RefuseCompiling()):
+            dispatcher.compile(kernel.signature)
+    except _WouldCompile:
+        return False
+    return True
+
+
+def _cache_writable(kernels: list[Kernel]) -> bool:
+    """Whether Numba can write every kernel's cache entry where this process (and a helper) reads it."""
+    for kernel in kernels:
+        path = kernel.dispatcher.stats.cache_path
+        if path is None or not os.access(path, os.W_OK):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Compiling in two processes
+# ---------------------------------------------------------------------------------------------------------
+def _seconds(kernel: Kernel) -> float:
+    return COMPILE_SECONDS.get(kernel.name, UNLISTED_SECONDS)
+
+
+def split(kernels: list[Kernel]) -> tuple[list[Kernel], list[Kernel]]:
+    """(this process's share, the helper's): the longest first, each to whichever finishes it sooner
+    (the helper starts ``HELPER_START_SECONDS`` late); kernels without stand-ins stay here."""
+    here = [k for k in kernels if k.stand_ins is None]
+    helper: list[Kernel] = []
+    load_here, load_helper = sum(map(_seconds, here)), HELPER_START_SECONDS
+    for kernel in sorted((k for k in kernels if k.stand_ins is not None), key=_seconds, reverse=True):
+        if load_here <= load_helper:
+            here.append(kernel)
+            load_here += _seconds(kernel)
+        else:
+            helper.append(kernel)
+            load_helper += _seconds(kernel)
+    return here, helper
+
+
+def _start_helper(kernels: list[Kernel]) -> subprocess.Popen | None:
+    """The helper process compiling ``kernels`` (their stand-ins on its stdin), or None where none starts."""
+    package_root = str(Path(__file__).resolve().parents[3])  # the same dinat_np, the same cache entries
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": path},
+        )
+    except OSError:
+        return None
+    try:
+        helper.stdin.write(pickle.dumps([(k.module, k.name, k.stand_ins) for k in kernels]))
+        helper.stdin.close()
+    except OSError:  # it died at once
+        pass
+    return helper
+
+
+def _helper_main() -> int:
+    """The helper: compile the kernels whose stand-ins arrive on stdin into Numba's cache, then exit."""
+    for module, name, stand_ins in pickle.loads(sys.stdin.buffer.read()):
+        dispatcher = getattr(importlib.import_module(module), name)
+        dispatcher.compile(tuple(dispatcher.typeof_pyval(_rebuilt(s)) for s in stand_ins))
+    return 0
+
+
+# Reentrant: a forward that calls a model's first call records inside the recording (and finds nothing of its own).
+_COMPILING = threading.RLock()
+
+
+def helper_wanted() -> bool:
+    """Whether a cold start may start a helper process (``DINAT_NP_COMPILE_HELPER=0`` says no)."""
+    return os.environ.get("DINAT_NP_COMPILE_HELPER", "1") != "0"
+
+
+def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Startup:
+    """Make sure the kernels ``forward`` launches are compiled or loaded from the cache, compiling the
+    missing ones in two processes (``parallel``, by default ``helper_wanted()``) where more than one is
+    missing (see the module docstring)."""
+    parallel = helper_wanted() if parallel is None else parallel
+    with _COMPILING:
+        kernels = kernels_launched_by(forward)
+        missing = [k for k in kernels if not _load(k)]
+        here, helper_share = split(missing) if parallel and len(missing) > 1 and _cache_writable(missing) else (
+            missing, [])
+        helper = _start_helper(helper_share) if helper_share else None
+        if helper is None:
+            here, helper_share = missing, []
+        failed = False
+        try:
+            for kernel in here:
+                kernel.dispatcher.compile(kernel.signature)
+            if helper is not None:
+                try:
+                    failed = helper.wait(HELPER_TIMEOUT_SECONDS) != 0
+                except subprocess.TimeoutExpired:
+                    failed = True
+        finally:
+            if helper is not None and helper.poll() is None:
+                helper.kill()
+                helper.wait()
+        for kernel in helper_share:
+            if not _load(kernel):  # the helper failed, or its cache entry is not where this process reads
+                failed = True
+                kernel.dispatcher.compile(kernel.signature)
+        return Startup(tuple(k.name for k in kernels), tuple(k.name for k in here),
+                       tuple(k.name for k in helper_share), failed)
+
+
+if __name__ == "__main__":
+    sys.exit(_helper_main())
