@@ -108,7 +108,10 @@ def test_a_cold_start_in_two_processes_compiles_what_the_forward_launches_and_gi
     again = run_child(FIRST_FORWARD, tmp_path)  # the same cache, warm now: nothing to compile
     assert again["startup"]["compiled_here"] == [] and again["startup"]["compiled_by_helper"] == []
     assert again["compiled_in_forward"] == []
-    np.testing.assert_array_equal(np.array(again["logits"]), np.array(cold["logits"]))
+    # Not bit for bit: on the AVX2 development VM (8-lane kernels) the whole-group attention kernel as just
+    # compiled and as loaded from Numba's cache gave logits 5e-7 apart, deterministically, in one process as
+    # in two; every other kernel was bit-identical both ways (cause not pinned down: see the issue 24 note)
+    np.testing.assert_allclose(np.array(again["logits"]), np.array(cold["logits"]), rtol=0, atol=1e-6)
 
 
 # Two cheap kernels (LayerNorm's and the im2col gather), so that each case compiles in a few seconds.
