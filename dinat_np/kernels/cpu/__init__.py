@@ -4,10 +4,11 @@ This package's top level is that contract's ops, plus ``set_up_process`` and ``s
 ops live by family: ``attention`` (neighborhood attention, and global attention with ViT-rpb's bias),
 ``products`` (linear layers, the MLP, their epilogues and activations), ``conv`` (the 3x3 stride-2
 convolution, the patch embedding), ``norm`` (LayerNorm), ``layout`` (data movement, weight layouts,
-pad/crop/pool, patch merging). Beneath them: ``simd`` (16-lane vectors for the inner
-loops), ``gemm`` (the own matrix product) and ``blas`` (NumPy's OpenBLAS, called from the kernels),
-``threads`` (Numba's threading layer, kernel launches, the process-wide set-up) and ``malloc`` (glibc's
-thresholds).
+pad/crop/pool, patch merging). Beneath them: ``simd`` (vectors as wide as the target's
+registers for the inner loops), ``gemm`` (the own matrix product) and ``blas`` (NumPy's OpenBLAS, called
+from the kernels), ``threads`` (Numba's threading layer, kernel launches, the process-wide set-up),
+``sharing`` (the thread count beside other processes), ``compile`` (the two-process cold start) and
+``malloc`` (glibc's thresholds).
 
 Importing the package changes nothing in the process. ``set_up_process()`` does the process-wide set-up
 (threading layer, its environment variables, malloc thresholds) once: ``get_backend("cpu")`` calls it,

@@ -237,10 +237,11 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # When a map is exactly kernel_size x dilation across (DiNAT's dilated layers and its last stage at
 # 224x224: 11 of dinat-mini's 18 layers), every window is its whole dilation group: each group's
 # kernel_size**2 queries attend to the same kernel_size**2 keys, a small dense attention. One task per
-# (image, group, head) computes it with 16 queries per vector, three vectors at a time: each key or value
-# channel is read once, by a broadcast, for 48 queries. The queries are transposed in registers to that
-# layout (16 x 16 blocks), and the context back to pixels on the way out. A 7x7 group's 49th query is
-# computed on its own: in a fourth vector, 15 of its 16 lanes were padding, and every step paid for them.
+# (image, group, head) computes it with LANES queries per vector, three vectors at a time: each key or value
+# channel is read once, by a broadcast, for 3 * LANES queries. The queries are transposed in registers to
+# that layout (LANES x LANES blocks), and the context back to pixels on the way out. A remainder of under
+# four queries (a 7x7 group's 49th) is computed on its own: in a vector of its own, all its other lanes
+# would be padding, and every step would pay for them.
 @njit(**FAST)
 def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn, store_attn,
                           first_task, stop_task):
