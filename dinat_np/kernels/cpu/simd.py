@@ -252,9 +252,10 @@ def _block(context, builder, rows):
     return context.make_tuple(builder, _BLOCK_TYPE, rows)
 
 
-def _row_mask(builder, lane_mask, row, rows):
+def _row_lanes(builder, row, rows, lanes):
+    # the lanes a block's row reads or writes: ``lanes`` for the rows below ``rows``, none past them
     inside = builder.icmp_signed("<", ir.Constant(rows.type, row), rows)
-    return builder.and_(lane_mask, _broadcast(builder, inside, ir.VectorType(ir.IntType(1), LANES)))
+    return builder.select(inside, lanes, ir.Constant(lanes.type, 0))
 
 
 def _row_addresses(context, builder, signature, args):
@@ -278,8 +279,7 @@ def load_rows(typingctx, array, row_offsets, offset, rows, lanes):
     """LANES vectors: row ``j < rows`` is ``load(array, row_offsets[j] + offset, lanes)``, the rest zero."""
 
     def codegen(context, builder, signature, args):
-        lane_mask = _lane_mask(builder, args[4])
-        loaded = [_masked_load(builder, address, _row_mask(builder, lane_mask, row, args[3]))
+        loaded = [_load_lanes(builder, address, _row_lanes(builder, row, args[3], args[4]))
                   for row, address in enumerate(_row_addresses(context, builder, signature, args))]
         return _block(context, builder, loaded)
 
@@ -291,10 +291,9 @@ def store_rows(typingctx, array, row_offsets, offset, rows, lanes, block):
     """``store(array, row_offsets[j] + offset, lanes, block[j])`` for the rows ``j < rows``."""
 
     def codegen(context, builder, signature, args):
-        lane_mask = _lane_mask(builder, args[4])
         addresses = _row_addresses(context, builder, signature, args)
         for row, (value, address) in enumerate(zip(_rows(builder, args[5]), addresses, strict=True)):
-            _masked_store(builder, value, address, _row_mask(builder, lane_mask, row, args[3]))
+            _store_lanes(builder, value, address, _row_lanes(builder, row, args[3], args[4]))
         return context.get_dummy_value()
 
     return types.none(array, row_offsets, offset, rows, lanes, block), codegen
