@@ -765,8 +765,7 @@ def reference_transformers() -> Any:
     """transformers, its DiNAT running the test suite's gather-based attention in place of NATTEN."""
     import transformers
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from tests.reference.torch_natten import patch_transformers
+    from tests.reference.torch_natten import patch_transformers  # importable: run as a module from REPO
 
     patch_transformers()
     return transformers
