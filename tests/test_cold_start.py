@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from dinat_np.cli.classify import COMPILING_NOTICE
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "weights" / "digits-demo" / "samples"
+DEMO = REPO / "weights" / "digits-demo"
+SAMPLES = DEMO / "samples"
 CLASSIFY = Path(sys.executable).with_name("dinat-classify")
 
 
@@ -38,7 +39,7 @@ def test_a_baseline_x86_64_build_gives_the_same_scores_and_says_it_is_compiling(
     host = classify(*images)
     warm = classify(*images)  # the host's kernels are cached now
     assert COMPILING_NOTICE not in warm.stderr
-    # An empty cache and Numba's baseline x86-64 CPU (no AVX): every kernel compiles again, on 16-lane
+    # An empty cache and Numba's baseline x86-64 CPU (no AVX): every kernel compiles again, on 8-lane
     # vector code that LLVM splits into SSE registers; the own product stays off (no AVX-512 features).
     generic = classify(*images, NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
     assert generic.stderr.count(COMPILING_NOTICE) == 1
@@ -49,9 +50,6 @@ def test_a_baseline_x86_64_build_gives_the_same_scores_and_says_it_is_compiling(
 # ---------------------------------------------------------------------------------------------------------
 # The cold start in two processes (dinat_np.kernels.cpu.compile)
 # ---------------------------------------------------------------------------------------------------------
-DEMO = REPO / "weights" / "digits-demo"
-
-
 def run_child(script: str, cache: Path) -> dict:
     """Run ``script`` in a fresh Python with an empty Numba cache ``cache``; its last stdout line is JSON."""
     outcome = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
