@@ -11,6 +11,7 @@ from numba import njit, prange
 
 from .. import common
 from ..common import check_global_grid, check_qkv_bias, check_window
+from .band import BOOL, FLOAT, INT, band, floats, integers
 from .layout import aligned_empty
 from .simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load, load_rows,
                    maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows, subtract, transpose,
@@ -66,7 +67,8 @@ def _add_weighted(weight, values, at, count, low, high):
 # horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
 # flight (independent fma chains). Consecutive queries overlap (see the step loop): faster than one query
 # after the other.
-@njit(**FAST)
+@band(floats(6, True), floats(1, True), floats(1, True), floats(1, True), integers(1, True), INT, INT, FLOAT, floats(5),
+      floats(5), BOOL, INT, INT)
 def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
                      store_attn, first_task, stop_task):
     # _na_fused's tasks first_task..stop_task - 1, on one thread
@@ -167,7 +169,8 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
 
 
 @njit(parallel=True, **FAST)
-def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn, parts):
+def _na_fused(sliding_band, qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, out, attn, store_attn,
+              parts):
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     pixel_stride = 3 * channels
@@ -199,8 +202,8 @@ def _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, scale, ou
 
     tasks = batch * height * heads
     for part in prange(parts):
-        _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
-                         store_attn, tasks * part // parts, tasks * (part + 1) // parts)
+        sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
+                     store_attn, tasks * part // parts, tasks * (part + 1) // parts)
 
 
 @njit(inline="always", **FAST)
@@ -242,7 +245,8 @@ _LOCAL_ROWS = np.arange(LANES, dtype=np.int64) * LANES  # row offsets of a 16 x 
 # that layout (LANES x LANES blocks), and the context back to pixels on the way out. A remainder of under
 # four queries (a 7x7 group's 49th) is computed on its own: in a vector of its own, all its other lanes
 # would be padding, and every step would pay for them.
-@njit(**FAST)
+@band(floats(6, True), floats(1, True), floats(1, True), floats(1, True), INT, INT, FLOAT, floats(5), floats(5), BOOL,
+      INT, INT)
 def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn, store_attn,
                           first_task, stop_task):
     # _na_whole_groups' tasks first_task..stop_task - 1, on one thread
@@ -411,8 +415,8 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
 
 
 @njit(parallel=True, **FAST)
-def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out, attn,
-                     store_attn, parts):
+def _na_whole_groups(whole_groups_band, qkv, query_bias, value_bias, flipped_rpb, kernel_size, dilation, scale, out,
+                     attn, store_attn, parts):
     batch, height, width, _, heads, head_dim = qkv.shape
     window = kernel_size * kernel_size
     _, _, table_queries = _whole_group_layout(window)
@@ -438,8 +442,8 @@ def _na_whole_groups(qkv, query_bias, value_bias, flipped_rpb, kernel_size, dila
 
     tasks = batch * groups * heads
     for part in prange(parts):
-        _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn,
-                              store_attn, tasks * part // parts, tasks * (part + 1) // parts)
+        whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, dilation, scale, out, attn, store_attn,
+                          tasks * part // parts, tasks * (part + 1) // parts)
 
 
 @njit(parallel=True, **FAST)
@@ -550,12 +554,12 @@ def _attention(
     with launching():
         if height == width == kernel_size * dilation:
             tasks = batch * dilation * dilation * heads
-            _na_whole_groups(qkv, query_bias, value_bias, np.ascontiguousarray(rpb[:, ::-1, ::-1]), kernel_size,
-                             dilation, np.float32(scale), out, attn, return_attention,
-                             min(thread_count(), tasks))
+            _na_whole_groups(_na_whole_groups_band, qkv, query_bias, value_bias,
+                             np.ascontiguousarray(rpb[:, ::-1, ::-1]), kernel_size, dilation, np.float32(scale), out,
+                             attn, return_attention, min(thread_count(), tasks))
         else:
-            _na_fused(qkv, query_bias, value_bias, rpb, kernel_size, dilation, np.float32(scale), out, attn,
-                      return_attention, min(thread_count(), batch * height * heads))
+            _na_fused(_na_sliding_band, qkv, query_bias, value_bias, rpb, kernel_size, dilation, np.float32(scale), out,
+                      attn, return_attention, min(thread_count(), batch * height * heads))
     return out, (attn if return_attention else None)
 
 

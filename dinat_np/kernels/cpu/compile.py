@@ -1,14 +1,14 @@
 """A cold start on two cores: the kernels a first forward needs, compiled by this process and a helper
 process side by side, into Numba's on-disk cache.
 
-With an empty cache, a first forward of dinat-mini spends about 30 s compiling its six parallel kernels
-one after the other (docs/performance.md has the table), on one core. ``compile_for(forward)`` runs
-before a model's first forward (``modeling_utils.PreTrainedModel``):
+With an empty cache, a first forward of dinat-mini spends about 21 s compiling its six parallel kernels
+and their bands (``band.py``) one after the other (docs/performance.md has the table), on one core.
+``compile_for(forward)`` runs before a model's first forward (``modeling_utils.PreTrainedModel``):
 
 1. **Which kernels, with which signatures**: ``forward`` runs once with every kernel launch recorded
    instead of run (the ops allocate their outputs and launch nothing; the values computed are
-   discarded). The list is the forward's own, so it follows the kernels and the model as they change,
-   and a kernel the forward does not launch is not compiled.
+   discarded), and with the bands the kernels are given. The list is the forward's own, so it follows
+   the kernels and the model as they change, and a kernel the forward does not launch is not compiled.
 2. **Which are missing**: each is looked up in this process and in Numba's cache (loading it, as the
    forward would). A warm cache ends here, a few milliseconds after the recording.
 3. **Compiled in two processes**: a helper process (``python -m dinat_np.kernels.cpu.compile``) compiles
@@ -39,17 +39,20 @@ from numba.core import event
 from numba.core.dispatcher import Dispatcher
 
 from . import attention, conv, norm, products
+from .band import Band
 from .threads import launching
 
 # The modules whose functions launch kernels: their dispatchers are what a recording replaces.
 KERNEL_MODULES = (attention, conv, norm, products)
 
-# Seconds each kernel took to compile (dinat-mini's first forward on the 2-core development VM, AVX2,
-# docs/performance.md), callees included. They only balance the two processes' shares: a kernel not listed
-# counts as UNLISTED_SECONDS, and wrong figures make the start-up slower, never wrong.
+# Seconds each kernel or band took to compile (dinat-mini's first forward on the 2-core development VM,
+# AVX2, one after the other in one process; docs/performance.md). They only balance the two processes'
+# shares: a kernel not listed counts as UNLISTED_SECONDS, and wrong figures make the start-up slower, never
+# wrong.
 COMPILE_SECONDS = {
-    "_na_whole_groups": 10.4, "_na_fused": 6.5, "_linear": 5.8, "_conv3x3_s2": 5.2, "_mlp": 2.5,
-    "_layer_norm": 0.8, "_im2col_rows": 0.6, "_im2col_3x3_s2": 1.0,
+    "_na_whole_groups_band": 4.5, "_na_sliding_band": 2.4, "_na_fused": 2.4, "_linear": 2.4,
+    "_na_whole_groups": 2.2, "_direct_conv_rows": 2.0, "_conv3x3_s2": 1.7, "_mlp": 1.4, "_layer_norm": 0.9,
+    "_epilogue_rows": 0.9, "_im2col_rows": 0.8, "_im2col_3x3_s2": 1.0,
 }
 UNLISTED_SECONDS = 1.0
 # The helper's own start (a Python process importing NumPy, Numba and the kernels) before it compiles.
@@ -59,8 +62,9 @@ HELPER_TIMEOUT_SECONDS = 600.0
 
 
 class Kernel(NamedTuple):
-    """One kernel launch of a forward: the dispatcher's module and name, its Numba signature, and stand-ins
-    for its arguments that a helper process can rebuild the same signature from (None where it cannot)."""
+    """One kernel launch of a forward, or a band it was given: the dispatcher's (or band's) module and name,
+    its Numba signature, and stand-ins for its arguments that a helper process can rebuild the same
+    signature from (None where it cannot; none needed for a band, whose signature is declared)."""
 
     module: str
     name: str
@@ -69,7 +73,12 @@ class Kernel(NamedTuple):
 
     @property
     def dispatcher(self) -> Dispatcher:
-        return getattr(importlib.import_module(self.module), self.name)
+        target = getattr(importlib.import_module(self.module), self.name)
+        return target.dispatcher if isinstance(target, Band) else target
+
+    @classmethod
+    def of_band(cls, band: Band) -> Kernel:
+        return cls(band.module, band.name, band.signature().args, ())
 
 
 class Startup(NamedTuple):
@@ -108,23 +117,31 @@ def _rebuilt(stand_in: Any) -> Any:
 
 
 class _Recorder:
-    """Stands in for a dispatcher during a recording: notes the signature of each call, runs nothing."""
+    """Stands in for a dispatcher or a band during a recording: notes the signature of each call, and the
+    bands passed to it, runs nothing."""
 
-    def __init__(self, module: str, name: str, dispatcher: Dispatcher, launched: dict[tuple, Kernel]) -> None:
-        self.module, self.name, self.dispatcher, self.launched = module, name, dispatcher, launched
+    def __init__(self, module: str, name: str, target: Dispatcher | Band, launched: dict[tuple, Kernel]) -> None:
+        self.module, self.name, self.target, self.launched = module, name, target, launched
+
+    def _note(self, kernel: Kernel) -> None:
+        self.launched.setdefault((kernel.module, kernel.name, kernel.signature), kernel)
 
     def __call__(self, *args: Any) -> None:
-        signature = tuple(self.dispatcher.typeof_pyval(a) for a in args)
-        key = (self.module, self.name, signature)
-        if key not in self.launched:
+        args = tuple(a.target if isinstance(a, _Recorder) else a for a in args)  # a band passed as an argument
+        for band in (a for a in args if isinstance(a, Band)):
+            self._note(Kernel.of_band(band))
+        if isinstance(self.target, Band):  # a band run on its own
+            self._note(Kernel.of_band(self.target))
+            return
+        signature = tuple(self.target.typeof_pyval(a) for a in args)
+        if (self.module, self.name, signature) not in self.launched:
             stand_ins = tuple(_stand_in(a) for a in args)
-            rebuilt = tuple(self.dispatcher.typeof_pyval(_rebuilt(s)) for s in stand_ins)
+            rebuilt = tuple(self.target.typeof_pyval(_rebuilt(s)) for s in stand_ins)
             try:
                 pickle.dumps(stand_ins)
             except (pickle.PicklingError, TypeError, AttributeError):
                 stand_ins = None
-            self.launched[key] = Kernel(self.module, self.name, signature,
-                                        stand_ins if rebuilt == signature else None)
+            self._note(Kernel(self.module, self.name, signature, stand_ins if rebuilt == signature else None))
 
 
 @contextmanager
@@ -136,7 +153,7 @@ def _recording(launched: dict[tuple, Kernel]) -> Iterator[None]:
         try:
             for module in KERNEL_MODULES:
                 for name, value in list(vars(module).items()):
-                    if isinstance(value, Dispatcher):
+                    if isinstance(value, (Dispatcher, Band)):
                         replaced.append((module, name, value))
                         setattr(module, name, _Recorder(module.__name__, name, value, launched))
             yield
@@ -236,8 +253,11 @@ def _start_helper(kernels: list[Kernel]) -> subprocess.Popen | None:
 def _helper_main() -> int:
     """The helper: compile the kernels whose stand-ins arrive on stdin into Numba's cache, then exit."""
     for module, name, stand_ins in pickle.loads(sys.stdin.buffer.read()):
-        dispatcher = getattr(importlib.import_module(module), name)
-        dispatcher.compile(tuple(dispatcher.typeof_pyval(_rebuilt(s)) for s in stand_ins))
+        target = getattr(importlib.import_module(module), name)
+        if isinstance(target, Band):
+            target.compile()
+        else:
+            target.compile(tuple(target.typeof_pyval(_rebuilt(s)) for s in stand_ins))
     return 0
 
 

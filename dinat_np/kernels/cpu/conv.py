@@ -5,16 +5,20 @@ channels. The patch embedding (DiNAT_s's and the isotropic models' tokenizer): a
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ..common import Conv, Linear, check_patch_size
+from .band import INT, band, floats
 from .layout import aligned_empty
 from .products import MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_launch
 from .simd import FAST, LANES, broadcast, fma, load, splat, store
 from .threads import launching, thread_count
 
 
-@njit(**FAST)
+_SHAPE = types.UniTuple(INT, 4)  # the input's shape, or its element strides (see _elements_and_strides)
+
+
+@band(floats(1, True), _SHAPE, _SHAPE, INT, INT, floats(2), INT)
 def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):
     # cols[first_row + k] = the zero-padded 3x3 patch under output pixel first_pixel + k (flat over batch,
     # rows, columns), in (row, column, channel) order, for k < count. The input's element (b, i, j, c) is
@@ -45,11 +49,11 @@ def _im2col_rows(x, shape, strides, first_pixel, count, cols, first_row):
 
 
 @njit(parallel=True, **FAST)
-def _im2col_3x3_s2(parts, x, shape, strides, cols):
+def _im2col_3x3_s2(im2col_rows, parts, x, shape, strides, cols):
     pixels = cols.shape[0]
     for part in prange(parts):
         first = pixels * part // parts
-        _im2col_rows(x, shape, strides, first, pixels * (part + 1) // parts - first, cols, first)
+        im2col_rows(x, shape, strides, first, pixels * (part + 1) // parts - first, cols, first)
 
 
 # The patches of the tokenizer's second convolution are 29 MB at batch 8 (3136 x 288 floats per image),
@@ -67,7 +71,7 @@ _CONV_BLOCK_ROWS = 512
 _DIRECT_MAX_CHANNELS = 16
 
 
-@njit(**FAST)
+@band(floats(1, True), _SHAPE, _SHAPE, floats(2, True), floats(1, True), floats(2), INT, INT)
 def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_row):
     # output rows first_row..stop_row - 1 (flat over images and rows); x read as in _im2col_rows
     _, height, width, channels = shape
@@ -121,7 +125,7 @@ def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_r
 
 
 @njit(parallel=True, **FAST)
-def _conv3x3_s2(sgemm, parts, x, shape, strides, weight_cols, bias, cols, y):
+def _conv3x3_s2(direct_conv_rows, im2col_rows, sgemm, parts, x, shape, strides, weight_cols, bias, cols, y):
     # One task per thread. Without ``cols`` (few input channels) a band of output rows computed directly;
     # otherwise a band of output pixels, in blocks whose patches are gathered into this thread's block of
     # ``cols`` and multiplied by BLAS (``sgemm`` None: the direct way only, for want of BLAS).
@@ -130,14 +134,13 @@ def _conv3x3_s2(sgemm, parts, x, shape, strides, weight_cols, bias, cols, y):
     block = cols.shape[0] // parts
     for part in prange(parts):
         if block == 0:
-            _direct_conv_rows(x, shape, strides, weight_cols, bias, y, rows * part // parts,
-                              rows * (part + 1) // parts)
+            direct_conv_rows(x, shape, strides, weight_cols, bias, y, rows * part // parts, rows * (part + 1) // parts)
         elif sgemm is not None:
             own = part * block  # this thread's first row in ``cols``
             stop = pixels * (part + 1) // parts
             for start in range(pixels * part // parts, stop, block):
                 count = min(block, stop - start)
-                _im2col_rows(x, shape, strides, start, count, cols, own)
+                im2col_rows(x, shape, strides, start, count, cols, own)
                 product_block(sgemm, cols, own, weight_cols, y, start, count, 0, out_channels)
                 if bias.size:
                     for row in range(start, start + count):
@@ -172,8 +175,8 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
         bias = np.zeros(out_channels, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         y = aligned_empty((pixels, out_channels))
         with launching():
-            _conv3x3_s2(kernel_sgemm(), min(parts, batch * out_height), elements, x.shape,
-                        strides, weight_cols, bias, NO_ROWS, y)
+            _conv3x3_s2(_direct_conv_rows, _im2col_rows, kernel_sgemm(), min(parts, batch * out_height), elements,
+                        x.shape, strides, weight_cols, bias, NO_ROWS, y)
         return y.reshape(batch, out_height, out_width, out_channels)
     few = pixels < MIN_ROWS_PER_THREAD * parts
     if kernel_sgemm() is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
@@ -183,14 +186,15 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
             if few:  # at most a few hundred patches, microseconds on this thread: no parallel kernel to compile
                 _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)
             else:
-                _im2col_3x3_s2(parts, elements, x.shape, strides, cols)
+                _im2col_3x3_s2(_im2col_rows, parts, elements, x.shape, strides, cols)
         return linear(cols, Linear(weight_cols, bias)).reshape(batch, out_height, out_width, -1)
     bias = NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = aligned_empty((parts * block, 9 * channels))
     y = aligned_empty((pixels, out_channels))
     with launching(), products_launch():
-        _conv3x3_s2(kernel_sgemm(), parts, elements, x.shape, strides, weight_cols, bias, cols, y)
+        _conv3x3_s2(_direct_conv_rows, _im2col_rows, kernel_sgemm(), parts, elements, x.shape, strides, weight_cols,
+                    bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
 
 

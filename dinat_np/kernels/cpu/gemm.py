@@ -80,7 +80,10 @@ def _start_row(y, at, lanes, first_k):
     return _load_row(y, at, lanes)
 
 
-@njit(**FAST)
+# Inlined, like every Numba function the C function calls: a callee compiled on its own would be loaded in
+# a process that compiled the product, but not in one that loaded it from the cache, and the two copies
+# round differently (see band.py).
+@njit(inline="always", **FAST)
 def _six_rows(x, x_at, x_stride, panel, first_k, stop_k, y, y_at, y_stride, lanes):
     # y's six rows from y_at (``y_stride`` apart), ``lanes`` columns: += x's six rows from x_at
     # (``x_stride`` apart) times the panel (k = first_k..stop_k - 1)
@@ -106,7 +109,7 @@ def _six_rows(x, x_at, x_stride, panel, first_k, stop_k, y, y_at, y_stride, lane
     _store_row(y, y_at + 5 * y_stride, lanes, row5)
 
 
-@njit(**FAST)
+@njit(inline="always", **FAST)
 def _one_row(x, x_at, panel, first_k, stop_k, y, y_at, lanes):
     # _six_rows for the last rows of a chunk, one at a time
     row = _start_row(y, y_at, lanes, first_k)

@@ -16,6 +16,7 @@ from numba import njit, prange
 
 from ..common import GELU, GELU_TANH, RELU, SELU, Epilogue, Linear, Norm, activation_code
 from . import gemm
+from .band import FLOAT, INT, band, floats
 from .blas import NO_TRANS, NUMPY_OPENBLAS, ROW_MAJOR
 from .layout import aligned_empty
 from .norm import normalise_row
@@ -98,14 +99,14 @@ def product_block(sgemm, x, x_row, weight_t, y, y_row, rows, first_col, stop_col
     )
 
 
-@njit(**FAST)
+@njit(inline="always", **FAST)
 def _bias_activation_rows(y, first, stop, bias, activation):
     for row in range(first, stop):
         for c in range(y.shape[1]):
             y[row, c] = _activate(y[row, c] + bias[c], activation)
 
 
-@njit(**FAST)
+@njit(inline="always", **FAST)
 def _residual_rows(y, first, stop, bias, scale, residual, normalise, norm_weight, norm_bias, eps, normed):
     for row in range(first, stop):
         for c in range(y.shape[1]):
@@ -114,7 +115,8 @@ def _residual_rows(y, first, stop, bias, scale, residual, normalise, norm_weight
             normalise_row(y, row, norm_weight, norm_bias, eps, normed)
 
 
-@njit(**FAST)
+@band(floats(2), INT, INT, INT, floats(1, True), INT, floats(1, True), floats(2, True), floats(1, True),
+      floats(1, True), FLOAT, floats(2))
 def _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed):
     if epilogue == _EPILOGUE_ACTIVATION:
         _bias_activation_rows(y, first, stop, bias, activation)
@@ -130,8 +132,8 @@ MIN_ROWS_PER_THREAD = 128
 
 
 @njit(parallel=True, **FAST)
-def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps,
-            normed):
+def _linear(epilogue_rows, sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, residual, norm_weight,
+            norm_bias, eps, normed):
     # One task per thread (``parts`` of them). Many rows: each task takes a band of rows, multiplies it
     # (unless ``sgemm`` is None: then NumPy has filled y already) and applies the epilogue to the rows
     # it has just written. Few rows: the tasks take bands of columns, then all rows get their epilogue.
@@ -143,8 +145,8 @@ def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, res
             product_block(sgemm, x, 0, weight_t, y, 0, rows, columns * part // parts, columns * (part + 1) // parts)
         if epilogue != _EPILOGUE_NONE:
             for part in prange(parts):
-                _epilogue_rows(y, rows * part // parts, rows * (part + 1) // parts, epilogue, bias, activation, scale,
-                               residual, norm_weight, norm_bias, eps, normed)
+                epilogue_rows(y, rows * part // parts, rows * (part + 1) // parts, epilogue, bias, activation, scale,
+                              residual, norm_weight, norm_bias, eps, normed)
         return
     parts = min(parts, rows)
     for part in prange(parts):
@@ -152,7 +154,7 @@ def _linear(sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, res
         stop = rows * (part + 1) // parts
         if sgemm is not None:
             product_block(sgemm, x, first, weight_t, y, first, stop - first, 0, columns)
-        _epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
+        epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
 
 
 NO_BIAS = np.empty(0, np.float32)  # stand-ins for the operands an epilogue does not read
@@ -176,7 +178,7 @@ def _run_linear(
         if epilogue == _EPILOGUE_NONE:
             return y
     with launching(), products_launch():
-        _linear(sgemm, thread_count(), x, weight_t, y, epilogue, bias,
+        _linear(_epilogue_rows, sgemm, thread_count(), x, weight_t, y, epilogue, bias,
                 activation, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
@@ -225,21 +227,21 @@ _MLP_BLOCK_ROWS = 512
 
 
 @njit(parallel=True, **FAST)
-def _mlp(sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hidden, y, epilogue, bias, scale, residual,
+def _mlp(epilogue_rows, sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hidden, y, epilogue, bias, scale, residual,
          norm_weight, norm_bias, eps, normed):
     # ``hidden`` holds one block of rows per thread; each task is one thread's band of rows.
     rows = x.shape[0]
     block = hidden.shape[0] // parts
-    normalise = epilogue == _EPILOGUE_RESIDUAL_NORM
     for part in prange(parts):
         own = part * block  # this thread's first row in ``hidden``
         for start in range(rows * part // parts, rows * (part + 1) // parts, block):
             count = min(block, rows * (part + 1) // parts - start)
             product_block(sgemm, x, start, fc1_t, hidden, own, count, 0, hidden.shape[1])
-            _bias_activation_rows(hidden, own, own + count, fc1_bias, activation)
+            epilogue_rows(hidden, own, own + count, _EPILOGUE_ACTIVATION, fc1_bias, activation, scale, residual,
+                          norm_weight, norm_bias, eps, normed)  # the operands after fc1_bias go unread
             product_block(sgemm, hidden, own, fc2_t, y, start, count, 0, y.shape[1])
-            _residual_rows(y, start, start + count, bias, scale, residual, normalise, norm_weight, norm_bias, eps,
-                           normed)
+            epilogue_rows(y, start, start + count, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps,
+                          normed)
 
 
 def _run_mlp(
@@ -262,7 +264,7 @@ def _run_mlp(
     hidden = aligned_empty((parts * block, fc1_t.shape[1]))
     y = aligned_empty((x.shape[0], fc2_t.shape[1]))
     with launching(), products_launch():
-        _mlp(sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
+        _mlp(_epilogue_rows, sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
              scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
