@@ -430,6 +430,8 @@ def time_beside_busy_process(function: Callable[[], Any], repeats: int) -> dict[
     each block times it adapting and fixed, in alternating order; the first call after each switch is not
     timed. Returns, per mode, the idle and busy times and their ratio, and the thread counts used.
     """
+    import numba
+
     from dinat_np.kernels.cpu import threads
 
     modes = ("adapting", "fixed") if threads.adapt_thread_count(True) else ("fixed",)
@@ -446,7 +448,7 @@ def time_beside_busy_process(function: Callable[[], Any], repeats: int) -> dict[
             function()
             for _ in range(BUSY_BLOCK):
                 times[(mode, state)] += time_calls(function, 1, 0)
-                counts[(mode, state)][threads.thread_count()] += 1
+                counts[(mode, state)][numba.get_num_threads()] += 1  # the threads running the parts
 
     for block in range(blocks):
         if block % 4 in (0, 3):

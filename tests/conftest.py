@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-# Tests compare forwards bit for bit; on the OpenBLAS path a thread count that followed the machine's load
-# between two calls would round differently. test_thread_sharing.py drives the adaptation with fake readings.
-os.environ.setdefault("DINAT_NP_ADAPT_THREADS", "0")
 
 
 @pytest.fixture(params=["own", "openblas", "numpy"])

@@ -24,13 +24,13 @@ parallel kernels at once, so every launch is serialised (``launching``): concurr
 interleave kernel by kernel instead.
 
 While other processes keep cores busy, the launches run on fewer threads, as many as the cores left free
-(Linux; ``sharing`` says how and why). Each launch reads the clock; the one that is due samples the
-others' CPU time and gives its caller the adapted count (Numba's count is per Python thread: other
-threads that launch get it at their own samples). It stays off where the user fixed the thread count
-or the spin: ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS``, ``GOMP_SPINCOUNT`` (other than the one this
-set-up writes, which child processes inherit) or ``OMP_WAIT_POLICY`` in the environment at set-up,
-``set_num_threads`` (``dinat-classify --threads``), Numba's count changed directly (noticed at the next
-sample), or ``DINAT_NP_ADAPT_THREADS=0``.
+(Linux; ``sharing`` says how and why), splitting their work as on all of them (``thread_count``). Each
+launch reads the clock; the one that is due samples the others' CPU time and gives its caller the adapted
+count (Numba's count is per Python thread: other threads that launch get it at their own samples). It stays
+off where the user fixed the thread count or the spin: ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS``,
+``GOMP_SPINCOUNT`` (other than the one this set-up writes, which child processes inherit) or
+``OMP_WAIT_POLICY`` in the environment at set-up, ``set_num_threads`` (``dinat-classify --threads``),
+Numba's count changed directly (noticed at the next sample), or ``DINAT_NP_ADAPT_THREADS=0``.
 """
 
 from __future__ import annotations
@@ -185,9 +185,12 @@ def set_up_process() -> ProcessSetUp:
 
 
 def thread_count() -> int:
-    """Numba's thread count for the next launch (asking starts Numba's pool: the process is set up first)."""
+    """Into how many parts a launch splits its work: Numba's thread count, or while that adapts to other
+    processes, the count it adapts from. The parts then run on fewer threads, and the results do not depend on
+    the machine's load: OpenBLAS rounds differently for products of other shapes. (Asking starts Numba's
+    pool: the process is set up first.)"""
     set_up_process()
-    return numba.get_num_threads()
+    return numba.get_num_threads() if _next_sample == _NEVER else _adapter.most
 
 
 def set_num_threads(threads: int) -> None:
