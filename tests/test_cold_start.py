@@ -210,3 +210,20 @@ def compile_seconds(kernel) -> float:
     from dinat_np.kernels.cpu.compile import COMPILE_SECONDS, UNLISTED_SECONDS
 
     return COMPILE_SECONDS.get(kernel.name, UNLISTED_SECONDS)
+
+
+def test_a_first_call_inside_a_recording_is_recorded_there_only() -> None:
+    # a classifier's first call records its forward, which makes its base model's first call
+    from dinat_np.kernels.cpu import compile
+
+    calls = []
+
+    def inner() -> None:
+        calls.append("inner forward")
+
+    def outer() -> None:
+        calls.append(compile.compile_for(inner))
+        inner()
+
+    compile.compile_for(outer)
+    assert calls == [compile.Startup((), (), (), False), "inner forward"]

@@ -261,8 +261,9 @@ def _helper_main() -> int:
     return 0
 
 
-# Reentrant: a forward that calls a model's first call records inside the recording (and finds nothing of its own).
+# Reentrant: a classifier's first call records its forward, which makes its base model's first call.
 _COMPILING = threading.RLock()
+_recording_now = False  # a compile_for is recording (under _COMPILING)
 
 
 def helper_wanted() -> bool:
@@ -274,9 +275,16 @@ def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Sta
     """Make sure the kernels ``forward`` launches are compiled or loaded from the cache, compiling the
     missing ones in two processes (``parallel``, by default ``helper_wanted()``) where more than one is
     missing (see the module docstring)."""
+    global _recording_now
     parallel = helper_wanted() if parallel is None else parallel
     with _COMPILING:
-        kernels = kernels_launched_by(forward)
+        if _recording_now:  # a model's first call inside another's recording: its launches are recorded there
+            return Startup((), (), (), False)
+        _recording_now = True
+        try:
+            kernels = kernels_launched_by(forward)
+        finally:
+            _recording_now = False
         missing = [k for k in kernels if not _load(k)]
         here, helper_share = split(missing) if parallel and len(missing) > 1 and _cache_writable(missing) else (
             missing, [])
