@@ -40,6 +40,8 @@ def classify_on_dask(address: str, classifier: Any, items: Sequence[tuple[str, A
                      batch_size: int, threads: int | None,
                      on_progress: Callable[[int], None]) -> Iterator[dict[str, Any]]:
     """The records of ``items``, in input order, each task's as soon as it and those before it are done.
+    A task that fails on the cluster (its worker died, or it raised) gives an error record for each of its
+    images, as an unreadable image does; the other tasks' records are unaffected.
 
     Raises:
         DaskUnavailable: ``distributed`` is not installed, or no scheduler answers at ``address``.
@@ -55,9 +57,14 @@ def classify_on_dask(address: str, classifier: Any, items: Sequence[tuple[str, A
     with client:
         shared = client.scatter(classifier, broadcast=True)
         size = BATCHES_PER_TASK * batch_size
-        futures = [client.submit(classify_files, shared, items[start:start + size], top_k, batch_size, threads,
-                                 pure=False) for start in range(0, len(items), size)]
-        for future in futures:
-            records = future.result()
+        tasks = [items[start:start + size] for start in range(0, len(items), size)]
+        futures = [client.submit(classify_files, shared, task, top_k, batch_size, threads, pure=False)
+                   for task in tasks]
+        for task, future in zip(tasks, futures, strict=True):
+            try:
+                records = future.result()
+            except Exception as error:  # on the cluster: a worker died (KilledWorker), ran out of memory, ...
+                reason = f"the Dask task failed ({type(error).__name__}: {error})"
+                records = [{"path": name, "error": reason} for name, _ in task]
             on_progress(len(records))
             yield from records

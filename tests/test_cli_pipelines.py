@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -120,6 +122,31 @@ def test_dask_on_a_local_cluster_gives_what_one_process_gives(tmp_path: Path) ->
     assert spread.returncode == alone.returncode == 1
     assert _lines(spread) == _lines(alone) and len(_lines(alone)) == 19
     assert list(worked.values()) == [True, True]  # both worker processes classified
+
+
+class _FailsOnWorkers:
+    """A stand-in classifier whose task fails where it meets the file named 'crash'."""
+
+    def iter_predict(self, sources: list, top_k: int, batch_size: int) -> Iterator:
+        if "crash" in sources:
+            raise MemoryError("out of memory on the worker")
+        return iter([SimpleNamespace(to_dict=lambda path: {"path": path, "predictions": []})] * len(sources))
+
+
+def test_a_task_failing_on_the_dask_cluster_gives_error_records_not_a_traceback() -> None:
+    distributed = pytest.importorskip("distributed")
+    from dinat_np.cli.on_dask import BATCHES_PER_TASK, classify_on_dask
+
+    names = [f"image-{k}" for k in range(3 * BATCHES_PER_TASK)]
+    names[BATCHES_PER_TASK + 1] = "crash"  # in the second of three tasks (batches of 1)
+    progress = []
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        records = list(classify_on_dask(cluster.scheduler_address, _FailsOnWorkers(), [(n, n) for n in names],
+                                        top_k=1, batch_size=1, threads=None, on_progress=progress.append))
+    assert [r["path"] for r in records] == names and progress == [BATCHES_PER_TASK] * 3
+    failed = [r for r in records if "error" in r]
+    assert [r["path"] for r in failed] == names[BATCHES_PER_TASK:2 * BATCHES_PER_TASK]
+    assert all("MemoryError: out of memory on the worker" in r["error"] for r in failed)
 
 
 def test_dask_without_a_scheduler_is_a_usage_error() -> None:
