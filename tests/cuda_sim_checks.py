@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import pkgutil
 import re
 import sys
@@ -307,6 +308,10 @@ def check_model() -> None:
     results["model_output_counts"] = 0.0 if (
         len(actual.hidden_states) == 5 and len(actual.attentions) == 4
     ) else float("inf")
+    # through the standard pickle (to spawned processes, Dask, Ray, Spark): weights come back to the GPU
+    copy = pickle.loads(pickle.dumps(gpu_model))
+    results["model_pickled_device_is_cuda"] = 0.0 if copy.device == "cuda" else float("inf")
+    record("model_pickled_logits", copy(pixels).logits, expected.logits)
 
     # backbone (feature maps go through the extra stage LayerNorms), moved with .to("cuda")
     backbone_tensors = {n[len("dinat."):]: t for n, t in tensors.items() if n.startswith("dinat.")}

@@ -43,7 +43,8 @@ KERNEL_CHECKS = [
     "global_attention_no_attn_returns_none",
 ] + [f"{op}_{case}" for case in NA_CASES for op in ("na_fused_out", "na_fused_attn", "na_qk", "na_av")]
 MODEL_CHECKS = (
-    ["model_device_is_cuda", "model_logits", "model_output_counts", "backbone_to_cuda_device"]
+    ["model_device_is_cuda", "model_logits", "model_output_counts", "model_pickled_device_is_cuda",
+     "model_pickled_logits", "backbone_to_cuda_device"]
     + [f"model_hidden_states_{i}" for i in range(5)]
     + [f"model_reshaped_hidden_states_{i}" for i in range(5)]
     + [f"model_attentions_{i}" for i in range(4)]
