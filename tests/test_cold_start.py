@@ -227,3 +227,28 @@ def test_a_first_call_inside_a_recording_is_recorded_there_only() -> None:
 
     compile.compile_for(outer)
     assert calls == [compile.Startup((), (), (), False), "inner forward"]
+
+
+BAND_IN_A_FRESH_PROCESS = """
+import json
+from numba.core import event
+from dinat_np.kernels.cpu import products
+
+class Count(event.Listener):
+    compiled = 0
+    def on_start(self, ev):
+        Count.compiled += 1
+    def on_end(self, ev):
+        pass
+
+with event.install_listener("numba:compile", Count()):
+    products._epilogue_rows.HOW()
+print(json.dumps({"compiled": Count.compiled}))
+"""
+
+
+def test_a_band_has_one_cache_entry_whichever_way_a_process_asks_for_it(tmp_path: Path) -> None:
+    # compile_for and its helper compile a band; a kernel's launch asks for its address: the same entry
+    first = run_child(BAND_IN_A_FRESH_PROCESS.replace("HOW", "compile"), tmp_path)
+    second = run_child(BAND_IN_A_FRESH_PROCESS.replace("HOW", "address"), tmp_path)
+    assert first["compiled"] >= 1 and second["compiled"] == 0

@@ -324,3 +324,27 @@ def test_own_sgemm_is_compiled_once_and_kept_alive():
     first(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, 7, 5, 3, 1.0, x.ctypes.data, 3,
           weight_t.ctypes.data, 5, 0.0, y.ctypes.data, 5)
     assert (y == 6.0).all()
+
+
+def test_a_linear_takes_float64_and_strided_operands_as_float32() -> None:
+    # the epilogue band takes C-contiguous float32: the op converts what it is given
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((5, 6), dtype=np.float32)
+    weight_t = rng.standard_normal((6, 4), dtype=np.float32)
+    bias = rng.standard_normal(8, dtype=np.float32)[::2]  # strided
+    expected = cpu.linear(x, Linear(weight_t, bias.copy()), "gelu")
+    np.testing.assert_array_equal(cpu.linear(x, Linear(weight_t, bias), "gelu"), expected)
+    np.testing.assert_array_equal(cpu.linear(x, Linear(weight_t, bias.astype(np.float64)), "gelu"), expected)
+
+
+def test_a_band_run_from_python_refuses_arguments_it_would_misread() -> None:
+    from numba.core.errors import TypingError
+
+    x = np.arange(24, dtype=np.float32)
+    cols = np.empty((1, 9 * 3), np.float32)
+    shape, strides = (1, 2, 2, 3), (12, 6, 3, 1)
+    cpu_conv._im2col_rows(x[:12], shape, strides, 0, 1, cols, 0)  # the declared types: runs
+    assert cols[0, 4 * 3:5 * 3].tolist() == [0.0, 1.0, 2.0]  # the patch's centre is pixel (0, 0)
+    for wrong in (x[::2], x[:12].astype(np.float64)):  # strided, float64: refused, not reinterpreted
+        with pytest.raises(TypingError):
+            cpu_conv._im2col_rows(wrong, shape, strides, 0, 1, cols, 0)

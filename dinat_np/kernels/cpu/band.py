@@ -10,8 +10,8 @@ process gave logits 5e-7 apart. A kernel receives its band as an argument instea
 band's C entry point, and there is one copy of the band's code, whichever way it was loaded.
 
 Numba's own first-class functions (``types.FunctionType``) do this too, but ask the interpreter for the
-address at every launch (~30 us, a few milliseconds per forward); a :class:`Band` argument is read from
-an attribute. A band is declared with its argument types (a pointer has one signature): inputs it only
+address at every launch (~30 us, a few milliseconds per forward); a :class:`Band` argument costs one call
+of its ``address`` method. A band is declared with its argument types (a pointer has one signature): inputs it only
 reads are declared read-only, which callers passing writable arrays also satisfy.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, typeof, types
 from numba.core import cgutils, errors
 from numba.core.imputils import lower_builtin
 from numba.core.typing import Signature
@@ -47,6 +47,17 @@ def integers(ndim: int, readonly: bool = False) -> types.Array:
     return types.Array(types.int64, ndim, "C", readonly=readonly)
 
 
+def check_arguments(context: Any, given: tuple[types.Type, ...], declared: tuple[types.Type, ...]) -> None:
+    """Raises a TypingError unless each given type converts safely to the declared one (a writable array to
+    a read-only one, int32 to int64; not float64 to float32, nor a strided array to a contiguous one)."""
+    if len(given) != len(declared):
+        raise errors.TypingError(f"a band takes {len(declared)} arguments, not {len(given)}")
+    for argument, wanted in zip(given, declared, strict=True):
+        conversion = context.can_convert(types.unliteral(argument), wanted)
+        if conversion is None or conversion > Conversion.safe:
+            raise errors.TypingError(f"a band's argument is {wanted}, not {argument}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A band inside a kernel: a pointer to a C function of its declared signature
 # ---------------------------------------------------------------------------------------------------------
@@ -58,14 +69,10 @@ class BandType(types.Callable):
         super().__init__(name=f"band{signature}")
 
     def get_call_type(self, context: Any, args: tuple, kws: dict) -> Signature:
-        declared = self.signature.args
-        if kws or len(args) != len(declared):
-            raise errors.TypingError(f"a band takes {len(declared)} positional arguments")
-        for given, wanted in zip(args, declared, strict=True):
-            conversion = context.can_convert(types.unliteral(given), wanted)
-            if conversion is None or conversion > Conversion.safe:
-                raise errors.TypingError(f"a band's argument is {wanted}, not {given}")
-        return Signature(self.signature.return_type, declared, recvr=self)
+        if kws:
+            raise errors.TypingError("a band takes positional arguments only")
+        check_arguments(context, args, self.signature.args)
+        return Signature(self.signature.return_type, self.signature.args, recvr=self)
 
     def get_call_signatures(self) -> tuple[list[Signature], bool]:
         return [self.signature], False
@@ -92,16 +99,21 @@ class Band:
         return self._signature
 
     def compile(self) -> None:
-        self.dispatcher.compile(self._signature.args)
+        # with the whole signature, return type included, as _get_wrapper_address does: Numba's cache keys
+        # its entries by what compile() is given, and the argument types alone would make a second entry
+        self.dispatcher.compile(self._signature)
 
     def address(self) -> int:
         """Where its C entry point is (compiling it first if need be): what a kernel receives."""
         if not self._address:
+            self.compile()
             self._address = _get_wrapper_address(self.dispatcher, self._signature)
         return self._address
 
     def __call__(self, *args: Any) -> None:
-        """Runs the band on this thread, from Python (work too small for its parallel kernel)."""
+        """Runs the band on this thread, from Python (work too small for its parallel kernel). The arguments
+        are checked as a kernel's call checks them: the compiled entry point would reinterpret others."""
+        check_arguments(self.dispatcher.typingctx, tuple(typeof(a) for a in args), self._signature.args)
         self.compile()
         self.dispatcher.overloads[self._signature.args].entry_point(*args)
 

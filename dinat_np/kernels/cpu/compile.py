@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba.core import event
 from numba.core.dispatcher import Dispatcher
+from numba.core.typing import Signature
 
 from . import attention, conv, norm, products
 from .band import Band
@@ -68,7 +69,7 @@ class Kernel(NamedTuple):
 
     module: str
     name: str
-    signature: tuple
+    signature: tuple | Signature
     stand_ins: tuple | None
 
     @property
@@ -78,7 +79,7 @@ class Kernel(NamedTuple):
 
     @classmethod
     def of_band(cls, band: Band) -> Kernel:
-        return cls(band.module, band.name, band.signature().args, ())
+        return cls(band.module, band.name, band.signature(), ())  # whole, as Band.compile gives it
 
 
 class Startup(NamedTuple):

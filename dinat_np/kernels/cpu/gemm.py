@@ -80,9 +80,9 @@ def _start_row(y, at, lanes, first_k):
     return _load_row(y, at, lanes)
 
 
-# Inlined, like every Numba function the C function calls: a callee compiled on its own would be loaded in
-# a process that compiled the product, but not in one that loaded it from the cache, and the two copies
-# round differently (see band.py).
+# Inlined, like every Numba function the C function calls that computes with floats (``scratch`` only
+# allocates): a callee compiled on its own would be loaded in a process that compiled the product, but not
+# in one that loaded it from the cache, and the two copies round differently (see band.py).
 @njit(inline="always", **FAST)
 def _six_rows(x, x_at, x_stride, panel, first_k, stop_k, y, y_at, y_stride, lanes):
     # y's six rows from y_at (``y_stride`` apart), ``lanes`` columns: += x's six rows from x_at

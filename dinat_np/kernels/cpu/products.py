@@ -161,16 +161,21 @@ NO_BIAS = np.empty(0, np.float32)  # stand-ins for the operands an epilogue does
 NO_ROWS = np.empty((0, 0), np.float32)
 
 
+def _floats(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
 def _run_linear(
     x: np.ndarray, weight_t: np.ndarray, epilogue: int, bias: np.ndarray = NO_BIAS, activation: int = 0,
     scale: np.ndarray = NO_BIAS, residual: np.ndarray = NO_ROWS, norm_weight: np.ndarray = NO_BIAS,
     norm_bias: np.ndarray = NO_BIAS, eps: float = 0.0, normed: np.ndarray = NO_ROWS,
 ) -> np.ndarray:
     """``x @ weight_t`` over the last axis of ``x`` as ``(rows, out)``, with ``epilogue`` applied in place."""
-    # BLAS reads raw row-major memory: operands must be C-contiguous float32 (no copy when they are).
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-    weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
-    residual = np.ascontiguousarray(residual, dtype=np.float32)
+    # BLAS reads raw row-major memory, and the epilogue band takes C-contiguous float32: operands are made so
+    # (no copy when they are).
+    x = _floats(x.reshape(-1, x.shape[-1]))
+    weight_t, bias, scale, residual, norm_weight, norm_bias = map(
+        _floats, (weight_t, bias, scale, residual, norm_weight, norm_bias))
     y = aligned_empty((x.shape[0], weight_t.shape[1]))
     sgemm = kernel_sgemm()
     if sgemm is None:
@@ -251,15 +256,14 @@ def _run_mlp(
 ) -> np.ndarray:
     """``activation(x @ fc1_t + fc1_bias) @ fc2_t`` as ``(rows, out)``, with ``epilogue`` applied in place."""
     code = activation_code(activation)
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    x = _floats(x.reshape(-1, x.shape[-1]))
     parts = thread_count()
     sgemm = kernel_sgemm()
     if sgemm is None or x.shape[0] < MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
         hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, code)
         return _run_linear(hidden, fc2_t, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
-    fc1_t = np.ascontiguousarray(fc1_t, dtype=np.float32)
-    fc2_t = np.ascontiguousarray(fc2_t, dtype=np.float32)
-    residual = np.ascontiguousarray(residual, dtype=np.float32)
+    fc1_t, fc1_bias, fc2_t, bias, scale, residual, norm_weight, norm_bias = map(
+        _floats, (fc1_t, fc1_bias, fc2_t, bias, scale, residual, norm_weight, norm_bias))
     block = min(_MLP_BLOCK_ROWS, -(-x.shape[0] // parts))
     hidden = aligned_empty((parts * block, fc1_t.shape[1]))
     y = aligned_empty((x.shape[0], fc2_t.shape[1]))
