@@ -11,8 +11,8 @@ band's C entry point, and there is one copy of the band's code, whichever way it
 
 Numba's own first-class functions (``types.FunctionType``) do this too, but ask the interpreter for the
 address at every launch (~30 us, a few milliseconds per forward); a :class:`Band` argument costs one call
-of its ``address`` method. A band is declared with its argument types (a pointer has one signature): inputs it only
-reads are declared read-only, which callers passing writable arrays also satisfy.
+of its ``address`` method. A band is declared with its argument types (a pointer has one signature):
+inputs it only reads are declared read-only, which callers passing writable arrays also satisfy.
 """
 
 from __future__ import annotations
