@@ -81,6 +81,10 @@ EOF
 else
     "$X86_PYTHON" -m pip install -q --no-warn-conflicts --target "$SITE" --no-deps --upgrade "$WORK"/wheel/dinat_np-*.whl
 fi
+if [ ! -d "$SITE/pytest" ]; then  # a work folder whose wheels were installed without it
+    "$X86_PYTHON" -m pip install -q --no-warn-conflicts --target "$SITE" --only-binary=:all: --python-version 3.11 \
+        --implementation cp --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 pytest
+fi
 
 # Numba's cache of a kernel is invalidated only when the kernel's own file changes, not when a module it
 # inlines (simd.py) does: both sides compile into caches named after this tree's Python sources.
