@@ -181,7 +181,7 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     few = pixels < MIN_ROWS_PER_THREAD * parts
     if kernel_sgemm() is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
         cols = aligned_empty((pixels, 9 * channels))
-        # launching() around the plain function too: a recording (compile.py) replaces both while it holds it
+        # launching() around the band run from Python too: a recording (compile.py) replaces both while it holds it
         with launching():
             if few:  # at most a few hundred patches, microseconds on this thread: no parallel kernel to compile
                 _im2col_rows(elements, x.shape, strides, 0, pixels, cols, 0)

@@ -6,7 +6,8 @@ time slice (milliseconds) now and then, and each of the ~100 kernels of a forwar
 one busy loop on 2 cores, batch 1 took about 5x its idle time, where the one core left should cost about
 2x. A niced process of another session does the same: Linux shares the CPU between sessions (autogroups)
 before it looks at nice. So while other processes take a core's worth of CPU time or more, the kernels
-run on fewer threads, as many as the cores the others leave.
+run on fewer threads, as many as the cores the others leave (their work is still split into as many parts
+as before, ``threads.thread_count``, so that the results do not change).
 
 How: at a kernel launch, at most every ``SAMPLE_S`` (nothing runs in the background), the CPU time spent
 on this process's CPUs (``/proc/stat``: busy = user, nice, system, irq, softirq and a hypervisor's steal)
