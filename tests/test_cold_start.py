@@ -114,7 +114,7 @@ def test_a_cold_start_in_two_processes_compiles_what_the_forward_launches_and_gi
 
 # Two cheap kernels (LayerNorm's and the im2col gather), so that each case compiles in a few seconds.
 FALLBACK = """
-import json, os, subprocess, sys
+import json, os, subprocess, sys, warnings
 import numpy as np
 from dinat_np.kernels import cpu
 from dinat_np.kernels.common import Norm
@@ -132,28 +132,35 @@ def forward():
     return normed
 
 helpers = []
+start_helper = compile._start_helper
+def recorded_start(kernels):
+    started = start_helper(kernels)
+    helpers.extend(started[:1] if started else [])
+    return started
+compile._start_helper = recorded_start
 compile.HELPER_START_SECONDS = 0.0  # so that the helper gets one of the two
 CASE
-startup = compile.compile_for(forward)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    startup = compile.compile_for(forward)
 normed = forward()
 mean = x.mean(-1, keepdims=True)
 expected = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * norm.weight + norm.bias
 print(json.dumps({"startup": startup._asdict(), "error": float(abs(normed - expected).max()),
                   "patch": cols[4].tolist() == x[0, 1:4, 1:4].reshape(-1).tolist(),
-                  "helpers_running": [h.poll() is None for h in helpers]}))
+                  "helpers_running": [h.poll() is None for h in helpers],
+                  "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}))
 """
 
 CASES = {
     "helper delivers": "",
     "no helper starts": "sys.executable = os.path.join(os.sep, 'no', 'python')",
     "helper fails": (
-        "compile._start_helper = lambda kernels: subprocess.Popen([sys.executable, '-c', 'raise SystemExit(3)'])"),
+        "compile._helper_command = lambda: [sys.executable, '-c', "
+        "'import sys; sys.stderr.write(\"LLVM ERROR: out of registers\"); raise SystemExit(3)']"),
     "helper hangs": (
         "compile.HELPER_TIMEOUT_SECONDS = 1.0\n"
-        "def hanging(kernels):\n"
-        "    helpers.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']))\n"
-        "    return helpers[-1]\n"
-        "compile._start_helper = hanging"),
+        "compile._helper_command = lambda: [sys.executable, '-c', 'import time; time.sleep(60)']"),
     "cache not writable": "compile._cache_writable = lambda kernels: False",
 }
 
@@ -167,8 +174,13 @@ def test_the_cold_start_falls_back_to_compiling_here(case: str, tmp_path: Path) 
     assert result["helpers_running"] == [False] * len(result["helpers_running"])  # nothing left running
     if case == "helper delivers":
         assert len(startup["compiled_by_helper"]) == 1 and not startup["helper_failed"]
+        assert result["warnings"] == []
     elif case in ("helper fails", "helper hangs"):
         assert len(startup["compiled_by_helper"]) == 1 and startup["helper_failed"]
+        expected = {"helper fails": "exit status 3: LLVM ERROR: out of registers",
+                    "helper hangs": "still running after 1 s"}[case]
+        assert expected in startup["helper_problem"]
+        assert [expected in w for w in result["warnings"]] == [True]  # said once, with what went wrong
     else:  # no helper: everything compiled here
         assert startup["compiled_here"] == startup["kernels"] and startup["compiled_by_helper"] == []
 

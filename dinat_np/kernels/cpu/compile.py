@@ -18,7 +18,8 @@ and their bands (``band.py``) one after the other (docs/performance.md has the t
 
 Whatever goes wrong with the helper (it cannot start, fails, or wrote its kernels where this process
 does not read: a read-only or other cache directory), this process compiles what is still missing
-itself: slower, never wrong. Nothing keeps running after ``compile_for`` returns.
+itself: slower, never wrong, with a warning that says what went wrong (the end of the helper's stderr).
+Nothing keeps running after ``compile_for`` returns.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 from numba.core import event
@@ -89,6 +92,7 @@ class Startup(NamedTuple):
     compiled_here: tuple[str, ...]  # compiled by this process
     compiled_by_helper: tuple[str, ...]  # compiled by the helper and loaded from the cache
     helper_failed: bool  # a helper was started but did not deliver its share (this process compiled it)
+    helper_problem: str = ""  # what went wrong with it, as the warning says
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,23 +236,34 @@ def split(kernels: list[Kernel]) -> tuple[list[Kernel], list[Kernel]]:
     return here, helper
 
 
-def _start_helper(kernels: list[Kernel]) -> subprocess.Popen | None:
-    """The helper process compiling ``kernels`` (their stand-ins on its stdin), or None where none starts."""
+def _helper_command() -> list[str]:
+    return [sys.executable, "-m", __name__]
+
+
+def _start_helper(kernels: list[Kernel]) -> tuple[subprocess.Popen, IO[bytes]] | None:
+    """The helper process compiling ``kernels`` (their stand-ins on its stdin) and the file its stderr goes
+    to, or None where none starts."""
     package_root = str(Path(__file__).resolve().parents[3])  # the same dinat_np, the same cache entries
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    # a file, not a pipe: a long traceback cannot block the helper (compile_for closes it)
+    errors = tempfile.TemporaryFile()  # noqa: SIM115
     try:
-        helper = subprocess.Popen(
-            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": path},
-        )
+        helper = subprocess.Popen(_helper_command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=errors, env={**os.environ, "PYTHONPATH": path})
     except OSError:
+        errors.close()
         return None
     try:
         helper.stdin.write(pickle.dumps([(k.module, k.name, k.stand_ins) for k in kernels]))
         helper.stdin.close()
     except OSError:  # it died at once
         pass
-    return helper
+    return helper, errors
+
+
+def _last_lines(errors: IO[bytes], lines: int = 5) -> str:
+    errors.seek(0)
+    return " | ".join(errors.read().decode(errors="replace").strip().splitlines()[-lines:])
 
 
 def _helper_main() -> int:
@@ -289,29 +304,36 @@ def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Sta
         missing = [k for k in kernels if not _load(k)]
         here, helper_share = split(missing) if parallel and len(missing) > 1 and _cache_writable(missing) else (
             missing, [])
-        helper = _start_helper(helper_share) if helper_share else None
+        started = _start_helper(helper_share) if helper_share else None
+        helper, errors = started if started is not None else (None, None)
         if helper is None:
             here, helper_share = missing, []
-        failed = False
+        problem = ""
         try:
             for kernel in here:
                 kernel.dispatcher.compile(kernel.signature)
             if helper is not None:
                 try:
-                    failed = helper.wait(HELPER_TIMEOUT_SECONDS) != 0
+                    status = helper.wait(HELPER_TIMEOUT_SECONDS)
+                    if status != 0:
+                        problem = f"exit status {status}: {_last_lines(errors)}"
                 except subprocess.TimeoutExpired:
-                    failed = True
+                    problem = f"still running after {HELPER_TIMEOUT_SECONDS:g} s, stopped"
         finally:
-            if helper is not None and helper.poll() is None:
-                helper.kill()
-                helper.wait()
+            if helper is not None:
+                if helper.poll() is None:
+                    helper.kill()
+                    helper.wait()
+                errors.close()
         for kernel in helper_share:
             if not _load(kernel):  # the helper failed, or its cache entry is not where this process reads
-                failed = True
+                problem = problem or f"{kernel.name} is not in this process's Numba cache after it"
                 kernel.dispatcher.compile(kernel.signature)
+        if problem:
+            warnings.warn(f"dinat-np: the process compiling kernels beside this one failed ({problem}); this "
+                          "process compiled its share", RuntimeWarning, stacklevel=2)
         return Startup(tuple(k.name for k in kernels), tuple(k.name for k in here),
-                       tuple(k.name for k in helper_share), failed)
-
+                       tuple(k.name for k in helper_share), bool(problem), problem)
 
 if __name__ == "__main__":
     sys.exit(_helper_main())
