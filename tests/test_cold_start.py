@@ -131,24 +131,27 @@ def forward():
         conv._im2col_rows(x.reshape(-1), x.shape, (720, 120, 20, 1), 0, 9, cols, 0)
     return normed
 
-helpers = []
-start_helper = compile._start_helper
-def recorded_start(kernels):
-    started = start_helper(kernels)
+helpers, events = [], []
+start_helper, record = compile._start_helper, compile.kernels_launched_by
+def recorded_start():
+    started = start_helper()
     helpers.extend(started[:1] if started else [])
+    events.extend(["helper"] if started else [])
     return started
 compile._start_helper = recorded_start
+compile.kernels_launched_by = lambda forward: events.append("recording") or record(forward)
 compile.HELPER_START_SECONDS = 0.0  # so that the helper gets one of the two
 CASE
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     startup = compile.compile_for(forward)
+    compile.compile_for(forward)  # the kernels are compiled now: no helper
 normed = forward()
 mean = x.mean(-1, keepdims=True)
 expected = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * norm.weight + norm.bias
 print(json.dumps({"startup": startup._asdict(), "error": float(abs(normed - expected).max()),
                   "patch": cols[4].tolist() == x[0, 1:4, 1:4].reshape(-1).tolist(),
-                  "helpers_running": [h.poll() is None for h in helpers],
+                  "helpers_running": [h.poll() is None for h in helpers], "events": events,
                   "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}))
 """
 
@@ -175,6 +178,8 @@ def test_the_cold_start_falls_back_to_compiling_here(case: str, tmp_path: Path) 
     if case == "helper delivers":
         assert len(startup["compiled_by_helper"]) == 1 and not startup["helper_failed"]
         assert result["warnings"] == []
+        # the cache was empty: the helper started before the recording (it imports meanwhile); then warm
+        assert result["events"] == ["helper", "recording", "recording"]
     elif case in ("helper fails", "helper hangs"):
         assert len(startup["compiled_by_helper"]) == 1 and startup["helper_failed"]
         expected = {"helper fails": "exit status 3: LLVM ERROR: out of registers",
@@ -211,11 +216,13 @@ def test_the_split_gives_the_helper_a_balanced_share() -> None:
     kernels = [Kernel("m", name, (), ()) for name in ("_layer_norm", "_na_whole_groups", "_linear", "_na_fused",
                                                       "_conv3x3_s2", "_mlp")]
     kernels.append(Kernel("m", "_unpicklable", (), None))
-    here, helper = split(kernels)
+    here, helper = split(kernels, helper_late=1.0)
     assert "_na_whole_groups" in [k.name for k in here] and "_unpicklable" in [k.name for k in here]
     assert sorted(here + helper) == sorted(kernels)
     seconds = [sum(compile_seconds(k) for k in share) for share in (here, helper)]
     assert abs(seconds[0] - seconds[1]) < 5.0
+    _, late_helper = split(kernels, helper_late=3.0)  # a helper ready 3 s late gets less
+    assert sum(compile_seconds(k) for k in late_helper) < seconds[1]
 
 
 def compile_seconds(kernel) -> float:

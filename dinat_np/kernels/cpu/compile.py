@@ -14,7 +14,9 @@ and their bands (``band.py``) one after the other (docs/performance.md has the t
 3. **Compiled in two processes**: a helper process (``python -m dinat_np.kernels.cpu.compile``) compiles
    part of the missing kernels, chosen so that both finish about together (``COMPILE_SECONDS``), while
    this process compiles the rest; Numba writes each to the cache (a temporary file renamed in place:
-   never a half-written entry). Then this process loads the helper's kernels from the cache.
+   never a half-written entry). Then this process loads the helper's kernels from the cache. When the
+   cache looks cold from the start, the helper is started before step 1 and imports the kernels while
+   the forward is recorded.
 
 Whatever goes wrong with the helper (it cannot start, fails, or wrote its kernels where this process
 does not read: a read-only or other cache directory), this process compiles what is still missing
@@ -220,12 +222,12 @@ def _seconds(kernel: Kernel) -> float:
     return COMPILE_SECONDS.get(kernel.name, UNLISTED_SECONDS)
 
 
-def split(kernels: list[Kernel]) -> tuple[list[Kernel], list[Kernel]]:
+def split(kernels: list[Kernel], helper_late: float = 0.0) -> tuple[list[Kernel], list[Kernel]]:
     """(this process's share, the helper's): the longest first, each to whichever finishes it sooner
-    (the helper starts ``HELPER_START_SECONDS`` late); kernels without stand-ins stay here."""
+    (the helper starts ``helper_late`` seconds late); kernels without stand-ins stay here."""
     here = [k for k in kernels if k.stand_ins is None]
     helper: list[Kernel] = []
-    load_here, load_helper = sum(map(_seconds, here)), HELPER_START_SECONDS
+    load_here, load_helper = sum(map(_seconds, here)), helper_late
     for kernel in sorted((k for k in kernels if k.stand_ins is not None), key=_seconds, reverse=True):
         if load_here <= load_helper:
             here.append(kernel)
@@ -240,9 +242,9 @@ def _helper_command() -> list[str]:
     return [sys.executable, "-m", __name__]
 
 
-def _start_helper(kernels: list[Kernel]) -> tuple[subprocess.Popen, IO[bytes]] | None:
-    """The helper process compiling ``kernels`` (their stand-ins on its stdin) and the file its stderr goes
-    to, or None where none starts."""
+def _start_helper() -> tuple[subprocess.Popen, IO[bytes]] | None:
+    """A helper process, which imports the kernels and waits for its share on stdin (``_hand_over``), and
+    the file its stderr goes to; or None where none starts."""
     package_root = str(Path(__file__).resolve().parents[3])  # the same dinat_np, the same cache entries
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     # a file, not a pipe: a long traceback cannot block the helper (compile_for closes it)
@@ -253,12 +255,28 @@ def _start_helper(kernels: list[Kernel]) -> tuple[subprocess.Popen, IO[bytes]] |
     except OSError:
         errors.close()
         return None
+    return helper, errors
+
+
+def _hand_over(helper: subprocess.Popen, kernels: list[Kernel]) -> None:
+    """Gives the helper its share: the kernels' stand-ins."""
     try:
         helper.stdin.write(pickle.dumps([(k.module, k.name, k.stand_ins) for k in kernels]))
         helper.stdin.close()
-    except OSError:  # it died at once
+    except OSError:  # it died
         pass
-    return helper, errors
+
+
+def _cache_looks_cold() -> bool:
+    """Whether this process has run no kernel yet and the products' epilogue band, which every model
+    launches, is not in Numba's cache (it is loaded if it is): then a helper is started before the forward
+    is recorded, and imports the kernels meanwhile (about a second). Not inside a recording (it replaces
+    the kernels)."""
+    kernels = [value for module in KERNEL_MODULES for value in vars(module).values()]
+    if any(isinstance(k, _Recorder) for k in kernels):
+        return False
+    compiled = (k.dispatcher if isinstance(k, Band) else k for k in kernels if isinstance(k, (Dispatcher, Band)))
+    return not any(d.overloads for d in compiled) and not _load(Kernel.of_band(products._epilogue_rows))
 
 
 def _last_lines(errors: IO[bytes], lines: int = 5) -> str:
@@ -296,23 +314,31 @@ def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Sta
     with _COMPILING:
         if _recording_now:  # a model's first call inside another's recording: its launches are recorded there
             return Startup((), (), (), False)
-        _recording_now = True
-        try:
-            kernels = kernels_launched_by(forward)
-        finally:
-            _recording_now = False
-        missing = [k for k in kernels if not _load(k)]
-        here, helper_share = split(missing) if parallel and len(missing) > 1 and _cache_writable(missing) else (
-            missing, [])
-        started = _start_helper(helper_share) if helper_share else None
-        helper, errors = started if started is not None else (None, None)
-        if helper is None:
-            here, helper_share = missing, []
+        # with an empty cache, the helper imports the kernels while this process records the forward
+        helper, errors = (_start_helper() if parallel and _cache_looks_cold() else None) or (None, None)
         problem = ""
         try:
+            _recording_now = True
+            try:
+                kernels = kernels_launched_by(forward)
+            finally:
+                _recording_now = False
+            missing = [k for k in kernels if not _load(k)]
+            # a helper started now is ready HELPER_START_SECONDS late; one started before the recording is ready
+            late = 0.0 if helper is not None else HELPER_START_SECONDS
+            here, helper_share = (split(missing, late) if parallel and len(missing) > 1 and _cache_writable(missing)
+                                  else (missing, []))
+            if helper_share and helper is None:  # the cache looked warm, but is not for this forward
+                helper, errors = _start_helper() or (None, None)
+            if helper is None:
+                here, helper_share = missing, []
+            elif helper_share:
+                _hand_over(helper, helper_share)
+            else:  # started for nothing
+                helper.kill()
             for kernel in here:
                 kernel.dispatcher.compile(kernel.signature)
-            if helper is not None:
+            if helper_share:
                 try:
                     status = helper.wait(HELPER_TIMEOUT_SECONDS)
                     if status != 0:
@@ -323,7 +349,7 @@ def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Sta
             if helper is not None:
                 if helper.poll() is None:
                     helper.kill()
-                    helper.wait()
+                helper.wait()
                 errors.close()
         for kernel in helper_share:
             if not _load(kernel):  # the helper failed, or its cache entry is not where this process reads
