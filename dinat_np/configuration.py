@@ -67,6 +67,14 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(item) for item in value)
 
 
+def _undilated(depths: Any) -> list[list[int]]:
+    """Dilation 1 in every layer of ``depths`` (NAT's), or ``[]`` where validation will refuse the depths:
+    ``[1] * 10**12`` would not be refused in time, nor ``[1] * 10**9`` in bounded memory."""
+    if _int_list(depths) and len(depths) <= MAX_STAGES and all(depth <= MAX_DEPTH for depth in depths):
+        return [[1] * depth for depth in depths]
+    return []
+
+
 class ModelConfig:
     """What every configuration shares with HF's ``PretrainedConfig``: label maps, problem type, backbone
     outputs, unknown ``config.json`` keys kept and written back, and ``config.json`` reading and writing.
@@ -240,10 +248,7 @@ class DinatConfig(ModelConfig):
         self.model_type = model_type
         self._set_fields(kwargs)
         if model_type == "nat" and kwargs.get("dilations") is None:
-            # Only for depths that validation will accept: [1] * 10**12 would not be refused in time.
-            sane = (_int_list(self.depths) and len(self.depths) <= MAX_STAGES
-                    and all(d <= MAX_DEPTH for d in self.depths))
-            self.dilations = [[1] * depth for depth in self.depths] if sane else []
+            self.dilations = _undilated(self.depths)
         self._set_labels(id2label, label2id, num_labels, problem_type)
         self._validate()
         self.out_features, self.out_indices = self._align_outputs(out_features, out_indices)

@@ -56,6 +56,7 @@ from .configuration import (
     ModelConfig,
     _int_list,
     _is_int,
+    _undilated,
     _is_real,
     read_config_json,
 )
@@ -176,8 +177,8 @@ class DinatSConfig(ModelConfig):
     ) -> None:
         _check_model_type(type(self), kwargs)
         self._set_fields(kwargs)
-        if self.dilations is None and _int_list(self.depths):
-            self.dilations = [[1] * depth for depth in self.depths]
+        if self.dilations is None:
+            self.dilations = _undilated(self.depths)
         self._set_labels(id2label, label2id, num_labels, problem_type)
         self._validate()
         self.out_features, self.out_indices = self._align_outputs(out_features, out_indices)
@@ -263,7 +264,8 @@ class NatIsotropicConfig(ModelConfig):
                 kwargs[field] = None
         self._set_fields(kwargs)
         if self.attention == "neighborhood" and self.dilations is None and _is_int(self.depth):
-            self.dilations = [1 if layer % 2 == 0 else 2 for layer in range(self.depth)]
+            # not for a depth validation will refuse: a list of 10**9 would take 8 GB first
+            self.dilations = [1 if layer % 2 == 0 else 2 for layer in range(min(self.depth, MAX_DEPTH + 1))]
         self._set_labels(id2label, label2id, num_labels, problem_type)
         self._validate()
 

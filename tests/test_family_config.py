@@ -100,12 +100,16 @@ def test_a_class_refuses_another_model_type_and_names_auto_config(tmp_path):
         # bounded before anything is allocated (docs/limits.md)
         (lambda: NatIsotropicConfig(image_size=10**8), "image_size"),
         (lambda: NatIsotropicConfig(depth=10**6), "depth"),
+        (lambda: NatIsotropicConfig(depth=10**12), "depth"),  # refused before its dilations are built
         (lambda: NatIsotropicConfig(embed_dim=60000, num_heads=1), "depths"),  # ~4e10 parameters
         (lambda: DinatSConfig(embed_dim=10**8), "embed_dim"),
         (lambda: DinatSConfig(mlp_ratio=1e308), "mlp_ratio"),
         (lambda: DinatSConfig(kernel_size=1001), "kernel_size"),
         (lambda: DinatSConfig(num_channels=10**9), "num_channels"),
         (lambda: DinatSConfig(depths=[1] * 9, num_heads=[1] * 9), "depths"),
+        # its default dilations are not built for such depths: a list of 10**9 ones would take 8 GB
+        (lambda: DinatSConfig(depths=[10**9, 2, 2, 2]), "depths"),
+        (lambda: DinatSConfig(depths=[10**12]), "depths"),
     ],
 )
 def test_invalid_fields_are_named(make, field):
