@@ -260,6 +260,7 @@ class DinatConfig(ModelConfig):
 
     @property
     def hidden_size(self) -> int:
+        """Width of the last stage (each patch merging doubles it)."""
         return int(self.embed_dim * 2 ** (len(self.depths) - 1))
 
     @property

@@ -183,18 +183,10 @@ class DinatSConfig(ModelConfig):
         self._validate()
         self.out_features, self.out_indices = self._align_outputs(out_features, out_indices)
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.depths)
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of the last stage (each patch merging doubles it)."""
-        return self.embed_dim * 2 ** (len(self.depths) - 1)
-
-    @property
-    def stage_names(self) -> list[str]:
-        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+    # stages as DiNAT's: the same derived fields
+    num_layers = DinatConfig.num_layers
+    hidden_size = DinatConfig.hidden_size
+    stage_names = DinatConfig.stage_names
 
     def parameter_count(self, head: bool = True) -> int:
         """A lower bound of the values the weights hold (the layers' matrices; the classifier's with ``head``):
