@@ -14,14 +14,14 @@ from .products import linear
 
 
 @cuda.jit
-def _im2col_kernel(x, cols):
+def _im2col_kernel(x, kernel_size, stride, padding, out_width, cols):
+    # cols[row] = the kernel_size x kernel_size patch under output pixel `row`, (row, column, channel)
+    # order, its taps from `padding` above and left of stride * (output row, column); zero beyond the image
     batch, height, width, channels = x.shape
-    out_height = (height + 1) // 2
-    out_width = (width + 1) // 2
-    patch = 9 * channels
-    total = batch * out_height * out_width * patch
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for index in range(start, total, stride):
+    patch = cols.shape[1]
+    out_height = cols.shape[0] // (batch * out_width)
+    start, stride_of_grid = cuda.grid(1), cuda.gridsize(1)
+    for index in range(start, cols.shape[0] * patch, stride_of_grid):
         row = index // patch
         column = index % patch
         tap = column // channels
@@ -30,8 +30,8 @@ def _im2col_kernel(x, cols):
         rest = row // out_width
         oi = rest % out_height
         b = rest // out_height
-        i = 2 * oi + tap // 3 - 1
-        j = 2 * oj + tap % 3 - 1
+        i = oi * stride + tap // kernel_size - padding
+        j = oj * stride + tap % kernel_size - padding
         cols[row, column] = x[b, i, j, c] if 0 <= i < height and 0 <= j < width else ZERO
 
 
@@ -41,31 +41,9 @@ def conv3x3_stride2(x: Any, conv: Conv) -> Any:
         batch, height, width, channels = x.shape
         out_height, out_width = (height + 1) // 2, (width + 1) // 2
         cols = empty((batch * out_height * out_width, 9 * channels))
-        _im2col_kernel[grid_blocks(cols.size), THREADS](x, cols)
+        _im2col_kernel[grid_blocks(cols.size), THREADS](x, 3, 2, 1, out_width, cols)
         y = linear(cols, Linear(conv.weight, conv.bias))  # the product with its bias fused in
         return y.reshape(batch, out_height, out_width, y.shape[1])
-
-
-@cuda.jit
-def _patches_kernel(x, patch_size, cols):
-    # cols[row] = the patch under output pixel `row`, (row, column, channel) order, zero beyond the image
-    batch, height, width, channels = x.shape
-    patch = cols.shape[1]
-    out_width = (width + patch_size - 1) // patch_size
-    out_height = cols.shape[0] // (batch * out_width)
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for index in range(start, cols.shape[0] * patch, stride):
-        row = index // patch
-        column = index % patch
-        tap = column // channels
-        c = column % channels
-        oj = row % out_width
-        rest = row // out_width
-        oi = rest % out_height
-        b = rest // out_height
-        i = oi * patch_size + tap // patch_size
-        j = oj * patch_size + tap % patch_size
-        cols[row, column] = x[b, i, j, c] if i < height and j < width else ZERO
 
 
 def patch_embedding(x: Any, conv: Conv, patch_size: int) -> Any:
@@ -76,6 +54,7 @@ def patch_embedding(x: Any, conv: Conv, patch_size: int) -> Any:
         batch, height, width, channels = x.shape
         out_height, out_width = -(-height // patch_size), -(-width // patch_size)
         cols = empty((batch * out_height * out_width, patch_size * patch_size * channels))
-        _patches_kernel[grid_blocks(cols.size), THREADS](x, patch_size, cols)
+        # the zero padding is at the bottom and right only: none above and left of the taps
+        _im2col_kernel[grid_blocks(cols.size), THREADS](x, patch_size, patch_size, 0, out_width, cols)
         y = linear(cols, Linear(conv.weight, conv.bias))
         return y.reshape(batch, out_height, out_width, y.shape[1])
