@@ -23,25 +23,11 @@ from dinat_np.hub import load_registry, registry_entry
 from dinat_np.torch_pickle import load_torch_checkpoint
 
 from tests.helpers import DATA
+from tests.helpers.family import PUBLISHED_FAMILY
 
 FAMILY = DATA / "family"
 FIXTURES = {item["name"]: item for item in json.loads((FAMILY / "manifest.json").read_text())["models"]}
 PUBLISHED = json.loads((FAMILY / "published.json").read_text())["models"]
-# registry name -> (function of SHI-Labs' code, its number of classes)
-REGISTRY_NAMES = {
-    "dinat-s-tiny-in1k-224": ("dinat_s_tiny", 1000),
-    "dinat-s-small-in1k-224": ("dinat_s_small", 1000),
-    "dinat-s-base-in1k-224": ("dinat_s_base", 1000),
-    "dinat-s-large-in22k-in1k-224": ("dinat_s_large", 1000),
-    "dinat-s-large-in22k-in1k-384": ("dinat_s_large_384", 1000),
-    "dinat-s-large-in22k-224": ("dinat_s_large_21k", 21841),
-    "vitrpb-small-in1k-224": ("vitrpb_small", 1000),
-    "nat-isotropic-small-in1k-224": ("nat_isotropic_small", 1000),
-    "dinat-isotropic-small-in1k-224": ("dinat_isotropic_small", 1000),
-    "vitrpb-base-in1k-224": ("vitrpb_base", 1000),
-    "nat-isotropic-base-in1k-224": ("nat_isotropic_base", 1000),
-    "dinat-isotropic-base-in1k-224": ("dinat_isotropic_base", 1000),
-}
 
 
 def original_args(name: str) -> dict:
@@ -200,12 +186,12 @@ def test_a_relabelled_vitrpb_index_is_honoured_and_a_broken_one_refused():
 def test_the_registry_lists_the_twelve_published_models():
     family = {name for name, entry in load_registry().items()
               if entry.get("model_type") in ("dinat_s", "nat_isotropic")}
-    assert family == set(REGISTRY_NAMES)
+    assert family == set(PUBLISHED_FAMILY)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY_NAMES))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FAMILY))
 def test_registry_entries_match_the_original_constructor_arguments(name):
-    function, num_classes = REGISTRY_NAMES[name]
+    function, num_classes = PUBLISHED_FAMILY[name]
     published = PUBLISHED[function]
     entry = registry_entry(name)
     assert entry["url"] == published["url"] and entry["num_labels"] == num_classes

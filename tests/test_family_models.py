@@ -44,6 +44,7 @@ from dinat_np.modeling_auto import check_weights  # noqa: E402
 from dinat_np.state_dict import read_safetensors  # noqa: E402
 
 from tests.helpers import DATA, http_file_server, write_photos  # noqa: E402
+from tests.helpers.family import PUBLISHED_FAMILY  # noqa: E402
 from tests.reference.family import build  # noqa: E402
 
 convert_checkpoint = functools.partial(convert.convert_checkpoint, check_weights=check_weights)
@@ -202,21 +203,6 @@ def test_dinat_classify_runs_a_family_model(converted, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # the 12 published architectures at full size (random weights: names and shapes)
 
-REGISTRY_NAMES = {
-    "dinat-s-tiny-in1k-224": ("dinat_s_tiny", 1000),
-    "dinat-s-small-in1k-224": ("dinat_s_small", 1000),
-    "dinat-s-base-in1k-224": ("dinat_s_base", 1000),
-    "dinat-s-large-in22k-in1k-224": ("dinat_s_large", 1000),
-    "dinat-s-large-in22k-in1k-384": ("dinat_s_large_384", 1000),
-    "dinat-s-large-in22k-224": ("dinat_s_large_21k", 21841),
-    "vitrpb-small-in1k-224": ("vitrpb_small", 1000),
-    "nat-isotropic-small-in1k-224": ("nat_isotropic_small", 1000),
-    "dinat-isotropic-small-in1k-224": ("dinat_isotropic_small", 1000),
-    "vitrpb-base-in1k-224": ("vitrpb_base", 1000),
-    "nat-isotropic-base-in1k-224": ("nat_isotropic_base", 1000),
-    "dinat-isotropic-base-in1k-224": ("dinat_isotropic_base", 1000),
-}
-
 
 @pytest.fixture(scope="module")
 def random_block() -> np.ndarray:
@@ -227,7 +213,7 @@ def random_block() -> np.ndarray:
 def original_state(name: str, block: np.ndarray) -> dict[str, np.ndarray]:
     """The names and shapes of SHI-Labs' state_dict for a published model (the reference built on PyTorch's
     meta device: no memory), with views of ``block`` as values."""
-    function, classes = REGISTRY_NAMES[name]
+    function, classes = PUBLISHED_FAMILY[name]
     published = PUBLISHED[function]
     with torch.device("meta"):
         reference = build(published["constructor"], dict(published["kwargs"], num_classes=classes))
@@ -240,7 +226,7 @@ def original_state(name: str, block: np.ndarray) -> dict[str, np.ndarray]:
     return state
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY_NAMES))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FAMILY))
 def test_published_architectures_convert_at_full_size(name, random_block):
     original = original_state(name, random_block)
     config = config_from_registry_entry(hub.registry_entry(name))
@@ -250,7 +236,7 @@ def test_published_architectures_convert_at_full_size(name, random_block):
     fused = sum(n.endswith((".qkv.weight", ".qkv.bias")) for n in original)
     stored_index = sum(n.endswith("relative_position_index") for n in original)
     assert len(tensors) == len(original) + 2 * fused - stored_index
-    assert tensors["classifier.weight"].shape == (REGISTRY_NAMES[name][1], config.hidden_size)
+    assert tensors["classifier.weight"].shape == (PUBLISHED_FAMILY[name][1], config.hidden_size)
     if prefix == "dinat_s":
         assert tensors["dinat_s.encoder.levels.3.layers.1.attention.self.rpb"].shape == (config.num_heads[3], 13, 13)
         assert tensors["dinat_s.encoder.levels.2.downsample.reduction.weight"].shape == (8 * config.embed_dim,
