@@ -165,6 +165,7 @@ CASES = {
         "compile.HELPER_TIMEOUT_SECONDS = 1.0\n"
         "compile._helper_command = lambda: [sys.executable, '-c', 'import time; time.sleep(60)']"),
     "cache not writable": "compile._cache_writable = lambda kernels: False",
+    "one usable CPU": "os.sched_getaffinity = lambda pid: {0}",  # a helper would only share it
 }
 
 
@@ -188,6 +189,8 @@ def test_the_cold_start_falls_back_to_compiling_here(case: str, tmp_path: Path) 
         assert [expected in w for w in result["warnings"]] == [True]  # said once, with what went wrong
     else:  # no helper: everything compiled here
         assert startup["compiled_here"] == startup["kernels"] and startup["compiled_by_helper"] == []
+        if case == "one usable CPU":
+            assert "helper" not in result["events"]  # not even started
 
 
 def test_the_recording_runs_no_kernel_and_puts_the_dispatchers_back() -> None:

@@ -300,9 +300,18 @@ _COMPILING = threading.RLock()
 _recording_now = False  # a compile_for is recording (under _COMPILING)
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def helper_wanted() -> bool:
-    """Whether a cold start may start a helper process (``DINAT_NP_COMPILE_HELPER=0`` says no)."""
-    return os.environ.get("DINAT_NP_COMPILE_HELPER", "1") != "0"
+    """Whether a cold start may start a helper process: not where ``DINAT_NP_COMPILE_HELPER=0`` says no, nor
+    where this process may use one CPU only (two compiling processes would share it, and the helper's start
+    would be lost time)."""
+    return os.environ.get("DINAT_NP_COMPILE_HELPER", "1") != "0" and _usable_cpus() > 1
 
 
 def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Startup:
