@@ -370,5 +370,6 @@ def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Sta
         return Startup(tuple(k.name for k in kernels), tuple(k.name for k in here),
                        tuple(k.name for k in helper_share), bool(problem), problem)
 
+
 if __name__ == "__main__":
     sys.exit(_helper_main())
