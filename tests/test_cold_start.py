@@ -165,7 +165,7 @@ CASES = {
         "compile.HELPER_TIMEOUT_SECONDS = 1.0\n"
         "compile._helper_command = lambda: [sys.executable, '-c', 'import time; time.sleep(60)']"),
     "cache not writable": "compile._cache_writable = lambda kernels: False",
-    "one usable CPU": "os.sched_getaffinity = lambda pid: {0}",  # a helper would only share it
+    "one usable CPU": "import numba; numba.config.NUMBA_DEFAULT_NUM_THREADS = 1",  # a helper would only share it
 }
 
 

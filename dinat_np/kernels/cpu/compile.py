@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import numba
 import numpy as np
 from numba.core import event
 from numba.core.dispatcher import Dispatcher
@@ -300,18 +301,12 @@ _COMPILING = threading.RLock()
 _recording_now = False  # a compile_for is recording (under _COMPILING)
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def helper_wanted() -> bool:
     """Whether a cold start may start a helper process: not where ``DINAT_NP_COMPILE_HELPER=0`` says no, nor
     where this process may use one CPU only (two compiling processes would share it, and the helper's start
     would be lost time)."""
-    return os.environ.get("DINAT_NP_COMPILE_HELPER", "1") != "0" and _usable_cpus() > 1
+    # Numba's default thread count is the number of CPUs this process may use (its affinity where known)
+    return os.environ.get("DINAT_NP_COMPILE_HELPER", "1") != "0" and numba.config.NUMBA_DEFAULT_NUM_THREADS > 1
 
 
 def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Startup:
