@@ -152,12 +152,17 @@ class _Recorder:
             self._note(Kernel(self.module, self.name, signature, stand_ins if rebuilt == signature else None))
 
 
+_recording_now = False  # a recording is under way (its thread holds the launch lock)
+
+
 @contextmanager
 def _recording(launched: dict[tuple, Kernel]) -> Iterator[None]:
     # The kernel modules' dispatchers are replaced while the launch lock is held: other threads' launches
     # wait (the ops look their kernel up inside `launching()`), and nothing compiles meanwhile.
+    global _recording_now
     with launching():
-        replaced = []
+        replaced, outer = [], _recording_now
+        _recording_now = True
         try:
             for module in KERNEL_MODULES:
                 for name, value in list(vars(module).items()):
@@ -166,6 +171,7 @@ def _recording(launched: dict[tuple, Kernel]) -> Iterator[None]:
                         setattr(module, name, _Recorder(module.__name__, name, value, launched))
             yield
         finally:
+            _recording_now = outer
             for module, name, value in replaced:
                 setattr(module, name, value)
 
@@ -271,11 +277,9 @@ def _hand_over(helper: subprocess.Popen, kernels: list[Kernel]) -> None:
 def _cache_looks_cold() -> bool:
     """Whether this process has run no kernel yet and the products' epilogue band, which every model
     launches, is not in Numba's cache (it is loaded if it is): then a helper is started before the forward
-    is recorded, and imports the kernels meanwhile (about a second). Not inside a recording (it replaces
-    the kernels)."""
+    is recorded, and imports the kernels meanwhile (about a second). (Not asked during a recording, which
+    replaces the kernels.)"""
     kernels = [value for module in KERNEL_MODULES for value in vars(module).values()]
-    if any(isinstance(k, _Recorder) for k in kernels):
-        return False
     compiled = (k.dispatcher if isinstance(k, Band) else k for k in kernels if isinstance(k, (Dispatcher, Band)))
     return not any(d.overloads for d in compiled) and not _load(Kernel.of_band(products._epilogue_rows))
 
@@ -298,7 +302,6 @@ def _helper_main() -> int:
 
 # Reentrant: a classifier's first call records its forward, which makes its base model's first call.
 _COMPILING = threading.RLock()
-_recording_now = False  # a compile_for is recording (under _COMPILING)
 
 
 def helper_wanted() -> bool:
@@ -313,20 +316,15 @@ def compile_for(forward: Callable[[], Any], parallel: bool | None = None) -> Sta
     """Make sure the kernels ``forward`` launches are compiled or loaded from the cache, compiling the
     missing ones in two processes (``parallel``, by default ``helper_wanted()``) where more than one is
     missing (see the module docstring)."""
-    global _recording_now
     parallel = helper_wanted() if parallel is None else parallel
     with _COMPILING:
-        if _recording_now:  # a model's first call inside another's recording: its launches are recorded there
+        if _recording_now:  # a model's first call inside a recording: its launches are recorded there
             return Startup((), (), (), False)
         # with an empty cache, the helper imports the kernels while this process records the forward
         helper, errors = (_start_helper() if parallel and _cache_looks_cold() else None) or (None, None)
         problem = ""
         try:
-            _recording_now = True
-            try:
-                kernels = kernels_launched_by(forward)
-            finally:
-                _recording_now = False
+            kernels = kernels_launched_by(forward)
             missing = [k for k in kernels if not _load(k)]
             # a helper started now is ready HELPER_START_SECONDS late; one started before the recording is ready
             late = 0.0 if helper is not None else HELPER_START_SECONDS
