@@ -53,6 +53,27 @@ def _add_weighted(weight, values, at, count, low, high):
     return fma(weight, load(values, at, count), low), fma(weight, load(values, at + LANES, count - LANES), high)
 
 
+@njit(inline="always", **FAST)
+def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, count):
+    # the sum over a window's neighbours n of probabilities[at + n] * values.flat[neighbour_at[n] + value_at:][:count]
+    # as two vectors, four neighbours in flight (independent fma chains)
+    low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
+    for n in range(0, window - 3, 4):
+        u = np.uint64(n)  # unsigned: Numba adds no negative-index wrap-around
+        low0, high0 = _add_weighted(broadcast(probabilities, at + n), values, neighbour_at[u] + value_at, count,
+                                    low0, high0)
+        low1, high1 = _add_weighted(broadcast(probabilities, at + n + 1), values,
+                                    neighbour_at[u + np.uint64(1)] + value_at, count, low1, high1)
+        low2, high2 = _add_weighted(broadcast(probabilities, at + n + 2), values,
+                                    neighbour_at[u + np.uint64(2)] + value_at, count, low2, high2)
+        low3, high3 = _add_weighted(broadcast(probabilities, at + n + 3), values,
+                                    neighbour_at[u + np.uint64(3)] + value_at, count, low3, high3)
+    for n in range(window // 4 * 4, window):
+        low0, high0 = _add_weighted(broadcast(probabilities, at + n), values, neighbour_at[n] + value_at, count,
+                                    low0, high0)
+    return add(add(low0, low1), add(low2, low3)), add(add(high0, high1), add(high2, high3))
+
+
 # The q/k/v product's bias is folded into the attention instead of being added by a pass of its own:
 # softmax(scale (q + b_q).(k + b_k) + rpb) (v + b_v). The term scale (q + b_q).b_k is the same for
 # every key of a query, and softmax is unchanged by a constant added to a query's logits, so b_k drops
@@ -79,6 +100,7 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
     padded_window = (window + LANES - 1) // LANES * LANES
     # neighbours computed as blocks of 16 dot products up to here; a remainder of under four one by one
     blocks_end = window if window % LANES >= 4 else window // LANES * LANES
+    whole_channels = head_dim // LANES * LANES  # channels in whole vectors; the rest in a masked one
     row_start, row_bias = window_starts(height, kernel_size, dilation)
     col_start, col_bias = window_starts(width, kernel_size, dilation)
     values = qkv.reshape(-1)
@@ -121,12 +143,16 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                     store(query, t, count, fma(load(values, pixel * pixel_stride + head_at + t, count), scale,
                                                load(query_bias, head_at + t, count)))
                 largest = splat(-np.inf)
+                keys_at = window_at + channels + head_at
                 for n in range(0, blocks_end, LANES):
                     totals = zeros()
-                    for t in range(0, head_dim, LANES):
-                        count = min(LANES, head_dim - t)
-                        keys = load_rows(values, neighbour_at[n:], window_at + channels + head_at + t, LANES, count)
-                        totals = fma_rows(keys, load(query, t, count), totals)
+                    for t in range(0, whole_channels, LANES):  # a constant lane count: plain loads
+                        keys = load_rows(values, neighbour_at[n:], keys_at + t, LANES, LANES)
+                        totals = fma_rows(keys, load(query, t, LANES), totals)
+                    if whole_channels < head_dim:
+                        count = head_dim - whole_channels
+                        keys = load_rows(values, neighbour_at[n:], keys_at + whole_channels, LANES, count)
+                        totals = fma_rows(keys, load(query, whole_channels, count), totals)
                     logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
                     store(probabilities, next_at + n, LANES, logits)
                     largest = maximum(largest, logits)
@@ -144,25 +170,15 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                 pixel = (b * height + i) * width + j
                 window_at = ((b * height + row_start[i]) * width + col_start[j]) * pixel_stride
                 for t in range(0, head_dim, 2 * LANES):
-                    count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
+                    count = head_dim - t  # lanes of the two vectors: min(LANES, count) and count - LANES
                     value_at = window_at + 2 * channels + head_at + t
-                    low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
-                    for n in range(0, window - 3, 4):
-                        u = np.uint64(n)  # unsigned: Numba adds no negative-index wrap-around
-                        low0, high0 = _add_weighted(broadcast(probabilities, at + n), values,
-                                                    neighbour_at[u] + value_at, count, low0, high0)
-                        low1, high1 = _add_weighted(broadcast(probabilities, at + n + 1), values,
-                                                    neighbour_at[u + np.uint64(1)] + value_at, count, low1, high1)
-                        low2, high2 = _add_weighted(broadcast(probabilities, at + n + 2), values,
-                                                    neighbour_at[u + np.uint64(2)] + value_at, count, low2, high2)
-                        low3, high3 = _add_weighted(broadcast(probabilities, at + n + 3), values,
-                                                    neighbour_at[u + np.uint64(3)] + value_at, count, low3, high3)
-                    for n in range(window // 4 * 4, window):
-                        low0, high0 = _add_weighted(broadcast(probabilities, at + n), values,
-                                                    neighbour_at[n] + value_at, count, low0, high0)
+                    if count >= 2 * LANES:  # a constant lane count: plain loads, folded into the fmas
+                        low, high = _weighted_window(probabilities, at, values, neighbour_at, value_at, window,
+                                                     2 * LANES)
+                    else:
+                        low, high = _weighted_window(probabilities, at, values, neighbour_at, value_at, window,
+                                                     count)
                     out_at = pixel * channels + head_at + t
-                    low = add(add(low0, low1), add(low2, low3))
-                    high = add(add(high0, high1), add(high2, high3))
                     store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
                     store(context_out, out_at + LANES, count - LANES,
                           fma(high, inverse, load(value_bias, head_at + t + LANES, count - LANES)))
