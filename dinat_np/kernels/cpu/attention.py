@@ -83,11 +83,13 @@ def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, 
 #
 # Sliding windows, one task per (image, query row, head). A neighbour lies at the same offset from its
 # window's first pixel for every query, so the offsets are computed once per task. A query's logits
-# are 16 neighbours at a time: their key channels are 16 rows of a block (one load each), multiplied by
-# the query's channels, and row_sums finishes the 16 dot products with a few shuffles instead of a
-# horizontal sum each. The probabilities then weight the neighbours' value channels, four neighbours in
-# flight (independent fma chains). Consecutive queries overlap (see the step loop): faster than one query
-# after the other.
+# are LANES neighbours at a time: their key channels are the LANES rows of a block (one load each),
+# multiplied by the query's channels, and row_sums finishes the LANES dot products with a few shuffles
+# instead of a horizontal sum each. The probabilities then weight the neighbours' value channels, four
+# neighbours in flight (independent fma chains). Consecutive queries overlap (see the step loop): faster
+# than one query after the other. Loops over whole vectors of channels pass the constant LANES as the
+# lane count, so that their loads are plain ones folded into the fmas (a run-time count chooses between a
+# plain and a masked load at every step).
 @band(floats(6, True), floats(1, True), floats(1, True), floats(1, True), integers(1, True), INT, INT, FLOAT, floats(5),
       floats(5), BOOL, INT, INT)
 def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kernel_size, dilation, scale, out, attn,
@@ -98,7 +100,7 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
     pixel_stride = 3 * channels
     window = kernel_size * kernel_size
     padded_window = (window + LANES - 1) // LANES * LANES
-    # neighbours computed as blocks of 16 dot products up to here; a remainder of under four one by one
+    # neighbours computed as blocks of LANES dot products up to here; a remainder of under four one by one
     blocks_end = window if window % LANES >= 4 else window // LANES * LANES
     whole_channels = head_dim // LANES * LANES  # channels in whole vectors; the rest in a masked one
     row_start, row_bias = window_starts(height, kernel_size, dilation)
