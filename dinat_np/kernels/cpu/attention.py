@@ -56,7 +56,9 @@ def _add_weighted(weight, values, at, count, low, high):
 @njit(inline="always", **FAST)
 def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, count):
     # the sum over a window's neighbours n of probabilities[at + n] * values.flat[neighbour_at[n] + value_at:][:count]
-    # as two vectors, four neighbours in flight (independent fma chains)
+    # as two vectors, four neighbours in flight (independent fma chains); both kernels' values
+    # (neighbour_at: the sliding kernel's offsets from the window's first pixel, the whole-group kernel's
+    # pixel offsets)
     low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
     for n in range(0, window - 3, 4):
         u = np.uint64(n)  # unsigned: Numba adds no negative-index wrap-around
@@ -415,21 +417,16 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
                 for key in range(window):
                     attn[b, h, pixel // width % height, pixel % width, key] = probabilities[key] * inverse
             for t in range(0, head_dim, 2 * LANES):
-                count = head_dim - t  # lanes of the two vectors: min(16, count) and count - 16
-                low0 = low1 = high0 = high1 = splat(0.0)  # even and odd keys: two chains of fmas
-                for key in range(0, window - 1, 2):
-                    low0, high0 = _add_weighted(broadcast(probabilities, key), values,
-                                                pixel_at[key] + value_channel + t, count, low0, high0)
-                    low1, high1 = _add_weighted(broadcast(probabilities, key + 1), values,
-                                                pixel_at[key + 1] + value_channel + t, count, low1, high1)
-                for key in range(window // 2 * 2, window):
-                    low0, high0 = _add_weighted(broadcast(probabilities, key), values,
-                                                pixel_at[key] + value_channel + t, count, low0, high0)
+                count = head_dim - t  # lanes of the two vectors: min(LANES, count) and count - LANES
+                if count >= 2 * LANES:  # a constant lane count: plain loads
+                    low, high = _weighted_window(probabilities, 0, values, pixel_at, value_channel + t, window,
+                                                 2 * LANES)
+                else:
+                    low, high = _weighted_window(probabilities, 0, values, pixel_at, value_channel + t, window, count)
                 at = out_at[n] + t
-                store(context_out, at, count,
-                      fma(add(low0, low1), inverse, load(value_bias, h * head_dim + t, count)))
+                store(context_out, at, count, fma(low, inverse, load(value_bias, h * head_dim + t, count)))
                 store(context_out, at + LANES, count - LANES,
-                      fma(add(high0, high1), inverse, load(value_bias, h * head_dim + t + LANES, count - LANES)))
+                      fma(high, inverse, load(value_bias, h * head_dim + t + LANES, count - LANES)))
 
 
 @njit(parallel=True, **FAST)
