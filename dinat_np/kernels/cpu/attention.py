@@ -54,11 +54,8 @@ def _add_weighted(weight, values, at, count, low, high):
 
 
 @njit(inline="always", **FAST)
-def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, count):
-    # the sum over a window's neighbours n of probabilities[at + n] * values.flat[neighbour_at[n] + value_at:][:count]
-    # as two vectors, four neighbours in flight (independent fma chains); both kernels' values
-    # (neighbour_at: the sliding kernel's offsets from the window's first pixel, the whole-group kernel's
-    # pixel offsets)
+def _weighted_sum(probabilities, at, values, neighbour_at, value_at, window, count):
+    # _weighted_window's loop, for one lane count
     low0 = low1 = low2 = low3 = high0 = high1 = high2 = high3 = splat(0.0)
     for n in range(0, window - 3, 4):
         u = np.uint64(n)  # unsigned: Numba adds no negative-index wrap-around
@@ -74,6 +71,18 @@ def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, 
         low0, high0 = _add_weighted(broadcast(probabilities, at + n), values, neighbour_at[n] + value_at, count,
                                     low0, high0)
     return add(add(low0, low1), add(low2, low3)), add(add(high0, high1), add(high2, high3))
+
+
+@njit(inline="always", **FAST)
+def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, count):
+    # the sum over a window's neighbours n of probabilities[at + n] * values.flat[neighbour_at[n] + value_at:][:count]
+    # as two vectors, four neighbours in flight (independent fma chains); both kernels' values
+    # (neighbour_at: the sliding kernel's offsets from the window's first pixel, the whole-group kernel's
+    # pixel offsets). Where the channels fill both vectors the loop gets the constant lane count: plain
+    # loads, folded into the fmas.
+    if count >= 2 * LANES:
+        return _weighted_sum(probabilities, at, values, neighbour_at, value_at, window, 2 * LANES)
+    return _weighted_sum(probabilities, at, values, neighbour_at, value_at, window, count)
 
 
 # The q/k/v product's bias is folded into the attention instead of being added by a pass of its own:
@@ -176,12 +185,7 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                 for t in range(0, head_dim, 2 * LANES):
                     count = head_dim - t  # lanes of the two vectors: min(LANES, count) and count - LANES
                     value_at = window_at + 2 * channels + head_at + t
-                    if count >= 2 * LANES:  # a constant lane count: plain loads, folded into the fmas
-                        low, high = _weighted_window(probabilities, at, values, neighbour_at, value_at, window,
-                                                     2 * LANES)
-                    else:
-                        low, high = _weighted_window(probabilities, at, values, neighbour_at, value_at, window,
-                                                     count)
+                    low, high = _weighted_window(probabilities, at, values, neighbour_at, value_at, window, count)
                     out_at = pixel * channels + head_at + t
                     store(context_out, out_at, count, fma(low, inverse, load(value_bias, head_at + t, count)))
                     store(context_out, out_at + LANES, count - LANES,
@@ -418,11 +422,7 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
                     attn[b, h, pixel // width % height, pixel % width, key] = probabilities[key] * inverse
             for t in range(0, head_dim, 2 * LANES):
                 count = head_dim - t  # lanes of the two vectors: min(LANES, count) and count - LANES
-                if count >= 2 * LANES:  # a constant lane count: plain loads
-                    low, high = _weighted_window(probabilities, 0, values, pixel_at, value_channel + t, window,
-                                                 2 * LANES)
-                else:
-                    low, high = _weighted_window(probabilities, 0, values, pixel_at, value_channel + t, window, count)
+                low, high = _weighted_window(probabilities, 0, values, pixel_at, value_channel + t, window, count)
                 at = out_at[n] + t
                 store(context_out, at, count, fma(low, inverse, load(value_bias, h * head_dim + t, count)))
                 store(context_out, at + LANES, count - LANES,
