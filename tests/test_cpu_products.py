@@ -12,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numba import njit, prange
 
 from dinat_np.kernels import cpu
 from dinat_np.kernels.common import Conv, Linear, Norm
 from dinat_np.kernels.cpu import blas, gemm, simd
 from dinat_np.kernels.cpu import conv as cpu_conv
 from dinat_np.kernels.cpu import products as cpu_products
+from dinat_np.kernels.cpu.band import INT, band, floats
+from dinat_np.kernels.cpu.simd import FAST, scratch
+from dinat_np.kernels.cpu.threads import launching
 
 
 def reference(x, weight_t, bias=None, scale=None, residual=None):
@@ -348,3 +352,32 @@ def test_a_band_run_from_python_refuses_arguments_it_would_misread() -> None:
     for wrong in (x[::2], x[:12].astype(np.float64)):  # strided, float64: refused, not reinterpreted
         with pytest.raises(TypingError):
             cpu_conv._im2col_rows(wrong, shape, strides, 0, 1, cols, 0)
+
+
+@band(floats(1), INT)
+def _allocating_band(out, floats_wanted):
+    out[0] = scratch(floats_wanted).size
+
+
+@njit(parallel=True, **FAST)
+def _allocating_kernel(allocating_band, out, floats_wanted):
+    for part in prange(out.size):
+        allocating_band(out[part:part + 1], floats_wanted[part])
+
+
+def test_a_band_that_fails_on_any_thread_makes_its_launch_raise() -> None:
+    """A failed allocation inside a band raises once the kernel is done, whichever of its tasks failed, and
+    the next launch runs; Numba's C wrapper used to print "Exception ignored" and leave the output unwritten."""
+    out = np.zeros(2, np.float32)
+    too_many = 2**60  # floats: 4 EiB
+    with launching():
+        _allocating_kernel(_allocating_band, out, np.array([3, 4]))
+    assert out.tolist() == [3.0, 4.0]
+    for floats_wanted in ([3, too_many], [too_many, 4], [too_many, too_many]):
+        with pytest.raises(RuntimeError, match="out of memory"), launching():
+            _allocating_kernel(_allocating_band, out, np.array(floats_wanted))
+    with launching():
+        _allocating_kernel(_allocating_band, out, np.array([5, 6]))
+    assert out.tolist() == [5.0, 6.0]
+    with pytest.raises(MemoryError):  # run from Python, the band raises as any function does
+        _allocating_band(out, too_many)

@@ -7,27 +7,32 @@ was compiled five times over in a cold start. The copies also differ. The proces
 call to whichever copy it loaded first: the callee's own when this process compiled the kernel, the
 caller's when the kernel came from the cache, and those were optimised differently, so a cold and a warm
 process gave logits 5e-7 apart. A kernel receives its band as an argument instead, a pointer to the
-band's C entry point, and there is one copy of the band's code, whichever way it was loaded.
+band's native function, and there is one copy of the band's code, whichever way it was loaded.
 
 Numba's own first-class functions (``types.FunctionType``) do this too, but ask the interpreter for the
 address at every launch (~30 us, a few milliseconds per forward); a :class:`Band` argument costs one call
 of its ``address`` method. A band is declared with its argument types (a pointer has one signature):
 inputs it only reads are declared read-only, which callers passing writable arrays also satisfy.
+
+The pointer is to the band's native function, which returns a status: where a band raised (its only way
+to fail is a failed allocation of its working memory), the kernel's call notes it in a process-wide flag
+(Numba's C wrapper would print "Exception ignored" and go on, the output left unwritten), and the launch
+raises once the kernel is done (``raise_if_a_band_failed``, called by ``threads.launching``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 from collections.abc import Callable
 from typing import Any
 
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, typeof, types
 from numba.core import cgutils, errors
 from numba.core.imputils import lower_builtin
 from numba.core.typing import Signature
 from numba.core.typing.context import Conversion
-from numba.experimental.function_type import _get_wrapper_address
 from numba.extending import NativeValue, models, register_model, typeof_impl, unbox
 
 from .simd import FAST
@@ -58,15 +63,34 @@ def check_arguments(context: Any, given: tuple[types.Type, ...], declared: tuple
             raise errors.TypingError(f"a band's argument is {wanted}, not {argument}")
 
 
+# Set by a kernel whose band raised. A C symbol that the kernels' code refers to by name, so that kernels
+# loaded from Numba's cache find it in every process.
+_FAILED_SYMBOL = "dinat_np_band_failed"
+_failed = ctypes.c_int32(0)
+binding.add_symbol(_FAILED_SYMBOL, ctypes.addressof(_failed))
+
+
+def raise_if_a_band_failed() -> None:
+    """Raises (and clears the flag) if a band raised inside a kernel since the last call."""
+    if _failed.value:
+        _failed.value = 0
+        raise RuntimeError(
+            "a CPU kernel failed in one of its threads (an allocation of its working memory failed: is the "
+            "machine out of memory?); its output was not computed"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
-# A band inside a kernel: a pointer to a C function of its declared signature
+# A band inside a kernel: a pointer to its native function
 # ---------------------------------------------------------------------------------------------------------
 class BandType(types.Callable):
     """A band's Numba type: calls take its declared argument types (given ones convert to them safely)."""
 
     def __init__(self, signature: Signature) -> None:
         self.signature = signature
-        super().__init__(name=f"band{signature}")
+        # the name says how a kernel calls the band: kernels an earlier dinat-np cached, which called it through
+        # its C wrapper, have another signature, and are compiled again rather than loaded
+        super().__init__(name=f"native_band{signature}")
 
     def get_call_type(self, context: Any, args: tuple, kws: dict) -> Signature:
         if kws:
@@ -81,7 +105,7 @@ class BandType(types.Callable):
         return BandType
 
 
-register_model(BandType)(models.OpaqueModel)  # the C entry point's address
+register_model(BandType)(models.OpaqueModel)  # the native function's address
 
 
 class Band:
@@ -104,10 +128,11 @@ class Band:
         self.dispatcher.compile(self._signature)
 
     def address(self) -> int:
-        """Where its C entry point is (compiling it first if need be): what a kernel receives."""
+        """Where its native function is (compiling it first if need be): what a kernel receives."""
         if not self._address:
             self.compile()
-            self._address = _get_wrapper_address(self.dispatcher, self._signature)
+            compiled = self.dispatcher.overloads[self._signature.args]
+            self._address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
         return self._address
 
     def __call__(self, *args: Any) -> None:
@@ -149,7 +174,14 @@ def _unbox_band(band_type: BandType, obj: Any, c: Any) -> NativeValue:
 
 @lower_builtin(BandType, types.VarArg(types.Any))
 def _call_band(context: Any, builder: ir.IRBuilder, signature: Signature, args: list) -> ir.Value:
-    # the arguments arrive converted to the declared types; the C entry point takes their LLVM values
-    function_type = ir.FunctionType(context.get_value_type(signature.return_type),
-                                    [context.get_value_type(t) for t in signature.args[1:]])
-    return builder.call(builder.bitcast(args[0], function_type.as_pointer()), args[1:])
+    # the arguments arrive converted to the declared types; the native function returns a status. A band that
+    # raised sets the flag (an exception raised on from a kernel's thread would not reach Python cleanly).
+    call_conv = context.call_conv
+    function_type = call_conv.get_function_type(signature.return_type, signature.args[1:])
+    status, result = call_conv.call_function(builder, builder.bitcast(args[0], function_type.as_pointer()),
+                                             signature.return_type, signature.args[1:], args[1:])
+    with cgutils.if_unlikely(builder, status.is_error):
+        flag = builder.module.globals.get(_FAILED_SYMBOL) or ir.GlobalVariable(builder.module, ir.IntType(32),
+                                                                              _FAILED_SYMBOL)
+        builder.store_atomic(ir.Constant(ir.IntType(32), 1), flag, "monotonic", 4)
+    return result

@@ -11,7 +11,9 @@ in chunks whose ``x`` stays in L2 while every panel passes over it.
 Why not OpenBLAS: with 512-bit vectors this product runs dinat-mini's shapes faster than NumPy's
 OpenBLAS (SkylakeX kernels), the most where the shared dimension is short (64 in stage 1), and whole
 forwards with it. With 256-bit vectors (AVX2) the 24 accumulators need 48 of the 16 registers and it
-runs far slower than OpenBLAS: hence ``WIDE_VECTORS``.
+runs far slower than OpenBLAS: hence ``WIDE_VECTORS``. A tile sized for AVX2 (6 rows by 16 columns)
+was 3.5% faster at batch 1, up to 5% slower at batch 8, and seconds more of cold compile: not kept
+(docs/perf-journal.md).
 
 Each output element is the sum over ``k`` in order, one fused multiply-add at a time, whatever the
 thread count, chunking or panel depth.

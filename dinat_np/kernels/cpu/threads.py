@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import numba
 
+from .band import raise_if_a_band_failed
 from .blas import bound_idle_spin
 from .gemm import PRODUCTS
 from .malloc import raise_thresholds
@@ -239,7 +240,8 @@ _clock = time.monotonic  # the adapter's clock too (the tests fake both)
 
 @contextmanager
 def launching() -> Iterator[None]:
-    """Held around every parallel kernel launch (see the module docstring)."""
+    """Held around every parallel kernel launch (see the module docstring); raises after a kernel whose band
+    failed."""
     set_up_process()
     if _forked_from_openmp:
         raise RuntimeError(
@@ -253,3 +255,4 @@ def launching() -> Iterator[None]:
         if now >= _next_sample:  # every launch asks: one clock read
             _follow_other_processes(now)
         yield
+        raise_if_a_band_failed()
