@@ -160,6 +160,20 @@ def check_kernels() -> None:
         linear_gpu, linear_cpu = linear_pair(normal(66, 40, scale=0.3), normal(66))
         record("cupy_gemm_gelu", gpu.linear(up(x), linear_gpu, "gelu"), cpu.linear(x, linear_cpu, "gelu"))
 
+    if device.CUPY is not None:  # arrays from CuPy's pool: a view keeps its block while others come and go
+        x = normal(40, 30, scale=2.0)
+        norm_gpu, norm_cpu = norm_pair(normal(30), normal(30))
+        view = gpu.layer_norm(up(x), norm_gpu).reshape(30, 40)  # the op's own array is gone after this line
+        for _ in range(5):
+            gpu.layer_norm(up(normal(40, 30)), norm_gpu)  # same size: served from the pool's freed blocks
+        record("cupy_pool_view_outlives_array", gpu.download(view).reshape(40, 30), cpu.layer_norm(x, norm_cpu))
+        # arrays built without numba's constructors carry the type numba itself gives such an array
+        from numba import cuda, typeof
+
+        ours, numbas = device.empty((2, 3, 4)), cuda.device_array((2, 3, 4), np.float32)
+        same = typeof(ours) == typeof(numbas) and typeof(device.reshaped(ours, (-1, 4))) == typeof(numbas.reshape(6, 4))
+        results["cupy_pool_array_types"] = 0.0 if same else float("inf")
+
     # 3x3 stride-2 convolution on odd sizes, with and without bias
     x = normal(2, 7, 9, 3)
     weight, bias = normal(5, 3, 3, 3, scale=0.3), normal(5)

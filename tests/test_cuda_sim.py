@@ -134,7 +134,8 @@ def test_kernel_matches_cpu(mode: str, check: str) -> None:
 
 def test_every_kernel_check_is_asserted(mode: str) -> None:
     results = _results("kernels", mode)
-    optional = {"cupy_gemm_gelu"}  # only where CuPy is importable on a real GPU
+    # only where CuPy is in use on a real GPU
+    optional = {"cupy_gemm_gelu", "cupy_pool_view_outlives_array", "cupy_pool_array_types"}
     assert sorted(set(results) - optional) == sorted(KERNEL_CHECKS)
     assert all(results[name] <= ATOL for name in optional & set(results)), results
 

@@ -17,7 +17,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..common import check_global_grid, check_qkv_bias, check_window, window_starts
-from .device import LOCK, ONE, THREADS, ZERO, empty, grid_blocks, placeholder, unravel_nhwc
+from .device import LOCK, ONE, THREADS, ZERO, empty, grid_blocks, placeholder, reshaped, unravel_nhwc
 
 _NEG_INF = np.float32(-np.inf)  # float32 (see device.ZERO)
 
@@ -179,7 +179,7 @@ def global_attention(
         )
     context, attention = _attention(qkv, rpb, length, 1, scale, return_attention, qkv_bias)
     if attention is not None:
-        attention = attention.reshape(batch, heads, length * length, length * length)
+        attention = reshaped(attention, (batch, heads, length * length, length * length))
     return context, attention
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from numba import cuda
 
 from ..common import Conv, Linear, check_patch_size
-from .device import LOCK, THREADS, ZERO, empty, grid_blocks
+from .device import LOCK, THREADS, ZERO, empty, grid_blocks, reshaped
 from .products import linear
 
 
@@ -43,7 +43,7 @@ def conv3x3_stride2(x: Any, conv: Conv) -> Any:
         cols = empty((batch * out_height * out_width, 9 * channels))
         _im2col_kernel[grid_blocks(cols.size), THREADS](x, 3, 2, 1, out_width, cols)
         y = linear(cols, Linear(conv.weight, conv.bias))  # the product with its bias fused in
-        return y.reshape(batch, out_height, out_width, y.shape[1])
+        return reshaped(y, (batch, out_height, out_width, y.shape[1]))
 
 
 def patch_embedding(x: Any, conv: Conv, patch_size: int) -> Any:
@@ -57,4 +57,4 @@ def patch_embedding(x: Any, conv: Conv, patch_size: int) -> Any:
         # the zero padding is at the bottom and right only: none above and left of the taps
         _im2col_kernel[grid_blocks(cols.size), THREADS](x, patch_size, patch_size, 0, out_width, cols)
         y = linear(cols, Linear(conv.weight, conv.bias))
-        return y.reshape(batch, out_height, out_width, y.shape[1])
+        return reshaped(y, (batch, out_height, out_width, y.shape[1]))

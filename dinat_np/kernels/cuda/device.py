@@ -1,4 +1,5 @@
-"""What every CUDA op uses: the GPU check, the lock around launches, allocation and launch sizes.
+"""What every CUDA op uses: the GPU check, the lock around launches, allocation and launch sizes, and
+CuPy where it is installed (its cuBLAS does the products, its memory pool backs the arrays).
 
 Every op holds ``LOCK`` while it allocates and launches: numba-cuda's allocation/deallocation
 bookkeeping and its simulator are not made for concurrent use, and two model calls from two Python
@@ -7,6 +8,8 @@ threads then interleave op by op on the (ordered) default stream.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import numba_cuda  # the NVIDIA-maintained CUDA target: without it, ImportError -> clear error
-from numba import __version__ as numba_version, config, cuda
+from numba import __version__ as numba_version, config, cuda, types
 from numba.core.errors import NumbaPerformanceWarning
 
 # numba-cuda takes over `numba.cuda` through an import hook that a .pth file installs at start-up. Where
@@ -30,6 +33,9 @@ if not Path(cuda.__file__).resolve().is_relative_to(Path(numba_cuda.__file__).re
     )
 
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)  # numba.cuda's simulator (NUMBA_ENABLE_CUDASIM=1)
+if not SIMULATOR:  # the simulator has neither, and never uses CuPy (below), the one user of both
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.driver import MemoryPointer, binding
 
 LOCK = threading.RLock()
 
@@ -102,11 +108,71 @@ def require_gpu() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Allocation, launch sizes, indexing
+# CuPy, allocation, launch sizes, indexing
 # ---------------------------------------------------------------------------------------------------
+def _import_cupy() -> Any | None:
+    """CuPy when it is importable on a real GPU and not turned off by ``DINAT_NP_USE_CUPY=0``; else None."""
+    if SIMULATOR or os.environ.get("DINAT_NP_USE_CUPY", "1") == "0":
+        return None
+    try:
+        import cupy
+    except Exception:  # not installed, or installed without a matching CUDA runtime
+        return None
+    return cupy
+
+
+CUPY: Any | None = _import_cupy()
+
+
 def empty(shape: tuple[int, ...]) -> Any:
-    """An uninitialised float32 device array (the caller holds ``LOCK``)."""
-    return cuda.device_array(tuple(int(s) for s in shape), dtype=np.float32)
+    """An uninitialised float32 device array (the caller holds ``LOCK``).
+
+    With CuPy, from its memory pool: numba's own allocator calls cuMemAlloc for every array and frees
+    them in batches through cuMemFree, which waits for the GPU (docs/performance.md#gpu).
+    """
+    shape = tuple(int(s) for s in shape)
+    size = math.prod(shape)
+    if CUPY is None or size == 0:
+        return cuda.device_array(shape, dtype=np.float32)
+    global _context
+    if _context is None:
+        _context = cuda.current_context()
+    memory = CUPY.cuda.alloc(4 * size)
+    # The pointer holds `memory`: when the last array over it goes, the block returns to CuPy's pool,
+    # reusable by later launches on the same (default) stream, where numba's kernels run too.
+    return _c_contiguous(MemoryPointer(_context, binding.CUdeviceptr(memory.ptr), 4 * size, owner=memory), shape)
+
+
+def reshaped(array: Any, shape: tuple[int, ...]) -> Any:
+    """``array.reshape(shape)`` for a C-contiguous float32 device array (one ``-1`` allowed)."""
+    shape = tuple(int(s) for s in shape)
+    if -1 in shape:
+        known = -math.prod(shape)  # the product of the other sizes
+        shape = tuple(array.size // known if s == -1 and known > 0 else s for s in shape)
+    if math.prod(shape) != array.size:
+        raise ValueError(f"cannot reshape a device array of shape {tuple(array.shape)} into {shape}")
+    if CUPY is None or array.dtype != np.float32 or not array.is_c_contiguous():
+        return array.reshape(shape)
+    return _c_contiguous(array.gpu_data, shape)
+
+
+_context: Any = None  # numba's context of the GPU in use, taken at the first allocation
+_array_types: dict[int, types.Array] = {}
+
+
+def _c_contiguous(pointer: MemoryPointer, shape: tuple[int, ...]) -> Any:
+    # Built directly: numba's own constructors (from_cuda_array_interface, reshape) and its typing of
+    # each new array at its first launch spend tens of microseconds per call, and a batch-1 forward
+    # makes hundreds of arrays (docs/performance.md#gpu). The type is the one numba would infer.
+    strides = [4] * len(shape)
+    for axis in range(len(shape) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * shape[axis + 1]
+    array = DeviceNDArray(shape, tuple(strides), np.float32, gpu_data=pointer)
+    array_type = _array_types.get(len(shape))
+    if array_type is None:
+        array_type = _array_types[len(shape)] = types.Array(types.float32, len(shape), "C")
+    array.__dict__["_numba_type_"] = array_type  # fills numba's cached_property ahead
+    return array
 
 
 _placeholders: dict[int, Any] = {}

@@ -9,7 +9,7 @@ import numpy as np
 from numba import cuda
 
 from ..common import conv_weight_layout, linear_weight_layout
-from .device import LOCK, THREADS, ZERO, empty, grid_blocks, unravel_nhwc
+from .device import LOCK, THREADS, ZERO, empty, grid_blocks, reshaped, unravel_nhwc
 
 
 def _is_device_array(array: Any) -> bool:
@@ -133,5 +133,5 @@ def mean_pool(x: Any) -> Any:
         shape = tuple(x.shape)  # the simulator's shapes refuse negative indices
         batch, channels = shape[0], shape[-1]
         out = empty((batch, channels))
-        _mean_pool_kernel[grid_blocks(batch * channels), THREADS](x.reshape(batch, -1, channels), out)
+        _mean_pool_kernel[grid_blocks(batch * channels), THREADS](reshaped(x, (batch, -1, channels)), out)
         return out

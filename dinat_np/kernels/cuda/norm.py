@@ -10,7 +10,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..common import Norm
-from .device import LOCK, ONE, SIMULATOR, ZERO, empty, grid_blocks
+from .device import LOCK, ONE, SIMULATOR, ZERO, empty, grid_blocks, reshaped
 
 _LN_THREADS = 64 if SIMULATOR else 256  # (see device.THREADS)
 _layer_norm_kernels: dict[int, Any] = {}
@@ -81,4 +81,4 @@ def layer_norm(x: Any, norm: Norm) -> Any:
     """LayerNorm over the last axis of ``x`` (any leading shape)."""
     with LOCK:
         shape = tuple(x.shape)
-        return layer_norm_rows(x.reshape(-1, shape[-1]), norm.weight, norm.bias, norm.eps).reshape(*shape)
+        return reshaped(layer_norm_rows(reshaped(x, (-1, shape[-1])), norm.weight, norm.bias, norm.eps), shape)

@@ -9,7 +9,6 @@ CuPy) replaces the product when CuPy is importable; the epilogue then runs as it
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..common import Epilogue, Linear, Norm, activation_code
-from .device import LOCK, ONE, SIMULATOR, THREADS, ZERO, empty, grid_blocks, placeholder
+from .device import CUPY, LOCK, ONE, THREADS, ZERO, empty, grid_blocks, placeholder, reshaped
 from .norm import layer_norm_rows
 
 # float32 constants (see device.ZERO)
@@ -152,18 +151,14 @@ def _gemm_kernel(tile: int) -> Any:
 
 
 def _cupy_gemm() -> Callable[[Any, Any, Any], None] | None:
-    """cuBLAS through CuPy when it is importable (and not disabled by ``DINAT_NP_USE_CUPY=0``)."""
-    if SIMULATOR or os.environ.get("DINAT_NP_USE_CUPY", "1") == "0":
-        return None
-    try:
-        import cupy
-    except Exception:  # not installed, or installed without a matching CUDA runtime
+    """cuBLAS through CuPy when CuPy is in use (``device.CUPY``)."""
+    if CUPY is None:
         return None
 
     def gemm(a: Any, b: Any, out: Any) -> None:
         # Zero-copy views through __cuda_array_interface__; CuPy and numba both launch on the legacy
         # default stream, so the product is ordered between the numba kernels around it.
-        cupy.matmul(cupy.asarray(a), cupy.asarray(b), out=cupy.asarray(out))
+        CUPY.matmul(CUPY.asarray(a), CUPY.asarray(b), out=CUPY.asarray(out))
 
     return gemm
 
@@ -204,21 +199,21 @@ def linear(x: Any, linear: Linear, activation: str = "identity") -> Any:
     code = activation_code(activation)
     with LOCK:
         shape = tuple(x.shape)
-        y = _product(x.reshape(-1, shape[-1]), linear.weight, linear.bias, _EPILOGUE_ACTIVATION, code, None, None)
-        return y.reshape(*(shape[:-1] + (y.shape[1],)))
+        y = _product(reshaped(x, (-1, shape[-1])), linear.weight, linear.bias, _EPILOGUE_ACTIVATION, code, None, None)
+        return reshaped(y, shape[:-1] + (y.shape[1],))
 
 
 def _residual_product(x: Any, linear: Linear, scale: Any, residual: Any) -> Any:
     """``residual + scale * linear(x)`` as ``(rows, out)``; the caller holds ``LOCK``."""
-    x2d = x.reshape(-1, tuple(x.shape)[-1])
-    rows = residual.reshape(x2d.shape[0], linear.weight.shape[1])
+    x2d = reshaped(x, (-1, tuple(x.shape)[-1]))
+    rows = reshaped(residual, (x2d.shape[0], linear.weight.shape[1]))
     return _product(x2d, linear.weight, linear.bias, _EPILOGUE_RESIDUAL, 0, scale, rows)
 
 
 def _closing(y: Any, shape: tuple[int, ...], norm: Norm | None) -> tuple[Any, Any]:
     """``(y, layer_norm(y) or None)``, both shaped ``shape``: here the LayerNorm is a kernel of its own."""
-    normed = None if norm is None else layer_norm_rows(y, norm.weight, norm.bias, norm.eps).reshape(*shape)
-    return y.reshape(*shape), normed
+    normed = None if norm is None else reshaped(layer_norm_rows(y, norm.weight, norm.bias, norm.eps), shape)
+    return reshaped(y, shape), normed
 
 
 def linear_residual(
@@ -235,6 +230,6 @@ def mlp_residual(
     """``out = residual + scale * fc2(activation(fc1(x)))`` and ``layer_norm(out, norm)`` when given: the two
     products one after the other, each with its epilogue fused in."""
     with LOCK:
-        hidden = _product(x.reshape(-1, tuple(x.shape)[-1]), fc1.weight, fc1.bias, _EPILOGUE_ACTIVATION,
+        hidden = _product(reshaped(x, (-1, tuple(x.shape)[-1])), fc1.weight, fc1.bias, _EPILOGUE_ACTIVATION,
                           activation_code(activation), None, None)
         return _closing(_residual_product(hidden, fc2, scale, residual), tuple(residual.shape), norm)
