@@ -124,6 +124,10 @@ def _import_cupy() -> Any | None:
 CUPY: Any | None = _import_cupy()
 
 
+_context: Any = None  # numba's context of the GPU in use, taken at the first allocation
+_array_types: dict[int, types.Array] = {}
+
+
 def empty(shape: tuple[int, ...]) -> Any:
     """An uninitialised float32 device array (the caller holds ``LOCK``).
 
@@ -154,10 +158,6 @@ def reshaped(array: Any, shape: tuple[int, ...]) -> Any:
     if CUPY is None or array.dtype != np.float32 or not array.is_c_contiguous():
         return array.reshape(shape)
     return _c_contiguous(array.gpu_data, shape)
-
-
-_context: Any = None  # numba's context of the GPU in use, taken at the first allocation
-_array_types: dict[int, types.Array] = {}
 
 
 def _c_contiguous(pointer: MemoryPointer, shape: tuple[int, ...]) -> Any:
