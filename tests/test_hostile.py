@@ -497,8 +497,11 @@ def test_concurrent_conversions_into_one_new_folder(tmp_path, home):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+# SIGINT gets Python's handler as in a terminal: a test run started in the background (``cmd &`` in a
+# script) passes its children SIGINT ignored, which Python then keeps.
 _SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import dinat_np.convert as convert
 real_write = convert.write_safetensors
 
