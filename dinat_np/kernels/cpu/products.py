@@ -32,29 +32,31 @@ _SELU_SCALE = 1.0507009873554805
 # ---------------------------------------------------------------------------------------------------
 # Activations
 # ---------------------------------------------------------------------------------------------------
-# Abramowitz & Stegun 7.1.28: erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| <= 3e-7.
+# Abramowitz & Stegun 7.1.28: erf(s) = 1 - (1 + a1 s + ... + a6 s^6)^-16 for s >= 0, |error| <= 3e-7.
 # Unlike libm's erf it is plain float32 arithmetic, so the exact-GELU epilogue vectorises.
 _ERF_A = tuple(np.float32(a) for a in (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672,
                                       0.0000430638))
 
 
 @njit(inline="always", **FAST)
-def _erf(x):
+def _erf_nonnegative(s):
     a1, a2, a3, a4, a5, a6 = _ERF_A
-    s = abs(x)
     p = np.float32(1.0) + s * (a1 + s * (a2 + s * (a3 + s * (a4 + s * (a5 + s * a6)))))
     p = p * p
     p = p * p
     p = p * p
     p = p * p
-    return math.copysign(np.float32(1.0) - np.float32(1.0) / p, x)
+    return np.float32(1.0) - np.float32(1.0) / p
 
 
 @njit(inline="always", **FAST)
 def _activate(x, activation):
     # activation: a code of common.ACTIVATIONS
     if activation == GELU:
-        return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(_SQRT_HALF)))
+        # x (1 + erf(x / sqrt 2)) / 2 = (x + |x| erf(|x| / sqrt 2)) / 2: no sign to restore after the erf
+        # (a copysign per element made the epilogue ~25% slower)
+        magnitude = abs(x)
+        return np.float32(0.5) * (x + magnitude * _erf_nonnegative(magnitude * np.float32(_SQRT_HALF)))
     if activation == GELU_TANH:
         return 0.5 * x * (1.0 + math.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
     if activation == RELU:
