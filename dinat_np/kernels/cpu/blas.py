@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,20 +32,6 @@ class Blas(NamedTuple):
 
     sgemm: ctypes._CFuncPtr  # cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
     set_num_threads: ctypes._CFuncPtr  # int openblas_set_num_threads_local(int): sets, returns the previous
-
-    @contextmanager
-    def single_threaded(self) -> Iterator[None]:
-        """OpenBLAS runs each call on its caller's thread while the block runs (a kernel launch).
-
-        The setting is process-wide (OpenBLAS has no per-thread one): NumPy products that other Python
-        threads start meanwhile also run on one thread. Set and restored once per launch, not per call,
-        because two kernel threads setting and restoring it concurrently would race.
-        """
-        previous = self.set_num_threads(1)
-        try:
-            yield
-        finally:
-            self.set_num_threads(previous)
 
 
 def sgemm_prototype(integer: type) -> type:

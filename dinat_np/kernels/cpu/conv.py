@@ -10,7 +10,7 @@ from numba import njit, prange, types
 from ..common import Conv, Linear, check_patch_size
 from .band import INT, band, floats
 from .layout import aligned_empty
-from .products import MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_launch
+from .products import MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_blas
 from .simd import FAST, LANES, broadcast, fma, load, splat, store
 from .threads import launching, thread_count
 
@@ -192,7 +192,7 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     block = min(_CONV_BLOCK_ROWS, -(-pixels // parts))
     cols = aligned_empty((parts * block, 9 * channels))
     y = aligned_empty((pixels, out_channels))
-    with launching(), products_launch():
+    with launching(products_blas()):
         _conv3x3_s2(_direct_conv_rows, _im2col_rows, kernel_sgemm(), parts, elements, x.shape, strides, weight_cols,
                     bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)

@@ -9,8 +9,6 @@ first and a kernel applies the epilogue. Which of the three: ``gemm.PRODUCTS``.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-
 import numpy as np
 from numba import njit, prange
 
@@ -78,9 +76,10 @@ def kernel_sgemm():
     return gemm.sgemm() if _PRODUCTS == "own" else _BLAS.sgemm if _PRODUCTS == "openblas" else None
 
 
-def products_launch():
-    """The context of a kernel launch that multiplies: OpenBLAS kept single-threaded where it is used."""
-    return _BLAS.single_threaded() if _PRODUCTS == "openblas" else nullcontext()
+def products_blas():
+    """``launching``'s argument for a kernel that multiplies: OpenBLAS, kept single-threaded while it runs, where
+    the kernels call it."""
+    return _BLAS if _PRODUCTS == "openblas" else None
 
 
 _EPILOGUE_NONE, _EPILOGUE_ACTIVATION = int(Epilogue.NONE), int(Epilogue.ACTIVATION)
@@ -184,7 +183,7 @@ def _run_linear(
         np.matmul(x, weight_t, out=y)
         if epilogue == _EPILOGUE_NONE:
             return y
-    with launching(), products_launch():
+    with launching(products_blas()):
         _linear(_epilogue_rows, sgemm, thread_count(), x, weight_t, y, epilogue, bias,
                 activation, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
@@ -269,7 +268,7 @@ def _run_mlp(
     block = min(_MLP_BLOCK_ROWS, -(-x.shape[0] // parts))
     hidden = aligned_empty((parts * block, fc1_t.shape[1]))
     y = aligned_empty((x.shape[0], fc2_t.shape[1]))
-    with launching(), products_launch():
+    with launching(products_blas()):
         _mlp(_epilogue_rows, sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
              scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y

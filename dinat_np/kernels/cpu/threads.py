@@ -41,14 +41,13 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from typing import NamedTuple
+from contextlib import suppress
+from typing import Any, NamedTuple
 
 import numba
 
 from .band import raise_if_a_band_failed
-from .blas import bound_idle_spin
+from .blas import Blas, bound_idle_spin
 from .gemm import PRODUCTS
 from .malloc import raise_thresholds
 from .sharing import ProcStat, ThreadAdapter, adaptation_asked
@@ -238,21 +237,48 @@ _LAUNCH_LOCK = threading.RLock()
 _clock = time.monotonic  # the adapter's clock too (the tests fake both)
 
 
-@contextmanager
-def launching() -> Iterator[None]:
+class launching:
     """Held around every parallel kernel launch (see the module docstring); raises after a kernel whose band
-    failed."""
-    set_up_process()
-    if _forked_from_openmp:
-        raise RuntimeError(
-            "this process was forked from one that had already run dinat-np's kernels on GNU OpenMP, whose "
-            "threads do not survive fork(): load and run models only in the child processes, start them with "
-            "multiprocessing's 'spawn' or 'forkserver' method, or set NUMBA_THREADING_LAYER=workqueue "
-            "before dinat_np is imported"
-        )
-    with _LAUNCH_LOCK:
-        now = _clock()
-        if now >= _next_sample:  # every launch asks: one clock read
-            _follow_other_processes(now)
-        yield
-        raise_if_a_band_failed()
+    failed. ``blas``: NumPy's OpenBLAS where the kernel calls its products, kept single-threaded meanwhile.
+
+    A class rather than a generator-based context manager: entered ~100 times per forward, and its Python
+    runs with caches the kernels have just filled with other data (two generator contexts were ~15 us per
+    launch).
+    """
+
+    __slots__ = ("_blas", "_blas_threads")
+
+    def __init__(self, blas: Blas | None = None) -> None:
+        self._blas = blas
+
+    def __enter__(self) -> None:
+        if _process_set_up is None:
+            set_up_process()
+        if _forked_from_openmp:
+            raise RuntimeError(
+                "this process was forked from one that had already run dinat-np's kernels on GNU OpenMP, whose "
+                "threads do not survive fork(): load and run models only in the child processes, start them with "
+                "multiprocessing's 'spawn' or 'forkserver' method, or set NUMBA_THREADING_LAYER=workqueue "
+                "before dinat_np is imported"
+            )
+        _LAUNCH_LOCK.acquire()
+        try:
+            now = _clock()
+            if now >= _next_sample:  # every launch asks: one clock read
+                _follow_other_processes(now)
+            if self._blas is not None:
+                # The setting is process-wide (OpenBLAS has none per thread): set once per launch, not per
+                # call, because two kernel threads setting and restoring it would race.
+                self._blas_threads = self._blas.set_num_threads(1)
+        except BaseException:
+            _LAUNCH_LOCK.release()
+            raise
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        try:
+            if self._blas is not None:
+                self._blas.set_num_threads(self._blas_threads)
+            if kind is None:
+                raise_if_a_band_failed()
+        finally:
+            _LAUNCH_LOCK.release()
