@@ -9,6 +9,7 @@ first and a kernel applies the epilogue. Which of the three: ``gemm.PRODUCTS``.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 from numba import njit, prange
 

@@ -241,9 +241,9 @@ class launching:
     """Held around every parallel kernel launch (see the module docstring); raises after a kernel whose band
     failed. ``blas``: NumPy's OpenBLAS where the kernel calls its products, kept single-threaded meanwhile.
 
-    A class rather than a generator-based context manager: entered ~100 times per forward, and its Python
-    runs with caches the kernels have just filled with other data (two generator contexts were ~15 us per
-    launch).
+    A class rather than generator-based context managers: entered ~100 times per forward, and its Python
+    runs with caches the kernels have just filled with other data (two generator contexts cost ~10 us more
+    per launch).
     """
 
     __slots__ = ("_blas", "_blas_threads")
@@ -252,8 +252,7 @@ class launching:
         self._blas = blas
 
     def __enter__(self) -> None:
-        if _process_set_up is None:
-            set_up_process()
+        set_up_process()
         if _forked_from_openmp:
             raise RuntimeError(
                 "this process was forked from one that had already run dinat-np's kernels on GNU OpenMP, whose "
@@ -267,8 +266,9 @@ class launching:
             if now >= _next_sample:  # every launch asks: one clock read
                 _follow_other_processes(now)
             if self._blas is not None:
-                # The setting is process-wide (OpenBLAS has none per thread): set once per launch, not per
-                # call, because two kernel threads setting and restoring it would race.
+                # Process-wide (OpenBLAS has no per-thread setting: NumPy products that other Python threads
+                # start meanwhile also run on one thread); set once per launch, not per call, because two
+                # kernel threads setting and restoring it would race.
                 self._blas_threads = self._blas.set_num_threads(1)
         except BaseException:
             _LAUNCH_LOCK.release()
