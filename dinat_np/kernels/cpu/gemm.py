@@ -12,8 +12,8 @@ Why not OpenBLAS: with 512-bit vectors this product runs dinat-mini's shapes fas
 OpenBLAS (SkylakeX kernels), the most where the shared dimension is short (64 in stage 1), and whole
 forwards with it. With 256-bit vectors (AVX2) the 24 accumulators need 48 of the 16 registers and it
 runs far slower than OpenBLAS: hence ``WIDE_VECTORS``. A tile sized for AVX2 (6 rows by 16 columns)
-was 3.5% faster at batch 1, up to 5% slower at batch 8, and seconds more of cold compile: not kept
-(docs/perf-journal.md).
+was at best OpenBLAS's equal in the model (AMD and Intel), up to 5% slower at batch 8, and seconds more
+of cold compile: not kept (docs/perf-journal.md).
 
 Each output element is the sum over ``k`` in order, one fused multiply-add at a time, whatever the
 thread count, chunking or panel depth.
