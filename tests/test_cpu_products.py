@@ -350,8 +350,20 @@ def test_a_band_run_from_python_refuses_arguments_it_would_misread() -> None:
     cpu_conv._im2col_rows(x[:12], shape, strides, 0, 1, cols, 0)  # the declared types: runs
     assert cols[0, 4 * 3:5 * 3].tolist() == [0.0, 1.0, 2.0]  # the patch's centre is pixel (0, 0)
     for wrong in (x[::2], x[:12].astype(np.float64)):  # strided, float64: refused, not reinterpreted
-        with pytest.raises(TypingError):
-            cpu_conv._im2col_rows(wrong, shape, strides, 0, 1, cols, 0)
+        for _ in range(2):  # a refusal is not remembered as a check passed
+            with pytest.raises(TypingError):
+                cpu_conv._im2col_rows(wrong, shape, strides, 0, 1, cols, 0)
+    with pytest.raises(TypingError):  # past int64: Numba would type it uint64
+        cpu_conv._im2col_rows(x[:12], shape, strides, 0, 2**63, cols, 0)
+    read_only = x[:12].copy()
+    read_only.flags.writeable = False
+    cols[:] = np.nan
+    cpu_conv._im2col_rows(read_only, shape, strides, 0, 1, cols, 0)  # the band only reads it: runs
+    assert cols[0, 4 * 3:5 * 3].tolist() == [0.0, 1.0, 2.0]
+    read_only_cols = cols.copy()
+    read_only_cols.flags.writeable = False
+    with pytest.raises(TypingError):  # but it writes the patches
+        cpu_conv._im2col_rows(x[:12], shape, strides, 0, 1, read_only_cols, 0)
 
 
 @band(floats(1), INT)

@@ -28,6 +28,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from llvmlite import binding, ir
 from numba import njit, typeof, types
 from numba.core import cgutils, errors
@@ -120,6 +121,7 @@ class Band:
         # the type Numba's dispatcher reads at every launch, in C (without it, a call of Python's typeof_pyval: ~5 us)
         self._numba_type_ = BandType(self._signature)
         self._address = 0
+        self._entry_points: dict[tuple, Callable] = {}  # by _kinds of the arguments of calls from Python
 
     def signature(self) -> Signature:
         return self._signature
@@ -140,12 +142,45 @@ class Band:
     def __call__(self, *args: Any) -> None:
         """Runs the band on this thread, from Python (work too small for its parallel kernel). The arguments
         are checked as a kernel's call checks them: the compiled entry point would reinterpret others."""
-        check_arguments(self.dispatcher.typingctx, tuple(typeof(a) for a in args), self._signature.args)
-        self.compile()
-        self.dispatcher.overloads[self._signature.args].entry_point(*args)
+        # Numba's typeof and the check cost ~60 us a call, the band's work as little as ~10 (the few-pixel
+        # convolutions' patches): a check is remembered for arguments of the same kinds.
+        kinds = _kinds(args)
+        entry_point = self._entry_points.get(kinds)
+        if entry_point is None:
+            check_arguments(self.dispatcher.typingctx, tuple(typeof(a) for a in args), self._signature.args)
+            self.compile()
+            entry_point = self.dispatcher.overloads[self._signature.args].entry_point
+            if kinds is not None and len(self._entry_points) < _MAX_KINDS:
+                self._entry_points[kinds] = entry_point
+        entry_point(*args)
 
     def __reduce__(self) -> tuple:
         return _band_named, (self.module, self.name)  # by name: the same object in another process
+
+
+_MAX_KINDS = 16  # kinds of arguments remembered per band (its callers pass one or two)
+_INT64 = range(-(2**63), 2**63)
+
+
+def _kind(value: Any) -> Any:
+    """What Numba's typeof reads of ``value`` (equal kinds, equal types), for the values bands are given:
+    arrays, Python and NumPy scalars, tuples of them; None for anything else."""
+    kind = type(value)
+    if kind is np.ndarray:
+        flags = value.flags
+        return value.dtype.str, value.ndim, flags.c_contiguous, flags.f_contiguous, flags.writeable, flags.aligned
+    if kind is int:
+        return kind, value in _INT64  # int64 inside, uint64 or an error outside
+    if kind is tuple:
+        return _kinds(value)
+    if kind in (bool, float) or isinstance(value, (np.number, np.bool_)):
+        return kind
+    return None
+
+
+def _kinds(values: tuple) -> tuple | None:
+    kinds = tuple(_kind(value) for value in values)
+    return None if None in kinds else (tuple, kinds)
 
 
 def _band_named(module: str, name: str) -> Band:
