@@ -18,19 +18,41 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numba import typeof, types
 
 # cblas_sgemm's enums: row-major storage, no transposition.
 ROW_MAJOR = 101
 NO_TRANS = 111
 
 
-class Blas(NamedTuple):
-    """NumPy's OpenBLAS: ``sgemm`` for the kernels (a ctypes function: Numba calls it natively)."""
+def _address_of(function: KernelFunction) -> int:
+    return function.address
 
-    sgemm: ctypes._CFuncPtr  # cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+class KernelFunction:
+    """A C function that kernels receive as an argument and call natively, as they would a ctypes function. A
+    ctypes function is typed and cast to its address by Python code at every launch (~4 us, ~70 launches a
+    forward); this object's Numba type is read from ``_numba_type_`` in C, and its address from an attribute."""
+
+    __slots__ = ("function", "address", "_numba_type_")
+
+    def __init__(self, function: ctypes._CFuncPtr) -> None:
+        self.function = function  # keeps the code the address points to alive
+        self.address = ctypes.cast(function, ctypes.c_void_p).value
+        ctypes_type = typeof(function)
+        self._numba_type_ = types.ExternalFunctionPointer(ctypes_type.sig, _address_of, ctypes_type.cconv)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
+
+
+class Blas(NamedTuple):
+    """NumPy's OpenBLAS: ``sgemm`` for the kernels."""
+
+    sgemm: KernelFunction  # cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
     set_num_threads: ctypes._CFuncPtr  # int openblas_set_num_threads_local(int): sets, returns the previous
 
 
@@ -77,7 +99,7 @@ def find_blas() -> Blas | None:
             if hasattr(library, symbol):
                 sgemm = sgemm_prototype(integer)((symbol, library))
                 set_num_threads = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
-                return Blas(sgemm, set_num_threads(("openblas_set_num_threads_local", library)))
+                return Blas(KernelFunction(sgemm), set_num_threads(("openblas_set_num_threads_local", library)))
     return None
 
 

@@ -26,7 +26,7 @@ import threading
 
 from numba import carray, cfunc, njit, types
 
-from .blas import NUMPY_OPENBLAS, numpy_products_asked, sgemm_prototype
+from .blas import NUMPY_OPENBLAS, KernelFunction, numpy_products_asked, sgemm_prototype
 from .simd import FAST, LANES, WIDE_VECTORS, broadcast, fma, load, scratch, splat, store
 
 
@@ -153,10 +153,10 @@ def _sgemm(order, trans_a, trans_b, rows, columns, depth, alpha, x, x_stride, we
 
 
 _COMPILING = threading.Lock()
-_compiled = None  # (the compiled C function, a pointer to it): the code lives as long as that function object
+_compiled = None  # (the compiled C function, its KernelFunction): the code lives as long as that function object
 
 
-def sgemm() -> ctypes._CFuncPtr:
+def sgemm() -> KernelFunction:
     """This module's product as a ``cblas_sgemm`` with 64-bit integers, as in the OpenBLAS that NumPy >= 2
     bundles (so the kernels' calls through either compile alike). Only what the kernels ask for is
     implemented: row-major operands, neither transposed, alpha 1, beta 0.
@@ -175,5 +175,5 @@ def sgemm() -> ctypes._CFuncPtr:
                                    types.float32, floats, types.int64, floats, types.int64, types.float32, floats,
                                    types.int64)
             function = cfunc(signature, **FAST)(_sgemm)
-            _compiled = (function, sgemm_prototype(ctypes.c_int64)(function.address))
+            _compiled = (function, KernelFunction(sgemm_prototype(ctypes.c_int64)(function.address)))
         return _compiled[1]
