@@ -85,6 +85,22 @@ def _weighted_window(probabilities, at, values, neighbour_at, value_at, window, 
     return _weighted_sum(probabilities, at, values, neighbour_at, value_at, window, count)
 
 
+_HEAD_DIM = 32  # every published DiNAT, NAT and isotropic model's channels per head
+
+
+@njit(inline="always", **FAST)
+def _block_dots(values, row_offsets, first, keys_at, query, whole_channels):
+    # LANES rows of key channels times the query's whole vectors of channels, as a block (row_sums finishes
+    # the dot products). Given a constant channel count the loop unrolls and each row's offset is loaded
+    # once for all its channels, where a run-time count reloads the LANES offsets at every channel step
+    # (they do not fit in the registers beside the block).
+    totals = zeros()
+    for t in range(0, whole_channels, LANES):  # a constant lane count: plain loads
+        keys = load_rows(values, row_offsets, first, keys_at + t, LANES, LANES)
+        totals = fma_rows(keys, load(query, t, LANES), totals)
+    return totals
+
+
 # The q/k/v product's bias is folded into the attention instead of being added by a pass of its own:
 # softmax(scale (q + b_q).(k + b_k) + rpb) (v + b_v). The term scale (q + b_q).b_k is the same for
 # every key of a query, and softmax is unchanged by a constant added to a query's logits, so b_k drops
@@ -158,13 +174,13 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                 largest = splat(-np.inf)
                 keys_at = window_at + channels + head_at
                 for n in range(0, blocks_end, LANES):
-                    totals = zeros()
-                    for t in range(0, whole_channels, LANES):  # a constant lane count: plain loads
-                        keys = load_rows(values, neighbour_at[n:], keys_at + t, LANES, LANES)
-                        totals = fma_rows(keys, load(query, t, LANES), totals)
+                    if head_dim == _HEAD_DIM:
+                        totals = _block_dots(values, neighbour_at, n, keys_at, query, _HEAD_DIM)
+                    else:
+                        totals = _block_dots(values, neighbour_at, n, keys_at, query, whole_channels)
                     if whole_channels < head_dim:
                         count = head_dim - whole_channels
-                        keys = load_rows(values, neighbour_at[n:], keys_at + whole_channels, LANES, count)
+                        keys = load_rows(values, neighbour_at, n, keys_at + whole_channels, LANES, count)
                         totals = fma_rows(keys, load(query, whole_channels, count), totals)
                     logits = add(row_sums(totals), load(bias_table, bias_at + n, LANES))
                     store(probabilities, next_at + n, LANES, logits)
@@ -305,9 +321,9 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
             rows = min(LANES, vector_queries - v * LANES)
             for t in range(0, head_dim, LANES):
                 count = min(LANES, head_dim - t)
-                block = load_rows(values, pixel_at[v * LANES:], h * head_dim + t, rows, count)
+                block = load_rows(values, pixel_at, v * LANES, h * head_dim + t, rows, count)
                 block = fma_rows(block, splat(scale), load(query_bias, h * head_dim + t, count))
-                store_rows(queries, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES, transpose(block))
+                store_rows(queries, _LOCAL_ROWS, 0, (v * head_dim + t) * LANES, count, LANES, transpose(block))
 
         vector_stride = head_dim * LANES
         key_channel = channels + h * head_dim
@@ -392,8 +408,8 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
             rows = min(LANES, vector_queries - v * LANES)
             for t in range(0, head_dim, LANES):
                 count = min(LANES, head_dim - t)
-                block = transpose(load_rows(context, _LOCAL_ROWS, (v * head_dim + t) * LANES, count, LANES))
-                store_rows(context_out, out_at[v * LANES:], t, rows, count, block)
+                block = transpose(load_rows(context, _LOCAL_ROWS, 0, (v * head_dim + t) * LANES, count, LANES))
+                store_rows(context_out, out_at, v * LANES, t, rows, count, block)
 
         for n in range(vector_queries, window):  # the remainder, one query at a time, one dot product per key
             for t in range(0, head_dim, LANES):

@@ -259,44 +259,45 @@ def _row_lanes(builder, row, rows, lanes):
 
 
 def _row_addresses(context, builder, signature, args):
-    # array.flat[row_offsets[j] + offset] for the LANES rows j (row_offsets read only for the rows < rows)
+    # array.flat[row_offsets[first + j] + offset] for the LANES rows j (row_offsets read only for the rows < rows)
     array_type, offsets_type = signature.args[0], signature.args[1]
-    array, row_offsets, offset, rows = args[:4]
+    array, row_offsets, first, offset, rows = args[:5]
     offsets_data = context.make_array(offsets_type)(context, builder, row_offsets).data
     addresses = []
     for row in range(LANES):
         # rows past `rows` point at the array's start: their masked accesses touch nothing
         inside = builder.icmp_signed("<", ir.Constant(rows.type, row), rows)
-        row_offset = builder.load(builder.gep(offsets_data, [builder.select(inside, ir.Constant(rows.type, row),
-                                                                             ir.Constant(rows.type, 0))]))
+        index = builder.select(inside, builder.add(first, ir.Constant(first.type, row)), first)
+        row_offset = builder.load(builder.gep(offsets_data, [index]))
         at = builder.select(inside, builder.add(row_offset, offset), ir.Constant(offset.type, 0))
         addresses.append(_address(context, builder, array_type, array, at))
     return addresses
 
 
 @intrinsic
-def load_rows(typingctx, array, row_offsets, offset, rows, lanes):
-    """LANES vectors: row ``j < rows`` is ``load(array, row_offsets[j] + offset, lanes)``, the rest zero."""
+def load_rows(typingctx, array, row_offsets, first, offset, rows, lanes):
+    """LANES vectors: row ``j < rows`` is ``load(array, row_offsets[first + j] + offset, lanes)``, the rest zero.
+    (An index into ``row_offsets``, not a slice of it: a slice in a kernel's loop costs reference counting.)"""
 
     def codegen(context, builder, signature, args):
-        loaded = [_load_lanes(builder, address, _row_lanes(builder, row, args[3], args[4]))
+        loaded = [_load_lanes(builder, address, _row_lanes(builder, row, args[4], args[5]))
                   for row, address in enumerate(_row_addresses(context, builder, signature, args))]
         return _block(context, builder, loaded)
 
-    return _BLOCK_TYPE(array, row_offsets, offset, rows, lanes), codegen
+    return _BLOCK_TYPE(array, row_offsets, first, offset, rows, lanes), codegen
 
 
 @intrinsic
-def store_rows(typingctx, array, row_offsets, offset, rows, lanes, block):
-    """``store(array, row_offsets[j] + offset, lanes, block[j])`` for the rows ``j < rows``."""
+def store_rows(typingctx, array, row_offsets, first, offset, rows, lanes, block):
+    """``store(array, row_offsets[first + j] + offset, lanes, block[j])`` for the rows ``j < rows``."""
 
     def codegen(context, builder, signature, args):
         addresses = _row_addresses(context, builder, signature, args)
-        for row, (value, address) in enumerate(zip(_rows(builder, args[5]), addresses, strict=True)):
-            _store_lanes(builder, value, address, _row_lanes(builder, row, args[3], args[4]))
+        for row, (value, address) in enumerate(zip(_rows(builder, args[6]), addresses, strict=True)):
+            _store_lanes(builder, value, address, _row_lanes(builder, row, args[4], args[5]))
         return context.get_dummy_value()
 
-    return types.none(array, row_offsets, offset, rows, lanes, block), codegen
+    return types.none(array, row_offsets, first, offset, rows, lanes, block), codegen
 
 
 @intrinsic
