@@ -13,9 +13,9 @@ from .. import common
 from ..common import check_global_grid, check_qkv_bias, check_window
 from .band import BOOL, FLOAT, INT, band, floats, integers
 from .layout import aligned_empty
-from .simd import (FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum, largest_lane, load, load_rows,
-                   maximum, multiply, power_of_two, row_sums, scratch, splat, store, store_rows, subtract, transpose,
-                   zeros)
+from .simd import (CACHE_LINE_FLOATS, FAST, LANES, add, broadcast, divide, floor, fma, fma_rows, lane_sum,
+                   largest_lane, load, load_rows, maximum, multiply, power_of_two, prefetch, row_sums, scratch, splat,
+                   store, store_rows, subtract, transpose, zeros)
 from .threads import launching, thread_count
 
 window_starts = njit(cache=True)(common.window_starts)  # NATTEN's border rule, compiled: the kernels call it
@@ -173,6 +173,14 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                                                load(query_bias, head_at + t, count)))
                 largest = splat(-np.inf)
                 keys_at = window_at + channels + head_at
+                if step + 2 < width:
+                    # the key and value of the window's last neighbour two queries ahead: the one pixel that
+                    # this row of queries reads first there (the others were read by the row above)
+                    ahead_at = ((b * height + row_start[i]) * width + col_start[step + 2]) * pixel_stride
+                    ahead_at += neighbour_at[window - 1] + channels + head_at
+                    for t in range(0, head_dim, CACHE_LINE_FLOATS):
+                        prefetch(values, ahead_at + t)
+                        prefetch(values, ahead_at + channels + t)
                 for n in range(0, blocks_end, LANES):
                     if head_dim == _HEAD_DIM:
                         totals = _block_dots(values, neighbour_at, n, keys_at, query, _HEAD_DIM)
