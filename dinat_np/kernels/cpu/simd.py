@@ -161,6 +161,21 @@ def broadcast(typingctx, array, offset):
 
 
 @intrinsic
+def prefetch(typingctx, array, offset):
+    """Ask for the cache line of ``array.flat[offset]`` in L1, ahead of its use (no fault if it is outside)."""
+
+    def codegen(context, builder, signature, args):
+        byte_pointer = ir.IntType(8).as_pointer()
+        address = builder.bitcast(_address(context, builder, signature.args[0], args[0], args[1]), byte_pointer)
+        function = _llvm_intrinsic(builder, "llvm.prefetch.p0", ir.VoidType(), [byte_pointer, _I32, _I32, _I32])
+        # a read (0), kept close (locality 3), of data (1)
+        builder.call(function, [address, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(array, offset), codegen
+
+
+@intrinsic
 def splat(typingctx, x):
     """The scalar ``x`` (as float32) in every lane."""
 
@@ -395,17 +410,3 @@ def scratch(size):
     first = -(buffer.ctypes.data // 4) % CACHE_LINE_FLOATS
     return buffer[first : first + size]
 
-
-@intrinsic
-def prefetch(typingctx, array, offset):
-    """Ask for the cache line of ``array.flat[offset]`` in L1, ahead of its use (no fault if it is outside)."""
-
-    def codegen(context, builder, signature, args):
-        byte_pointer = ir.IntType(8).as_pointer()
-        address = builder.bitcast(_address(context, builder, signature.args[0], args[0], args[1]), byte_pointer)
-        function = _llvm_intrinsic(builder, "llvm.prefetch.p0", ir.VoidType(), [byte_pointer, _I32, _I32, _I32])
-        # a read (0), kept close (locality 3), of data (1)
-        builder.call(function, [address, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(array, offset), codegen
