@@ -409,4 +409,3 @@ def scratch(size):
     buffer = np.empty(size + CACHE_LINE_FLOATS, np.float32)
     first = -(buffer.ctypes.data // 4) % CACHE_LINE_FLOATS
     return buffer[first : first + size]
-
