@@ -175,12 +175,15 @@ def _na_sliding_band(qkv, query_bias, value_bias, bias_table, neighbour_at, kern
                 keys_at = window_at + channels + head_at
                 if step + 2 < width:
                     # the key and value of the window's last neighbour two queries ahead: the one pixel that
-                    # this row of queries reads first there (the others were read by the row above)
+                    # this row of queries reads first there (the others were read by the row above); and that
+                    # query's own channels, which no other task of this thread read
                     ahead_at = ((b * height + row_start[i]) * width + col_start[step + 2]) * pixel_stride
                     ahead_at += neighbour_at[window - 1] + channels + head_at
+                    query_ahead_at = (pixel + 2) * pixel_stride + head_at
                     for t in range(0, head_dim, CACHE_LINE_FLOATS):
                         prefetch(values, ahead_at + t)
                         prefetch(values, ahead_at + channels + t)
+                        prefetch(values, query_ahead_at + t)
                 for n in range(0, blocks_end, LANES):
                     if head_dim == _HEAD_DIM:
                         totals = _block_dots(values, neighbour_at, n, keys_at, query, _HEAD_DIM)
@@ -324,6 +327,11 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
             pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
             pixel_at[n] = pixel * 3 * channels
             out_at[n] = pixel * channels + h * head_dim
+            # the group's keys and values are scattered lines, from L3 or memory at batch 8: asked for all
+            # at once here, they arrive while the queries are transposed
+            for t in range(0, head_dim, CACHE_LINE_FLOATS):
+                prefetch(values, pixel_at[n] + channels + h * head_dim + t)
+                prefetch(values, pixel_at[n] + 2 * channels + h * head_dim + t)
 
         for v in range(padded_queries // LANES):
             rows = min(LANES, vector_queries - v * LANES)
