@@ -322,6 +322,8 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
         group_row = (task // heads) % groups // dilation
         group_col = (task // heads) % dilation
         h = task % heads
+        key_channel = channels + h * head_dim  # where this head's key and value channels start in a pixel
+        value_channel = 2 * channels + h * head_dim
         for n in range(window):
             row = group_row + n // kernel_size * dilation
             pixel = (b * height + row) * width + group_col + n % kernel_size * dilation
@@ -330,8 +332,8 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
             # the group's keys and values are scattered lines, from L3 or memory at batch 8: asked for all
             # at once here, they arrive while the queries are transposed
             for t in range(0, head_dim, CACHE_LINE_FLOATS):
-                prefetch(values, pixel_at[n] + channels + h * head_dim + t)
-                prefetch(values, pixel_at[n] + 2 * channels + h * head_dim + t)
+                prefetch(values, pixel_at[n] + key_channel + t)
+                prefetch(values, pixel_at[n] + value_channel + t)
 
         for v in range(padded_queries // LANES):
             rows = min(LANES, vector_queries - v * LANES)
@@ -342,7 +344,6 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
                 store_rows(queries, _LOCAL_ROWS, 0, (v * head_dim + t) * LANES, count, LANES, transpose(block))
 
         vector_stride = head_dim * LANES
-        key_channel = channels + h * head_dim
         for v in range(0, padded_queries // LANES, 3):
             for key in range(0, window, 4):
                 # a block past the last key recomputes that key, not stored
@@ -390,7 +391,6 @@ def _na_whole_groups_band(qkv, query_bias, value_bias, bias_table, kernel_size, 
                 for key in range(window):
                     attn[b, h, pixel // width % height, pixel % width, key] = logits[key * padded_queries + n]
 
-        value_channel = 2 * channels + h * head_dim
         for v in range(0, padded_queries // LANES, 3):
             for t in range(0, head_dim, 4):
                 # a block past the last channel recomputes that channel, not stored
