@@ -86,13 +86,15 @@ def test_fused_qkv_bias_equals_biased_input(height, width, heads, head_dim, kern
     [(2, 16, 32, 7, 1, 7, 7, True), (1, 2, 32, 7, 8, 56, 56, True), (2, 3, 20, 3, 2, 6, 6, False),
      (1, 2, 40, 5, 3, 15, 15, True), (2, 1, 8, 9, 1, 9, 9, True), (1, 4, 16, 3, 1, 3, 3, False),
      (1, 1, 24, 17, 1, 17, 17, True), (2, 2, 32, 7, 1, 20, 23, True), (1, 3, 20, 5, 2, 17, 19, False),
-     (1, 1, 8, 17, 1, 19, 20, True), (1, 2, 48, 3, 4, 14, 13, True), (2, 2, 8, 1, 3, 3, 3, True)],
+     (1, 1, 8, 17, 1, 19, 20, True), (1, 2, 48, 3, 4, 14, 13, True), (2, 2, 8, 1, 3, 3, 3, True),
+     (1, 2, 32, 7, 2, 20, 14, True)],
 )
 def test_fused_attention_equals_float64_reference(batch, heads, head_dim, kernel_size, dilation, height, width,
                                                   with_bias):
     # Both CPU kernels: maps exactly kernel_size x dilation across (the dense per-group kernel) and
     # sliding windows clamped at the borders; head sizes that are not multiples of 16 (masked lanes),
-    # windows of 9 to 289 keys (kernel sizes above 16: bias rows longer than a vector).
+    # windows of 9 to 289 keys (kernel sizes above 16: bias rows longer than a vector); sliding windows on a
+    # map exactly kernel_size x dilation wide but taller (20 x 14: every window spans its whole column class).
     rng = np.random.default_rng(height * 100 + width + head_dim)
     qkv = rng.standard_normal((batch, height, width, 3, heads, head_dim)).astype(np.float32)
     qkv_bias = rng.standard_normal(3 * heads * head_dim).astype(np.float32) if with_bias else None
