@@ -4,6 +4,7 @@ where the map is exactly ``kernel_size * dilation`` across) and the unfused, ref
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -578,23 +579,36 @@ def global_attention(
     return context, attention
 
 
+_NO_ATTENTION = np.empty((0, 0, 0, 0, 0), np.float32)  # the kernels' attn when none is asked for: never written
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(channels: int) -> np.ndarray:
+    """Zero q and v biases for a q/k/v product without bias (only read, by the kernels)."""
+    return np.zeros(channels, np.float32)
+
+
 def _attention(
     qkv: np.ndarray, rpb: np.ndarray, kernel_size: int, dilation: int, scale: float, return_attention: bool,
     qkv_bias: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    # the two ops above, once their window is checked
+    # the two ops above, once their window is checked. Few NumPy calls: each costs microseconds in a forward,
+    # where the kernels have just filled the caches with other data.
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
-    query_bias = np.zeros(channels, np.float32)
-    value_bias = np.zeros(channels, np.float32)
-    if qkv_bias is not None:
+    if qkv_bias is None:
+        query_bias = value_bias = _zeros(channels)
+    else:
         check_qkv_bias(np.shape(qkv_bias), heads, head_dim)
-        qkv_bias = np.asarray(qkv_bias, dtype=np.float32)
-        query_bias[:] = qkv_bias[:channels] * np.float32(scale)
-        value_bias[:] = qkv_bias[2 * channels:]
+        # a copy, writable whatever was passed: a read-only value bias would be another type to the kernels
+        qkv_bias = np.array(qkv_bias, dtype=np.float32)
+        query_bias = qkv_bias[:channels] * np.float32(scale)
+        value_bias = qkv_bias[2 * channels:]
     out = aligned_empty((batch, height, width, heads, head_dim))
-    shape = (batch, heads, height, width, kernel_size * kernel_size) if return_attention else (0, 0, 0, 0, 0)
-    attn = np.empty(shape, np.float32)
+    if return_attention:
+        attn = np.empty((batch, heads, height, width, kernel_size * kernel_size), np.float32)
+    else:
+        attn = _NO_ATTENTION
     # the kernels address q/k/v, rpb and the output by flat offsets: C order
     qkv = np.ascontiguousarray(qkv, dtype=np.float32)
     rpb = np.ascontiguousarray(rpb, dtype=np.float32)
