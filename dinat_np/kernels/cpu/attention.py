@@ -4,7 +4,6 @@ where the map is exactly ``kernel_size * dilation`` across) and the unfused, ref
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -582,12 +581,6 @@ def global_attention(
 _NO_ATTENTION = np.empty((0, 0, 0, 0, 0), np.float32)  # the kernels' attn when none is asked for: never written
 
 
-@functools.lru_cache(maxsize=16)
-def _zeros(channels: int) -> np.ndarray:
-    """Zero q and v biases for a q/k/v product without bias (only read, by the kernels)."""
-    return np.zeros(channels, np.float32)
-
-
 def _attention(
     qkv: np.ndarray, rpb: np.ndarray, kernel_size: int, dilation: int, scale: float, return_attention: bool,
     qkv_bias: np.ndarray | None,
@@ -597,7 +590,7 @@ def _attention(
     batch, height, width, _, heads, head_dim = qkv.shape
     channels = heads * head_dim
     if qkv_bias is None:
-        query_bias = value_bias = _zeros(channels)
+        query_bias = value_bias = np.zeros(channels, np.float32)  # one zero vector: the kernels only read it
     else:
         check_qkv_bias(np.shape(qkv_bias), heads, head_dim)
         # a copy, writable whatever was passed: a read-only value bias would be another type to the kernels
