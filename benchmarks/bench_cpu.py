@@ -316,8 +316,10 @@ def engine_products() -> str:
     """Where the engine's matrix products run (``dinat_np.kernels.cpu.gemm.PRODUCTS``), in words."""
     from dinat_np.kernels.cpu import products
 
-    return {"own": "its own kernel (cpu/gemm.py; AVX-512)", "openblas": "NumPy's OpenBLAS, called from the kernels",
-            "numpy": "NumPy's matmul"}[products._PRODUCTS]
+    from dinat_np.kernels.cpu.gemm import TILE_COLUMNS
+
+    return {"own": f"its own kernel (cpu/gemm.py; weights packed in {TILE_COLUMNS}-column panels)",
+            "openblas": "NumPy's OpenBLAS, called from the kernels", "numpy": "NumPy's matmul"}[products._PRODUCTS]
 
 
 def blas_info() -> str:

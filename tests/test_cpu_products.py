@@ -128,7 +128,9 @@ def test_mlp_refuses_an_unknown_activation():
 
 
 def conv_reference(x, weight_cols, bias):
-    """3x3, stride 2, zero padding 1, channels-last, in float64: nine shifted products."""
+    """3x3, stride 2, zero padding 1, channels-last, in float64: nine shifted products (``weight_cols`` as
+    ``cpu.conv_weight`` gives it: packed for the own product where it runs)."""
+    weight_cols = cpu.download(weight_cols)
     batch, height, width, channels = x.shape
     out_height, out_width = (height + 1) // 2, (width + 1) // 2
     padded = np.pad(x.astype(np.float64), ((0, 0), (1, 2), (1, 2), (0, 0)))
@@ -262,21 +264,30 @@ def test_whole_model_agrees_on_every_product_path(monkeypatch):
         np.testing.assert_allclose(model(pixels).logits, through_numpy, rtol=0, atol=1e-5, err_msg=path)
 
 
-# Tiles of 6 rows x 64 columns, panels 128 deep, chunks of rows: shapes with remainders of each, and
-# products written into a part of a larger output (the MLP's blocks, the few-row column split).
+# Tiles of 6 rows x 64 columns (16 with AVX2), panels 128 deep (256), chunks of rows: shapes with remainders
+# of each, and products written into a part of a larger output (the MLP's blocks, the few-row column split).
 @pytest.mark.parametrize("rows, depth, columns", [(1, 1, 1), (5, 3, 17), (6, 64, 64), (13, 129, 65), (50, 300, 200),
-                                                  (700, 16, 48), (9, 1536, 40), (4, 0, 9)])
+                                                  (700, 16, 48), (9, 1536, 40), (4, 0, 9), (7, 257, 70)])
 def test_own_sgemm_equals_float64_reference(rows, depth, columns):
     rng = np.random.default_rng(depth)
     x = rng.standard_normal((rows + 3, depth), dtype=np.float32)
-    weight_t = rng.standard_normal((depth, columns + 20), dtype=np.float32)
+    weight = gemm.pack(rng.standard_normal((depth, columns), dtype=np.float32))
     y = np.full((rows + 5, columns + 20), 7.0, np.float32)
     gemm.sgemm()(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, rows, columns, depth, 1.0,
-                 x.ctypes.data + 3 * depth * 4, depth, weight_t.ctypes.data + 20 * 4, columns + 20, 0.0,
-                   y.ctypes.data + (5 * (columns + 20) + 20) * 4, columns + 20)
-    expected = x[3:].astype(np.float64) @ weight_t[:, 20:].astype(np.float64)
+                 x.ctypes.data + 3 * depth * 4, depth, weight.panels.ctypes.data, gemm.TILE_COLUMNS, 0.0,
+                 y.ctypes.data + (5 * (columns + 20) + 20) * 4, columns + 20)
+    expected = x[3:].astype(np.float64) @ weight.matrix().astype(np.float64)
     np.testing.assert_allclose(y[5:, 20:], expected, rtol=0, atol=1e-5 * max(depth, 1) ** 0.5)
     assert (y[:5] == 7.0).all() and (y[:, :20] == 7.0).all()  # nothing written outside its rows and columns
+
+
+@pytest.mark.parametrize("depth, columns", [(1, 1), (3, 17), (64, 64), (129, 200), (0, 9)])
+def test_a_packed_weight_gives_back_its_matrix(depth, columns):
+    matrix = np.random.default_rng(columns).standard_normal((depth, columns), dtype=np.float32)
+    weight = gemm.pack(matrix)
+    assert weight.shape == (depth, columns) and weight.panels.shape[1] == gemm.TILE_COLUMNS
+    assert weight.panels.ctypes.data % 64 == 0  # the panels' rows start on cache lines
+    assert np.array_equal(weight.matrix(), matrix) and np.array_equal(cpu.download(weight), matrix)
 
 
 def test_op_outputs_start_on_cache_lines(products):
@@ -295,24 +306,27 @@ def test_op_outputs_start_on_cache_lines(products):
 
 
 def test_products_run_where_they_are_fastest(monkeypatch):
-    """Own product with 512-bit vectors, else NumPy's OpenBLAS from the kernels, else NumPy's matmul;
-    DINAT_NP_NUMPY_BLAS=1 asks for NumPy's matmul whatever the CPU."""
+    """Own product on x86-64 with AVX2 and FMA (or AVX-512), else NumPy's OpenBLAS from the kernels, else
+    NumPy's matmul; DINAT_NP_NUMPY_BLAS=1 asks for NumPy's matmul whatever the CPU."""
     monkeypatch.delenv("DINAT_NP_NUMPY_BLAS", raising=False)
     blas = object()
-    for wide, openblas, expected in ((True, blas, "own"), (True, None, "own"), (False, blas, "openblas"),
-                                     (False, None, "numpy")):
-        monkeypatch.setattr(gemm, "WIDE_VECTORS", wide)
+    for fma_vectors, openblas, expected in ((True, blas, "own"), (True, None, "own"), (False, blas, "openblas"),
+                                            (False, None, "numpy")):
+        monkeypatch.setattr(gemm, "FMA_VECTORS", fma_vectors)
         monkeypatch.setattr(gemm, "NUMPY_OPENBLAS", openblas)
         assert gemm._products() == expected
     monkeypatch.setenv("DINAT_NP_NUMPY_BLAS", "1")
     assert gemm._products() == "numpy"
 
 
-def test_wide_vectors_follow_the_features_numba_compiles_for(monkeypatch):
-    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,-avx512f")
-    assert not simd._has_wide_vectors()
-    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512f,+fma")
-    assert simd._has_wide_vectors()
+def test_vector_widths_follow_the_features_numba_compiles_for(monkeypatch):
+    for features, wide, fma_vectors in (("+avx2,+fma,-avx512f", False, True), ("+avx2,+avx512f,+fma", True, True),
+                                        ("+avx,-avx2,-fma", False, False), ("+neon,+fp-armv8", False, False)):
+        monkeypatch.setenv("NUMBA_CPU_FEATURES", features)
+        assert (simd._has_wide_vectors(), simd._has_fma_vectors()) == (wide, fma_vectors), features
+    monkeypatch.setenv("NUMBA_CPU_NAME", "generic")  # a named CPU without features: none
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "")
+    assert not simd._has_fma_vectors()
 
 
 def test_own_sgemm_is_compiled_once_and_kept_alive():
@@ -323,10 +337,10 @@ def test_own_sgemm_is_compiled_once_and_kept_alive():
     first = gemm.sgemm()
     gc.collect()
     assert gemm.sgemm() is first
-    x, weight_t = np.ones((7, 3), np.float32), np.full((3, 5), 2.0, np.float32)
+    x, weight = np.ones((7, 3), np.float32), gemm.pack(np.full((3, 5), 2.0, np.float32))
     y = np.zeros((7, 5), np.float32)
     first(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, 7, 5, 3, 1.0, x.ctypes.data, 3,
-          weight_t.ctypes.data, 5, 0.0, y.ctypes.data, 5)
+          weight.panels.ctypes.data, gemm.TILE_COLUMNS, 0.0, y.ctypes.data, 5)
     assert (y == 6.0).all()
 
 

@@ -10,7 +10,8 @@ from numba import njit, prange, types
 from ..common import Conv, Linear, check_patch_size
 from .band import INT, band, floats
 from .layout import aligned_empty
-from .products import MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_blas
+from .products import (MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_blas,
+                       weight_operand)
 from .simd import FAST, LANES, broadcast, fma, load, splat, store
 from .threads import launching, thread_count
 
@@ -73,12 +74,14 @@ _DIRECT_MAX_CHANNELS = 16
 
 @band(floats(1, True), _SHAPE, _SHAPE, floats(2, True), floats(1, True), floats(2), INT, INT)
 def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_row):
-    # output rows first_row..stop_row - 1 (flat over images and rows); x read as in _im2col_rows
+    # output rows first_row..stop_row - 1 (flat over images and rows); x read as in _im2col_rows; weight_cols
+    # in panels (see products), whose width is a multiple of the two vectors of output channels taken at once
     _, height, width, channels = shape
     batch_stride, row_stride, column_stride, channel_stride = strides
     out_height = (height + 1) // 2
     out_width = (width + 1) // 2
     out_channels = y.shape[1]
+    panel_width = weight_cols.shape[1]
     weights = weight_cols.reshape(-1)
     out = y.reshape(-1)
     for row in range(first_row, stop_row):
@@ -86,6 +89,7 @@ def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_r
         for oj in range(0, out_width, 4):
             for co in range(0, out_channels, 2 * LANES):
                 count = out_channels - co  # lanes of the two vectors: min(16, count) and count - 16
+                panel_at = co // panel_width * 9 * channels * panel_width + co % panel_width
                 low0 = low1 = low2 = low3 = load(bias, co, count)
                 high0 = high1 = high2 = high3 = load(bias, co + LANES, count - LANES)
                 for di in range(3):
@@ -97,7 +101,7 @@ def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_r
                         # (the padding). Written out: an inlined helper for this test ran far slower.
                         j = 2 * oj + dj - 1
                         for c in range(channels):
-                            w_at = ((di * 3 + dj) * channels + c) * out_channels + co
+                            w_at = panel_at + ((di * 3 + dj) * channels + c) * panel_width
                             w_low = load(weights, w_at, count)
                             w_high = load(weights, w_at + LANES, count - LANES)
                             at = b * batch_stride + i * row_stride + c * channel_stride
@@ -170,13 +174,12 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     out_channels = weight_cols.shape[1]
     parts = thread_count()
     elements, strides = _elements_and_strides(x)
-    weight_cols = np.ascontiguousarray(weight_cols, dtype=np.float32)
     if channels <= _DIRECT_MAX_CHANNELS:
         bias = np.zeros(out_channels, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         y = aligned_empty((pixels, out_channels))
         with launching():
             _conv3x3_s2(_direct_conv_rows, _im2col_rows, kernel_sgemm(), min(parts, batch * out_height), elements,
-                        x.shape, strides, weight_cols, bias, NO_ROWS, y)
+                        x.shape, strides, weight_operand(weight_cols), bias, NO_ROWS, y)
         return y.reshape(batch, out_height, out_width, out_channels)
     few = pixels < MIN_ROWS_PER_THREAD * parts
     if kernel_sgemm() is None or few:  # no blocks: the patches whole, then the product (few pixels: it splits columns)
@@ -193,8 +196,8 @@ def conv3x3_stride2(x: np.ndarray, conv: Conv) -> np.ndarray:
     cols = aligned_empty((parts * block, 9 * channels))
     y = aligned_empty((pixels, out_channels))
     with launching(products_blas()):
-        _conv3x3_s2(_direct_conv_rows, _im2col_rows, kernel_sgemm(), parts, elements, x.shape, strides, weight_cols,
-                    bias, cols, y)
+        _conv3x3_s2(_direct_conv_rows, _im2col_rows, kernel_sgemm(), parts, elements, x.shape, strides,
+                    weight_operand(weight_cols), bias, cols, y)
     return y.reshape(batch, out_height, out_width, -1)
 
 

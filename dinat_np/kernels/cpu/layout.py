@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ..common import conv_weight_layout, linear_weight_layout
+from .gemm import PRODUCTS, PackedWeight, pack
 from .simd import scratch
 
 
@@ -26,20 +27,26 @@ def upload(array: np.ndarray) -> np.ndarray:
     return np.array(array, dtype=np.float32)
 
 
-def download(array: np.ndarray) -> np.ndarray:
-    """The host NumPy array of a backend array."""
-    return array
+def download(array: np.ndarray | PackedWeight) -> np.ndarray:
+    """The host NumPy array of a backend array (a packed weight's ``(in, out)`` matrix)."""
+    return array.matrix() if isinstance(array, PackedWeight) else array
 
 
-def linear_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in)`` PyTorch weight -> contiguous ``(in, out)``, copied once at load (the products run slower
-    on the transposed view)."""
-    return linear_weight_layout(weight)
+def _for_products(matrix: np.ndarray) -> np.ndarray | PackedWeight:
+    # packed once here where the own product runs (gemm: it reads packed panels fastest), else as it is
+    return pack(matrix) if PRODUCTS == "own" else matrix
 
 
-def conv_weight(weight: np.ndarray) -> np.ndarray:
-    """``(out, in, k, k)`` PyTorch weight -> ``(k * k * in, out)`` rows in im2col (row, column, channel) order."""
-    return conv_weight_layout(weight)
+def linear_weight(weight: np.ndarray) -> np.ndarray | PackedWeight:
+    """``(out, in)`` PyTorch weight -> ``(in, out)``, copied once at load (the products run slower on the
+    transposed view), packed for the own product where it runs."""
+    return _for_products(linear_weight_layout(weight))
+
+
+def conv_weight(weight: np.ndarray) -> np.ndarray | PackedWeight:
+    """``(out, in, k, k)`` PyTorch weight -> ``(k * k * in, out)`` rows in im2col (row, column, channel) order,
+    packed for the own product where it runs."""
+    return _for_products(conv_weight_layout(weight))
 
 
 def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -4,6 +4,12 @@ A product is computed inside the kernels by an ``sgemm``, the own (``gemm``) or 
 ``blas`` for why it is called from there), so that a thread applies the epilogue (bias and activation,
 or a closed residual branch and its LayerNorm) to rows it has just written; else NumPy's matmul runs
 first and a kernel applies the epilogue. Which of the three: ``gemm.PRODUCTS``.
+
+A weight is an ``(in, out)`` matrix, or that matrix packed for the own product (``gemm.PackedWeight``, as
+the backend's ``linear_weight`` and ``conv_weight`` make them where the own product runs): either is
+taken on every path, converted where it does not suit it. The kernels read a weight as a 2-D array of
+panels, each ``in`` rows deep and ``weight.shape[1]`` columns wide, one after the other: the packed
+panels, or the plain matrix as one panel as wide as itself.
 """
 
 from __future__ import annotations
@@ -77,6 +83,19 @@ def kernel_sgemm():
     return gemm.sgemm() if _PRODUCTS == "own" else _BLAS.sgemm if _PRODUCTS == "openblas" else None
 
 
+def weight_operand(weight: np.ndarray | gemm.PackedWeight) -> np.ndarray:
+    """What the kernels read for ``weight`` on this path: the own product's packed panels, else the plain
+    float32 matrix (converted when it came in the other form, e.g. a direct caller's matrix)."""
+    if _PRODUCTS == "own":
+        return (weight if isinstance(weight, gemm.PackedWeight) else gemm.pack(weight)).panels
+    return _floats(weight.matrix() if isinstance(weight, gemm.PackedWeight) else weight)
+
+
+def column_unit() -> int:
+    """The columns the threads split a few-row product's weight by: the own product's whole panels."""
+    return gemm.TILE_COLUMNS if _PRODUCTS == "own" else 1
+
+
 def products_blas():
     """``launching``'s argument for a kernel that multiplies: OpenBLAS, kept single-threaded while it runs, where
     the kernels call it."""
@@ -88,16 +107,19 @@ _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = int(Epilogue.RESIDUAL), int(Epilog
 
 
 @njit(inline="always", **FAST)
-def product_block(sgemm, x, x_row, weight_t, y, y_row, rows, first_col, stop_col):
-    # y[y_row : y_row + rows, cols] = x[x_row : x_row + rows] @ weight_t[:, cols] by one sgemm call on this
-    # thread (OpenBLAS is kept single-threaded meanwhile). Pointers are computed, not sliced: a view
-    # would be counted and freed.
+def product_block(sgemm, x, x_row, weight, y, y_row, rows, first_col, stop_col):
+    # y[y_row : y_row + rows, cols] = x[x_row : x_row + rows] @ (the weight's columns cols) by one sgemm call
+    # on this thread (OpenBLAS is kept single-threaded meanwhile); ``weight``: panels (see the module
+    # docstring), first_col at the start of one where there are several. Pointers are computed, not sliced:
+    # a view would be counted and freed.
     in_features = x.shape[1]
     out_features = y.shape[1]
+    panel_width = weight.shape[1]
+    weight_at = first_col // panel_width * in_features * panel_width + first_col % panel_width
     sgemm(
         ROW_MAJOR, NO_TRANS, NO_TRANS, rows, stop_col - first_col, in_features, np.float32(1.0),
-        x.ctypes.data + x_row * in_features * 4, in_features, weight_t.ctypes.data + first_col * 4,
-        out_features, np.float32(0.0), y.ctypes.data + (y_row * out_features + first_col) * 4, out_features,
+        x.ctypes.data + x_row * in_features * 4, in_features, weight.ctypes.data + weight_at * 4, panel_width,
+        np.float32(0.0), y.ctypes.data + (y_row * out_features + first_col) * 4, out_features,
     )
 
 
@@ -134,17 +156,20 @@ MIN_ROWS_PER_THREAD = 128
 
 
 @njit(parallel=True, **FAST)
-def _linear(epilogue_rows, sgemm, parts, x, weight_t, y, epilogue, bias, activation, scale, residual, norm_weight,
-            norm_bias, eps, normed):
+def _linear(epilogue_rows, sgemm, parts, column_unit, x, weight, y, epilogue, bias, activation, scale, residual,
+            norm_weight, norm_bias, eps, normed):
     # One task per thread (``parts`` of them). Many rows: each task takes a band of rows, multiplies it
     # (unless ``sgemm`` is None: then NumPy has filled y already) and applies the epilogue to the rows
-    # it has just written. Few rows: the tasks take bands of columns, then all rows get their epilogue.
-    # Cutting bands into blocks of 32-256 rows, to apply the epilogue while still in L1/L2, was slower.
+    # it has just written. Few rows: the tasks take bands of columns (whole multiples of column_unit),
+    # then all rows get their epilogue. Cutting bands into blocks of 32-256 rows, to apply the epilogue
+    # while still in L1/L2, was slower.
     rows, columns = y.shape
     if sgemm is not None and rows < MIN_ROWS_PER_THREAD * parts:
-        parts = min(parts, columns)
+        units = (columns + column_unit - 1) // column_unit
+        parts = min(parts, units)
         for part in prange(parts):
-            product_block(sgemm, x, 0, weight_t, y, 0, rows, columns * part // parts, columns * (part + 1) // parts)
+            product_block(sgemm, x, 0, weight, y, 0, rows, units * part // parts * column_unit,
+                          min(columns, units * (part + 1) // parts * column_unit))
         if epilogue != _EPILOGUE_NONE:
             for part in prange(parts):
                 epilogue_rows(y, rows * part // parts, rows * (part + 1) // parts, epilogue, bias, activation, scale,
@@ -155,7 +180,7 @@ def _linear(epilogue_rows, sgemm, parts, x, weight_t, y, epilogue, bias, activat
         first = rows * part // parts
         stop = rows * (part + 1) // parts
         if sgemm is not None:
-            product_block(sgemm, x, first, weight_t, y, first, stop - first, 0, columns)
+            product_block(sgemm, x, first, weight, y, first, stop - first, 0, columns)
         epilogue_rows(y, first, stop, epilogue, bias, activation, scale, residual, norm_weight, norm_bias, eps, normed)
 
 
@@ -168,24 +193,25 @@ def _floats(array: np.ndarray) -> np.ndarray:
 
 
 def _run_linear(
-    x: np.ndarray, weight_t: np.ndarray, epilogue: int, bias: np.ndarray = NO_BIAS, activation: int = 0,
-    scale: np.ndarray = NO_BIAS, residual: np.ndarray = NO_ROWS, norm_weight: np.ndarray = NO_BIAS,
-    norm_bias: np.ndarray = NO_BIAS, eps: float = 0.0, normed: np.ndarray = NO_ROWS,
+    x: np.ndarray, weight: np.ndarray | gemm.PackedWeight, epilogue: int, bias: np.ndarray = NO_BIAS,
+    activation: int = 0, scale: np.ndarray = NO_BIAS, residual: np.ndarray = NO_ROWS,
+    norm_weight: np.ndarray = NO_BIAS, norm_bias: np.ndarray = NO_BIAS, eps: float = 0.0,
+    normed: np.ndarray = NO_ROWS,
 ) -> np.ndarray:
-    """``x @ weight_t`` over the last axis of ``x`` as ``(rows, out)``, with ``epilogue`` applied in place."""
+    """``x @ weight`` over the last axis of ``x`` as ``(rows, out)``, with ``epilogue`` applied in place."""
     # BLAS reads raw row-major memory, and the epilogue band takes C-contiguous float32: operands are made so
     # (no copy when they are).
     x = _floats(x.reshape(-1, x.shape[-1]))
-    weight_t, bias, scale, residual, norm_weight, norm_bias = map(
-        _floats, (weight_t, bias, scale, residual, norm_weight, norm_bias))
-    y = aligned_empty((x.shape[0], weight_t.shape[1]))
+    bias, scale, residual, norm_weight, norm_bias = map(_floats, (bias, scale, residual, norm_weight, norm_bias))
+    y = aligned_empty((x.shape[0], weight.shape[1]))
+    operand = weight_operand(weight)
     sgemm = kernel_sgemm()
     if sgemm is None:
-        np.matmul(x, weight_t, out=y)
+        np.matmul(x, operand, out=y)
         if epilogue == _EPILOGUE_NONE:
             return y
     with launching(products_blas()):
-        _linear(_epilogue_rows, sgemm, thread_count(), x, weight_t, y, epilogue, bias,
+        _linear(_epilogue_rows, sgemm, thread_count(), column_unit(), x, operand, y, epilogue, bias,
                 activation, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
@@ -197,11 +223,11 @@ def _bias_or_zeros(linear: Linear) -> np.ndarray:
 
 def linear(x: np.ndarray, linear: Linear, activation: str = "identity") -> np.ndarray:
     """``activation(x @ linear.weight + linear.bias)`` over the last axis of ``x``; bias and activation in one pass."""
-    weight_t, bias = linear
+    weight, bias = linear
     if bias is None and activation == "identity":
-        y = _run_linear(x, weight_t, _EPILOGUE_NONE)
+        y = _run_linear(x, weight, _EPILOGUE_NONE)
     else:
-        y = _run_linear(x, weight_t, _EPILOGUE_ACTIVATION, _bias_or_zeros(linear), activation_code(activation))
+        y = _run_linear(x, weight, _EPILOGUE_ACTIVATION, _bias_or_zeros(linear), activation_code(activation))
     return y.reshape(x.shape[:-1] + (y.shape[1],))
 
 
@@ -234,7 +260,7 @@ _MLP_BLOCK_ROWS = 512
 
 
 @njit(parallel=True, **FAST)
-def _mlp(epilogue_rows, sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hidden, y, epilogue, bias, scale, residual,
+def _mlp(epilogue_rows, sgemm, parts, x, fc1, fc1_bias, activation, fc2, hidden, y, epilogue, bias, scale, residual,
          norm_weight, norm_bias, eps, normed):
     # ``hidden`` holds one block of rows per thread; each task is one thread's band of rows.
     rows = x.shape[0]
@@ -243,35 +269,36 @@ def _mlp(epilogue_rows, sgemm, parts, x, fc1_t, fc1_bias, activation, fc2_t, hid
         own = part * block  # this thread's first row in ``hidden``
         for start in range(rows * part // parts, rows * (part + 1) // parts, block):
             count = min(block, rows * (part + 1) // parts - start)
-            product_block(sgemm, x, start, fc1_t, hidden, own, count, 0, hidden.shape[1])
+            product_block(sgemm, x, start, fc1, hidden, own, count, 0, hidden.shape[1])
             epilogue_rows(hidden, own, own + count, _EPILOGUE_ACTIVATION, fc1_bias, activation, scale, residual,
                           norm_weight, norm_bias, eps, normed)  # the operands after fc1_bias go unread
-            product_block(sgemm, hidden, own, fc2_t, y, start, count, 0, y.shape[1])
+            product_block(sgemm, hidden, own, fc2, y, start, count, 0, y.shape[1])
             epilogue_rows(y, start, start + count, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps,
                           normed)
 
 
 def _run_mlp(
-    x: np.ndarray, fc1_t: np.ndarray, fc1_bias: np.ndarray, activation: str, fc2_t: np.ndarray, epilogue: int,
-    bias: np.ndarray, scale: np.ndarray, residual: np.ndarray, norm_weight: np.ndarray = NO_BIAS,
-    norm_bias: np.ndarray = NO_BIAS, eps: float = 0.0, normed: np.ndarray = NO_ROWS,
+    x: np.ndarray, fc1: np.ndarray | gemm.PackedWeight, fc1_bias: np.ndarray, activation: str,
+    fc2: np.ndarray | gemm.PackedWeight, epilogue: int, bias: np.ndarray, scale: np.ndarray, residual: np.ndarray,
+    norm_weight: np.ndarray = NO_BIAS, norm_bias: np.ndarray = NO_BIAS, eps: float = 0.0,
+    normed: np.ndarray = NO_ROWS,
 ) -> np.ndarray:
-    """``activation(x @ fc1_t + fc1_bias) @ fc2_t`` as ``(rows, out)``, with ``epilogue`` applied in place."""
+    """``activation(x @ fc1 + fc1_bias) @ fc2`` as ``(rows, out)``, with ``epilogue`` applied in place."""
     code = activation_code(activation)
     x = _floats(x.reshape(-1, x.shape[-1]))
     parts = thread_count()
     sgemm = kernel_sgemm()
     if sgemm is None or x.shape[0] < MIN_ROWS_PER_THREAD * parts:  # few rows: the products split columns
-        hidden = _run_linear(x, fc1_t, _EPILOGUE_ACTIVATION, fc1_bias, code)
-        return _run_linear(hidden, fc2_t, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
-    fc1_t, fc1_bias, fc2_t, bias, scale, residual, norm_weight, norm_bias = map(
-        _floats, (fc1_t, fc1_bias, fc2_t, bias, scale, residual, norm_weight, norm_bias))
+        hidden = _run_linear(x, fc1, _EPILOGUE_ACTIVATION, fc1_bias, code)
+        return _run_linear(hidden, fc2, epilogue, bias, 0, scale, residual, norm_weight, norm_bias, eps, normed)
+    fc1_bias, bias, scale, residual, norm_weight, norm_bias = map(
+        _floats, (fc1_bias, bias, scale, residual, norm_weight, norm_bias))
     block = min(_MLP_BLOCK_ROWS, -(-x.shape[0] // parts))
-    hidden = aligned_empty((parts * block, fc1_t.shape[1]))
-    y = aligned_empty((x.shape[0], fc2_t.shape[1]))
+    hidden = aligned_empty((parts * block, fc1.shape[1]))
+    y = aligned_empty((x.shape[0], fc2.shape[1]))
     with launching(products_blas()):
-        _mlp(_epilogue_rows, sgemm, parts, x, fc1_t, fc1_bias, code, fc2_t, hidden, y, epilogue, bias,
-             scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
+        _mlp(_epilogue_rows, sgemm, parts, x, weight_operand(fc1), fc1_bias, code, weight_operand(fc2), hidden, y,
+             epilogue, bias, scale, residual, norm_weight, norm_bias, np.float32(eps), normed)
     return y
 
 

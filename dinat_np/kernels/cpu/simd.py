@@ -27,18 +27,29 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 
-def _has_wide_vectors() -> bool:
+def _target_features() -> list[str]:
     # the features Numba compiles for: NUMBA_CPU_FEATURES where set, none for a named CPU (e.g. generic),
     # else the host's
     named_cpu = os.environ.get("NUMBA_CPU_NAME", "host") != "host"
     features = os.environ.get("NUMBA_CPU_FEATURES") or ("" if named_cpu else binding.get_host_cpu_features().flatten())
-    return "+avx512f" in features.split(",")
+    return features.split(",")
 
 
-# Whether the target has 512-bit vector registers (AVX-512): the kernels' vector width, and the own
-# matrix product (``gemm``) are chosen by it.
+def _has_wide_vectors() -> bool:
+    return "+avx512f" in _target_features()
+
+
+def _has_fma_vectors() -> bool:
+    features = _target_features()
+    return "+avx2" in features and "+fma" in features
+
+
+# Whether the target has 512-bit vector registers (AVX-512): the kernels' vector width is chosen by it.
 WIDE_VECTORS = _has_wide_vectors()
 LANES = 16 if WIDE_VECTORS else 8
+# Whether the target is an x86-64 with 256-bit fused multiply-adds (AVX2 and FMA; every AVX-512 CPU has
+# them): where the own matrix product (``gemm``) runs.
+FMA_VECTORS = _has_fma_vectors()
 CACHE_LINE_FLOATS = 16  # 64 bytes
 
 # The kernels' compile options. They let LLVM vectorise reductions and divisions: reassociation and
