@@ -82,8 +82,13 @@ def pack(matrix: np.ndarray) -> PackedWeight:
     return PackedWeight(panels.reshape(count * depth, TILE_COLUMNS), (depth, columns))
 
 
-# A tile row as a tuple of _TILE_VECTORS vectors (Numba prunes the branch of the other width).
-@njit(inline="always", **FAST)
+# A tile row is a tuple of _TILE_VECTORS vectors (Numba prunes the branch of the other width). The helpers
+# called at many sites are plain functions, which LLVM inlines into the C function: Numba's own inlining
+# copies a callee's code into each call site and processes it again there, and through the unrolled loop
+# that made the product's cold compile 4.4-5.1 s instead of 1.7-2.0. A plain callee's code is also loaded
+# apart from the C function's, and two copies of code that rounds may differ (band.py); these only move
+# floats or fuse multiply-adds, one rounding each, the same from any copy.
+@njit(**FAST)
 def _load_row(array, at, lanes):
     # a tile row's floats from array.flat[at:], zeros beyond ``lanes``
     if _TILE_VECTORS == 2:
@@ -92,7 +97,7 @@ def _load_row(array, at, lanes):
             load(array, at + 2 * LANES, lanes - 2 * LANES), load(array, at + 3 * LANES, lanes - 3 * LANES))
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _store_row(array, at, lanes, row):
     store(array, at, lanes, row[0])
     store(array, at + LANES, lanes - LANES, row[1])
@@ -101,7 +106,7 @@ def _store_row(array, at, lanes, row):
         store(array, at + 3 * LANES, lanes - 3 * LANES, row[3])
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _multiply_add(element, weights, row):
     if _TILE_VECTORS == 2:
         return fma(element, weights[0], row[0]), fma(element, weights[1], row[1])
@@ -120,7 +125,7 @@ def _start_row(y, at, lanes, first_k):
     return _load_row(y, at, lanes)
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _six_steps(x, x_at, x_stride, panel, panel_at, rows):
     # one k: the six rows' accumulators += x[row, k] * the panel's row (x_at: row 0's element k)
     weights = _load_row(panel, panel_at, TILE_COLUMNS)
@@ -132,9 +137,6 @@ def _six_steps(x, x_at, x_stride, panel, panel_at, rows):
             _multiply_add(broadcast(x, x_at + 5 * x_stride), weights, rows[5]))
 
 
-# Inlined, like every Numba function the C function calls that computes with floats (``scratch`` only
-# allocates): a callee compiled on its own would be loaded in a process that compiled the product, but not
-# in one that loaded it from the cache, and the two copies round differently (see band.py).
 @njit(inline="always", **FAST)
 def _six_rows(x, x_at, x_stride, panel, panel_at, first_k, stop_k, y, y_at, y_stride, lanes):
     # y's six rows from y_at (``y_stride`` apart), ``lanes`` columns: += x's six rows from x_at (``x_stride``
