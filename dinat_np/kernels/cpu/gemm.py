@@ -71,14 +71,17 @@ class PackedWeight(NamedTuple):
 
 
 def pack(matrix: np.ndarray) -> PackedWeight:
-    """``matrix`` ``(in, out)`` in panels of ``TILE_COLUMNS`` columns (zeros right of the last column), each
-    panel's rows one after the other, starting on a cache line."""
+    """``matrix`` ``(in, out)`` (any strides: a transposed view is copied once, straight into the panels) in
+    panels of ``TILE_COLUMNS`` columns, zeros right of the last column, each panel's rows one after the
+    other, starting on a cache line."""
     depth, columns = matrix.shape
     count = -(-columns // TILE_COLUMNS)
-    padded = np.zeros((depth, count * TILE_COLUMNS), np.float32)
-    padded[:, :columns] = matrix
+    whole = columns // TILE_COLUMNS
     panels = scratch(count * depth * TILE_COLUMNS).reshape(count, depth, TILE_COLUMNS)
-    panels[:] = padded.reshape(depth, count, TILE_COLUMNS).transpose(1, 0, 2)
+    panels[:whole] = matrix[:, : whole * TILE_COLUMNS].reshape(depth, whole, TILE_COLUMNS).transpose(1, 0, 2)
+    if whole < count:  # the last panel: the columns left, then zeros
+        panels[whole] = 0.0
+        panels[whole, :, : columns - whole * TILE_COLUMNS] = matrix[:, whole * TILE_COLUMNS :]
     return PackedWeight(panels.reshape(count * depth, TILE_COLUMNS), (depth, columns))
 
 

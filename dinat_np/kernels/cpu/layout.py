@@ -32,21 +32,19 @@ def download(array: np.ndarray | PackedWeight) -> np.ndarray:
     return array.matrix() if isinstance(array, PackedWeight) else array
 
 
-def _for_products(matrix: np.ndarray) -> np.ndarray | PackedWeight:
-    # packed once here where the own product runs (gemm: it reads packed panels fastest), else as it is
-    return pack(matrix) if PRODUCTS == "own" else matrix
-
-
 def linear_weight(weight: np.ndarray) -> np.ndarray | PackedWeight:
     """``(out, in)`` PyTorch weight -> ``(in, out)``, copied once at load (the products run slower on the
-    transposed view), packed for the own product where it runs."""
-    return _for_products(linear_weight_layout(weight))
+    transposed view): packed for the own product where it runs (gemm), else contiguous."""
+    if PRODUCTS == "own":
+        return pack(np.asarray(weight, np.float32).T)  # straight from PyTorch's layout into the panels
+    return linear_weight_layout(weight)
 
 
 def conv_weight(weight: np.ndarray) -> np.ndarray | PackedWeight:
     """``(out, in, k, k)`` PyTorch weight -> ``(k * k * in, out)`` rows in im2col (row, column, channel) order,
     packed for the own product where it runs."""
-    return _for_products(conv_weight_layout(weight))
+    matrix = conv_weight_layout(weight)
+    return pack(matrix) if PRODUCTS == "own" else matrix
 
 
 def pad_bottom_right(x: np.ndarray, height: int, width: int) -> np.ndarray:
