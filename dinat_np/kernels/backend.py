@@ -34,14 +34,16 @@ class Backend(Protocol):
         """A float32 copy of a host array on the backend (the model keeps no view of a mapped file)."""
 
     def download(self, array: Array) -> np.ndarray:
-        """The host NumPy array of a backend array."""
+        """The host NumPy array of a backend array (of a weight: its ``(in, out)`` matrix)."""
 
     def linear_weight(self, weight: np.ndarray) -> Array:
-        """``(out, in)`` PyTorch weight -> the backend's ``(in, out)`` layout."""
+        """``(out, in)`` PyTorch weight -> the backend's ``(in, out)`` layout: an array of that shape, or an
+        object with that ``shape`` that the backend's products read faster (the CPU's packed weights)."""
 
     def conv_weight(self, weight: np.ndarray) -> Array:
         """``(out, in, k, k)`` PyTorch weight -> the backend's ``(k * k * in, out)`` im2col layout (rows in
-        (row, column, channel) order): the 3x3 convolution's, and the patch embedding's with k the patch size."""
+        (row, column, channel) order; packed as ``linear_weight``'s may be): the 3x3 convolution's, and the
+        patch embedding's with k the patch size."""
 
     def nchw_to_nhwc(self, x: np.ndarray) -> Array:
         """Pixel values ``(batch, channels, height, width)`` -> channels-last float32 on the backend."""

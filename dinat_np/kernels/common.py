@@ -18,7 +18,8 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------------
 class Linear(NamedTuple):
     """A linear layer in the backend's layout: ``weight`` is ``(in_features, out_features)`` (see
-    :func:`linear_weight_layout`), ``bias`` is ``(out_features,)`` or None."""
+    :func:`linear_weight_layout`; the CPU backend's own product reads it packed, still of that ``shape``),
+    ``bias`` is ``(out_features,)`` or None."""
 
     weight: Any
     bias: Any = None
