@@ -87,7 +87,7 @@ def weight_operand(weight: np.ndarray | gemm.PackedWeight) -> np.ndarray:
     """What the kernels read for ``weight`` on this path: the own product's packed panels, else the plain
     float32 matrix (converted when it came in the other form, e.g. a direct caller's matrix)."""
     if _PRODUCTS == "own":
-        return (weight if isinstance(weight, gemm.PackedWeight) else gemm.pack(weight)).panels
+        return (weight if isinstance(weight, gemm.PackedWeight) else gemm.pack(np.asarray(weight))).panels
     return _floats(weight.matrix() if isinstance(weight, gemm.PackedWeight) else weight)
 
 
