@@ -315,7 +315,6 @@ def cpu_model_name() -> str:
 def engine_products() -> str:
     """Where the engine's matrix products run (``dinat_np.kernels.cpu.gemm.PRODUCTS``), in words."""
     from dinat_np.kernels.cpu import products
-
     from dinat_np.kernels.cpu.gemm import TILE_COLUMNS
 
     return {"own": f"its own kernel (cpu/gemm.py; weights packed in {TILE_COLUMNS}-column panels)",

@@ -41,8 +41,9 @@ def scores(outcome: subprocess.CompletedProcess) -> list[list[float]]:
 def test_another_x86_64_build_gives_the_same_scores_and_says_it_is_compiling(tmp_path: Path, target: str) -> None:
     from benchmarks.bench_cpu import avx2_unavailable, target_environment
 
-    if target == "avx2" and avx2_unavailable():
-        pytest.skip(avx2_unavailable())
+    unavailable = avx2_unavailable() if target == "avx2" else None
+    if unavailable:
+        pytest.skip(unavailable)
     images = [str(SAMPLES / "digit_3.png"), str(SAMPLES / "digit_7.png")]
     host = classify(*images)
     warm = classify(*images)  # the host's kernels are cached now

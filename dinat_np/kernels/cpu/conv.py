@@ -10,8 +10,8 @@ from numba import njit, prange, types
 from ..common import Conv, Linear, check_patch_size
 from .band import INT, band, floats
 from .layout import aligned_empty
-from .products import (MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, product_block, products_blas,
-                       weight_operand)
+from .products import (MIN_ROWS_PER_THREAD, NO_BIAS, NO_ROWS, kernel_sgemm, linear, panel_offset, product_block,
+                       products_blas, weight_operand)
 from .simd import FAST, LANES, broadcast, fma, load, splat, store
 from .threads import launching, thread_count
 
@@ -89,7 +89,7 @@ def _direct_conv_rows(x, shape, strides, weight_cols, bias, y, first_row, stop_r
         for oj in range(0, out_width, 4):
             for co in range(0, out_channels, 2 * LANES):
                 count = out_channels - co  # lanes of the two vectors: min(16, count) and count - 16
-                panel_at = co // panel_width * 9 * channels * panel_width + co % panel_width
+                panel_at = panel_offset(weight_cols, 9 * channels, co)
                 low0 = low1 = low2 = low3 = load(bias, co, count)
                 high0 = high1 = high2 = high3 = load(bias, co + LANES, count - LANES)
                 for di in range(3):

@@ -107,6 +107,14 @@ _EPILOGUE_RESIDUAL, _EPILOGUE_RESIDUAL_NORM = int(Epilogue.RESIDUAL), int(Epilog
 
 
 @njit(inline="always", **FAST)
+def panel_offset(weight, depth, column):
+    # where column ``column`` of ``weight`` (panels ``depth`` rows deep, see the module docstring) starts, in
+    # floats: its panel's first row, and the column within that row
+    panel_width = weight.shape[1]
+    return column // panel_width * depth * panel_width + column % panel_width
+
+
+@njit(inline="always", **FAST)
 def product_block(sgemm, x, x_row, weight, y, y_row, rows, first_col, stop_col):
     # y[y_row : y_row + rows, cols] = x[x_row : x_row + rows] @ (the weight's columns cols) by one sgemm call
     # on this thread (OpenBLAS is kept single-threaded meanwhile); ``weight``: panels (see the module
@@ -114,11 +122,10 @@ def product_block(sgemm, x, x_row, weight, y, y_row, rows, first_col, stop_col):
     # a view would be counted and freed.
     in_features = x.shape[1]
     out_features = y.shape[1]
-    panel_width = weight.shape[1]
-    weight_at = first_col // panel_width * in_features * panel_width + first_col % panel_width
     sgemm(
         ROW_MAJOR, NO_TRANS, NO_TRANS, rows, stop_col - first_col, in_features, np.float32(1.0),
-        x.ctypes.data + x_row * in_features * 4, in_features, weight.ctypes.data + weight_at * 4, panel_width,
+        x.ctypes.data + x_row * in_features * 4, in_features,
+        weight.ctypes.data + panel_offset(weight, in_features, first_col) * 4, weight.shape[1],
         np.float32(0.0), y.ctypes.data + (y_row * out_features + first_col) * 4, out_features,
     )
 
